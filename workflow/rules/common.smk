@@ -1,0 +1,165 @@
+# Config validation, wildcard constraints and the input/params functions of all rules.
+import json
+
+from snakemake.exceptions import WorkflowError
+
+from unetflow.config import (
+    ConfigError,
+    model_section,
+    normalization_stats_settings,
+    validate_config,
+)
+
+try:
+    _validated = validate_config(config)
+except ConfigError as err:
+    raise WorkflowError(f"invalid configuration: {err}") from None
+config.clear()
+config.update(_validated)
+
+DATASETS = config["datasets"]
+MODELS = config["models"]
+ENV = "../../envs/unetflow.yaml"
+
+
+wildcard_constraints:
+    dataset="|".join(DATASETS),
+    model="|".join(MODELS),
+
+
+def as_json(value):
+    """Params are passed as JSON text: plain data, compared by value for rerun decisions."""
+    return json.dumps(value, sort_keys=True)
+
+
+def stats_path(dataset):
+    return f"results/normalization/{dataset}.json"
+
+
+def checkpoint_path(model, which):
+    return f"results/{model}/checkpoint_{which}.pt"
+
+
+def prediction_path(model, dataset):
+    return f"results/{model}/predictions/{dataset}.ome.zarr"
+
+
+def metrics_path(model, dataset):
+    return f"results/{model}/metrics/{dataset}.json"
+
+
+def evaluated_pairs():
+    return [
+        (m, d)
+        for m, spec in MODELS.items()
+        for d in spec["predict_on"]
+        if DATASETS[d].get("target")
+    ]
+
+
+def all_outputs(wildcards):
+    outputs = [prediction_path(m, d) for m, spec in MODELS.items() for d in spec["predict_on"]]
+    outputs += [checkpoint_path(m, "best") for m in MODELS]
+    if evaluated_pairs():
+        outputs.append("results/summary.tsv")
+    return outputs
+
+
+# --- normalize ---------------------------------------------------------------------------
+def normalize_inputs(wildcards):
+    ds = DATASETS[wildcards.dataset]
+    inputs = {"image": ds["image"]}
+    if config["normalize"]["mask"] == "foreground" and ds.get("target"):
+        inputs["target"] = ds["target"]
+    return inputs
+
+
+def normalize_target_arg(wildcards, input):
+    return f"--target {input.target!r}" if "target" in input.keys() else ""
+
+
+def normalize_settings(wildcards):
+    return as_json(normalization_stats_settings(config))
+
+
+def dataset_channels(wildcards):
+    return as_json(DATASETS[wildcards.dataset]["channels"])
+
+
+# --- extract_patches ---------------------------------------------------------------------
+def patch_datasets(model):
+    return MODELS[model]["train_on"]
+
+
+def extract_inputs(wildcards):
+    names = patch_datasets(wildcards.model)
+    return {
+        "images": [DATASETS[d]["image"] for d in names],
+        "targets": [DATASETS[d]["target"] for d in names],
+        "stats": [stats_path(d) for d in names],
+    }
+
+
+def extract_datasets(wildcards):
+    return as_json(
+        [
+            {
+                "name": d,
+                "image": DATASETS[d]["image"],
+                "target": DATASETS[d]["target"],
+                "stats": stats_path(d),
+                "channels": DATASETS[d]["channels"],
+            }
+            for d in patch_datasets(wildcards.model)
+        ]
+    )
+
+
+def section_json(section):
+    """A params function giving the model's effective `section` as JSON."""
+
+    def params(wildcards):
+        return as_json(model_section(config, wildcards.model, section))
+
+    return params
+
+
+def apply_normalization(wildcards):
+    norm = model_section(config, wildcards.model, "normalize")
+    return as_json({"method": norm["method"], "clip": norm["clip"]})
+
+
+def model_task(wildcards):
+    return MODELS[wildcards.model]["task"]
+
+
+def num_classes(wildcards):
+    return model_section(config, wildcards.model, "model")["num_classes"]
+
+
+def ignore_label_arg(wildcards):
+    label = model_section(config, wildcards.model, "train")["ignore_label"]
+    return "" if label is None else f"--ignore-label {int(label)}"
+
+
+# --- predict / evaluate ------------------------------------------------------------------
+def predict_inputs(wildcards):
+    which = model_section(config, wildcards.model, "predict")["checkpoint"]
+    return {
+        "checkpoint": checkpoint_path(wildcards.model, which),
+        "image": DATASETS[wildcards.dataset]["image"],
+        "stats": stats_path(wildcards.dataset),
+    }
+
+
+def evaluate_inputs(wildcards):
+    ds = DATASETS[wildcards.dataset]
+    return {
+        "prediction": prediction_path(wildcards.model, wildcards.dataset),
+        "image": ds["image"],
+        "target": ds["target"],
+    }
+
+
+def all_metrics(wildcards):
+    return [metrics_path(m, d) for m, d in evaluated_pairs()]
