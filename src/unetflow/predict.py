@@ -46,7 +46,7 @@ def default_halo(model: UNet) -> int:
     return halo_for(model)
 
 
-def _run_model(model: UNet, block: np.ndarray, spatial_dims: int, device: torch.device,
+def _run_model(block: np.ndarray, model: UNet, spatial_dims: int, device: torch.device,
                amp: bool, softmax: bool) -> np.ndarray:
     """Forward one tile (C, *spatial); extra leading spatial axes (z for a 2D model) are
     run slice by slice as a batch."""
@@ -83,7 +83,7 @@ def predict_array(model: UNet, data: da.Array, halo: int, tile_shape: tuple[int,
     out_channels = model.config()["out_channels"]
     padded = da.overlap.overlap(data, depth=depth, boundary={k: ("reflect" if v else "none")
                                                              for k, v in depth.items()})
-    out = padded.map_blocks(_run_model, model, spatial_dims=dims, device=device, amp=amp,
+    out = padded.map_blocks(_run_model, model=model, spatial_dims=dims, device=device, amp=amp,
                             softmax=softmax, dtype=np.float32,
                             chunks=((out_channels,),) + padded.chunks[1:],
                             meta=np.empty((0,) * data.ndim, dtype=np.float32))
@@ -128,14 +128,21 @@ def predict_to_ome_zarr(checkpoint_path: str, image_path: str, stats_path: str,
     scratch = out_path.with_name(out_path.name + ".raw.zarr")
     if scratch.exists():
         shutil.rmtree(scratch)
-    with dask.config.set(scheduler="threads", num_workers=workers):
-        lazy.to_zarr(str(scratch), overwrite=True)
-    raw = da.from_zarr(str(scratch))
+    try:
+        with dask.config.set(scheduler="threads", num_workers=workers):
+            lazy.to_zarr(str(scratch), overwrite=True)
+        _write_output(da.from_zarr(str(scratch)), image, stats, norm, settings, out_path,
+                      _provenance(model_name, dataset, checkpoint_path, checkpoint, settings,
+                                  stats, halo), segmentation)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _write_output(raw: da.Array, image, stats: dict, norm: dict, settings: dict,
+                  out_path: Path, provenance: dict, segmentation: bool) -> None:
     axes = ["c", *image.spatial_axes[-(raw.ndim - 1):]]
     spatial_scale = image.spatial_scale()
     scale = {"c": 1.0, **{a: spatial_scale[a] for a in axes[1:]}}
-    provenance = _provenance(model_name, dataset, checkpoint_path, checkpoint, settings, stats,
-                             halo)
     chunks = tuple(settings["chunks"]) if settings.get("chunks") else None
     if segmentation:
         _write_segmentation(raw, out_path, axes, scale, image.units, chunks, settings, provenance)
@@ -144,7 +151,6 @@ def predict_to_ome_zarr(checkpoint_path: str, image_path: str, stats_path: str,
             raw = denormalize_array(raw, stats, norm["method"])
         write_image(out_path, raw.astype(np.float32), axes, scale=scale, units=image.units,
                     pyramid_levels=settings["pyramid_levels"], chunks=chunks, attrs=provenance)
-    shutil.rmtree(scratch)
 
 
 def _write_segmentation(probabilities: da.Array, out_path: Path, axes: list[str],

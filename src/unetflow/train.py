@@ -261,8 +261,9 @@ class Trainer:
             out_channels = self.model_settings["num_classes"]
         else:
             out_channels = group["train/targets"].shape[1]
-        arch = {k: v for k, v in self.model_settings.items() if k not in ("num_classes",)}
-        model = build_unet(arch, arch["spatial_dims"], in_channels, out_channels)
+        arch = {k: v for k, v in self.model_settings.items()
+                if k not in ("num_classes", "spatial_dims")}
+        model = build_unet(arch, self.model_settings["spatial_dims"], in_channels, out_channels)
         if self.settings.get("init_from"):
             self._init_weights(model, self.settings["init_from"])
         return model
@@ -327,9 +328,8 @@ class Trainer:
         return float(loss.detach())
 
     def _freeze_encoder(self, frozen: bool) -> None:
-        encoder = getattr(self.model, "encoder", None)
-        if encoder is not None:
-            for p in encoder.parameters():
+        for part in (self.model.encoders, self.model.downsamplings):
+            for p in part.parameters():
                 p.requires_grad_(not frozen)
 
     @torch.no_grad()
