@@ -2,8 +2,10 @@
 
 Resume state lives in `<model dir>/train_state/last.pt`, which is not a Snakemake output:
 Snakemake deletes the outputs of a failed job, and a preempted job must keep its progress.
-Each step's batch and augmentation are drawn from a generator seeded by (seed, step), so a
-resumed run sees exactly the batches an uninterrupted run would have seen.
+Every source of randomness of a step is keyed by (seed, step): the patches of step `s` come
+from the permutation of its epoch, drawn from (seed, epoch), and their augmentation from
+(seed, step). With model, optimizer, schedule and RNG states restored, a resumed run replays
+exactly the steps an uninterrupted run would have taken, whichever worker reads them.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import math
 import os
 import random
 import signal
@@ -27,17 +30,29 @@ from unetflow.losses import build_loss
 from unetflow.model.unet import UNet, build_unet
 
 __all__ = [
+    "EXECUTION_KEYS",
+    "LearningRateSchedule",
     "PatchBatches",
     "Preempted",
+    "Trainer",
     "augment_batch",
+    "batch_indices",
+    "build_optimizer",
     "choose_device",
-    "load_checkpoint",
-    "save_checkpoint",
-    "train_model",
     "default_loss",
+    "load_checkpoint",
+    "memory_format_for",
+    "save_checkpoint",
+    "store_identity",
+    "total_steps",
+    "train_model",
+    "training_fingerprint",
 ]
 
 LOG_FIELDS = ["step", "loss", "val_loss", "val_metric", "learning_rate"]
+# How a run is executed, not what it optimizes: changing these resumes instead of restarting.
+EXECUTION_KEYS = ("device", "amp", "compile", "num_workers", "threads", "deterministic")
+FINGERPRINT_SAMPLES = 8
 
 
 class Preempted(RuntimeError):
@@ -45,81 +60,171 @@ class Preempted(RuntimeError):
 
 
 def default_loss(task: str) -> str:
+    """CE + Dice for segmentation (robust to class imbalance), MSE for regression."""
     return "ce_dice" if task == "segmentation" else "mse"
 
 
+# --- device ------------------------------------------------------------------------------
+def _cuda_usable() -> bool:
+    """A GPU is usable when torch sees one and can allocate on it (CUDA_VISIBLE_DEVICES may
+    name a GPU that the node lacks, or a driver may be broken)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        torch.zeros(1, device="cuda")
+    except RuntimeError:
+        return False
+    return True
+
+
 def choose_device(requested: str) -> torch.device:
-    """`auto` takes CUDA when a GPU is really usable, else the CPU (SLURM may set
-    CUDA_VISIBLE_DEVICES on nodes without a working GPU)."""
-    if requested == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA GPU is available; use 'auto'")
-    if requested in ("cuda", "auto") and torch.cuda.is_available():
+    """`auto` takes CUDA when a GPU is really usable, else the CPU; `cuda` insists on it."""
+    if requested not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"device {requested!r} is not one of auto, cpu, cuda")
+    if requested == "cpu":
+        return torch.device("cpu")
+    if _cuda_usable():
         return torch.device("cuda")
+    if requested == "cuda":
+        raise RuntimeError("train.device is 'cuda' but no usable CUDA GPU is available "
+                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r});"
+                           " use 'auto' to fall back to the CPU")
     return torch.device("cpu")
 
 
+def memory_format_for(spatial_dims: int) -> torch.memory_format:
+    """channels_last for 2D (4-D tensors), channels_last_3d for 3D (5-D tensors)."""
+    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
+
+
+def amp_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
+    """Mixed precision on CUDA: `true` takes bf16 where the GPU supports it (no gradient
+    scaling needed), else fp16; `bf16`/`fp16` insist. None: full precision (CPU, or off)."""
+    if amp is False or device.type != "cuda":
+        return None
+    if amp == "fp16" or (amp is True and not torch.cuda.is_bf16_supported()):
+        return torch.float16
+    return torch.bfloat16
+
+
+# --- data --------------------------------------------------------------------------------
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
+    """Patch indices of training step `step`, sorted.
+
+    Epoch `e` (ceil(n / batch_size) steps) visits a permutation drawn from (seed, e); its last
+    batch is filled up from the permutation's start, so every batch has `batch_size` patches.
+    """
+    per_epoch = math.ceil(n / batch_size)
+    epoch, position = divmod(step, per_epoch)
+    order = np.random.default_rng([seed % 2**63, epoch]).permutation(n)
+    order = np.resize(order, per_epoch * batch_size)
+    return np.sort(order[position * batch_size:(position + 1) * batch_size])
+
+
+def _read_patches(array: zarr.Array, index: np.ndarray) -> np.ndarray:
+    unique, inverse = np.unique(index, return_inverse=True)
+    return np.asarray(array.get_orthogonal_selection((unique,)))[inverse]
+
+
 class PatchBatches(torch.utils.data.Dataset):
-    """Item `step` is the batch for that training step, read lazily from the patch store."""
+    """Item `step` is the (augmented) batch of that training step, read lazily from the store.
+
+    The Zarr arrays are opened on first use in each process (a DataLoader worker re-opens
+    them), so nothing but the patches of the current batches is ever in memory.
+    """
 
     def __init__(self, store: str, split: str, batch_size: int, seed: int,
-                 augment: dict[str, Any] | None, task: str, ignore_label: int | None) -> None:
+                 augment: dict[str, Any] | None, task: str) -> None:
         self.store, self.split, self.batch_size, self.seed = store, split, batch_size, seed
-        self.augment, self.task, self.ignore_label = augment, task, ignore_label
+        self.augment, self.task = augment, task
         self._arrays: tuple[zarr.Array, zarr.Array] | None = None
 
     def arrays(self) -> tuple[zarr.Array, zarr.Array]:
-        if self._arrays is None:  # opened in each worker process, never pickled open
+        if self._arrays is None:
             group = zarr.open_group(self.store, mode="r")
             self._arrays = (group[f"{self.split}/images"], group[f"{self.split}/targets"])
         return self._arrays
 
+    def reopen(self) -> None:
+        """Forget open arrays (each DataLoader worker opens its own)."""
+        self._arrays = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_arrays": None}
+
     def __len__(self) -> int:
+        """Number of patches in the split."""
         return self.arrays()[0].shape[0]
 
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = self.arrays()
-        rng = np.random.default_rng([self.seed, step])
-        index = np.sort(rng.choice(images.shape[0], size=self.batch_size,
-                                   replace=images.shape[0] < self.batch_size))
-        x = images.get_orthogonal_selection((index,))
-        y = targets.get_orthogonal_selection((index,))
+        index = batch_indices(images.shape[0], self.batch_size, self.seed, step)
+        x, y = _read_patches(images, index), _read_patches(targets, index)
         if self.augment:
-            x, y = augment_batch(x, y, self.augment, rng, self.task, self.ignore_label)
+            rng = np.random.default_rng([self.seed % 2**63, step, 1])
+            x, y = augment_batch(x, y, self.augment, rng, self.task)
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
-    def all_patches(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def patches(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Patches [start, stop) as stored, never augmented (validation)."""
         images, targets = self.arrays()
         return torch.from_numpy(images[start:stop]), torch.from_numpy(targets[start:stop])
 
 
-def augment_batch(x: np.ndarray, y: np.ndarray, settings: dict[str, Any],
-                  rng: np.random.Generator, task: str, ignore_label: int | None
-                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Flips and 90-degree rotations in the image plane applied identically to image and target;
-    intensity scale/shift and Gaussian noise on the image only."""
-    spatial_x = tuple(range(2, x.ndim))
-    spatial_y = tuple(range(y.ndim - len(spatial_x), y.ndim))
+def _worker_init(worker_id: int) -> None:
+    """SLURM signals every process of the job: workers ignore SIGTERM and let the main process
+    save and stop them; each opens its own handle on the store."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    torch.utils.data.get_worker_info().dataset.reopen()
+
+
+# --- augmentation ------------------------------------------------------------------------
+def _augment_geometry(x: np.ndarray, y: np.ndarray, settings: dict[str, Any],
+                      rng: np.random.Generator, spatial_dims: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+    """One sample: x is (C, *spatial), y is (*spatial) or (C, *spatial); axes from the end."""
     if settings.get("flips"):
-        for ax_x, ax_y in zip(spatial_x, spatial_y, strict=True):
+        for axis in range(-spatial_dims, 0):
             if rng.random() < 0.5:
-                x, y = np.flip(x, ax_x), np.flip(y, ax_y)
-    if settings.get("rotate90") and x.shape[-1] == x.shape[-2]:
-        k = int(rng.integers(4))
-        x, y = np.rot90(x, k, axes=spatial_x[-2:]), np.rot90(y, k, axes=spatial_y[-2:])
-    x = np.array(x, dtype=np.float32)
+                x, y = np.flip(x, axis), np.flip(y, axis)
+    if settings.get("rotate90"):
+        square = x.shape[-1] == x.shape[-2]
+        k = int(rng.integers(4)) if square else 2 * int(rng.integers(2))
+        x, y = np.rot90(x, k, axes=(-2, -1)), np.rot90(y, k, axes=(-2, -1))
+    return x, y
+
+
+def augment_batch(x: np.ndarray, y: np.ndarray, settings: dict[str, Any],
+                  rng: np.random.Generator, task: str) -> tuple[np.ndarray, np.ndarray]:
+    """Augment each sample of a batch on its own.
+
+    Flips along every spatial axis and 90-degree rotations in the image plane (the last two
+    axes; 180 degrees only when that plane is not square) move image and target alike.
+    Intensity scale/shift and Gaussian noise change the image. A segmentation target holds
+    labels, which no intensity change may touch. A regression target gets the same
+    scale/shift as its image when `intensity_target` is on (the default): in denoising the
+    target is the same signal in the same normalized units, and a gain the network cannot
+    see in its input would otherwise be unlearnable noise on the target. Turn it off when
+    the target is another modality whose intensities do not follow the input's.
+    """
+    x, y = np.array(x, dtype=np.float32), np.array(y)
+    spatial_dims = x.ndim - 2
+    for i in range(len(x)):
+        x[i], y[i] = _augment_geometry(x[i], y[i], settings, rng, spatial_dims)
     amount = settings.get("intensity", 0.0)
     if amount:
-        n = x.shape[0]
-        scale = 1 + rng.uniform(-amount, amount, size=(n,) + (1,) * (x.ndim - 1))
-        shift = rng.uniform(-amount, amount, size=(n,) + (1,) * (x.ndim - 1))
-        x = x * scale.astype(np.float32) + shift.astype(np.float32)
-        if task == "regression":  # the target must follow the same intensity mapping
-            y = np.array(y, dtype=np.float32) * scale.astype(np.float32) + shift.astype(np.float32)
+        shape = (len(x),) + (1,) * (x.ndim - 1)
+        scale = (1 + rng.uniform(-amount, amount, size=shape)).astype(np.float32)
+        shift = rng.uniform(-amount, amount, size=shape).astype(np.float32)
+        x = x * scale + shift
+        if task == "regression" and settings.get("intensity_target", True):
+            y = y.astype(np.float32) * scale + shift
     if settings.get("noise"):
         x = x + rng.normal(0, settings["noise"], size=x.shape).astype(np.float32)
-    return x, np.array(y)
+    return x, y
 
 
+# --- checkpoints -------------------------------------------------------------------------
 def _rng_states() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {"torch": torch.get_rng_state(),
@@ -135,7 +240,8 @@ def _restore_rng_states(states: dict[str, Any]) -> None:
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same folder, then rename."""
+    """Write atomically: a temporary file in the same folder, then rename, so a kill at any
+    moment leaves either the old or the new checkpoint, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -152,31 +258,114 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
                          f" {str(err).splitlines()[0][:200]})") from err
 
 
-def settings_fingerprint(*sections: dict[str, Any]) -> str:
-    text = json.dumps(sections, sort_keys=True, default=str)
+# --- settings ----------------------------------------------------------------------------
+def total_steps(settings: dict[str, Any], n_train: int) -> int:
+    """`train.epochs` (when set) as steps: epochs * ceil(n_train / batch_size); else `steps`."""
+    if settings.get("epochs"):
+        return settings["epochs"] * math.ceil(n_train / settings["batch_size"])
+    return settings["steps"]
+
+
+def store_identity(store: str) -> dict[str, Any]:
+    """What identifies a patch store's content cheaply: its attributes (normalization, patch
+    shape), array shapes and dtypes, and a hash of a few patches spread over each array (a
+    re-extraction with other sampling changes them)."""
+    group = zarr.open_group(store, mode="r")
+    identity: dict[str, Any] = {"attrs": group.attrs.asdict()}
+    digest = hashlib.sha256()
+    for key in ("train/images", "train/targets", "val/images", "val/targets"):
+        array = group[key]
+        identity[key] = [list(array.shape), str(array.dtype)]
+        picks = np.unique(np.linspace(0, array.shape[0] - 1,
+                                      min(array.shape[0], FINGERPRINT_SAMPLES)).astype(int))
+        digest.update(np.ascontiguousarray(_read_patches(array, picks)).tobytes())
+    identity["samples_sha256"] = digest.hexdigest()
+    return identity
+
+
+def training_fingerprint(model_settings: dict[str, Any], settings: dict[str, Any],
+                         store: str) -> str:
+    """Hash of what decides the trained weights: model, training problem, patch store.
+
+    EXECUTION_KEYS are left out: device, AMP, compile, workers, threads and deterministic
+    mode change speed or floating-point rounding, not what is optimized, and a job moved
+    to another node or given more workers should resume, not start over.
+    """
+    problem = {k: v for k, v in settings.items() if k not in EXECUTION_KEYS}
+    text = json.dumps([model_settings, problem, store_identity(store)], sort_keys=True,
+                      default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _build_scheduler(optimizer, settings: dict[str, Any]):
-    warmup, total = settings["warmup_steps"], settings["steps"]
-    if settings["schedule"] == "plateau":
-        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", patience=3,
-                                                          factor=0.5)
+def _read_store_meta(store: str) -> dict[str, Any]:
+    group = zarr.open_group(store, mode="r")
+    for split in ("train", "val"):
+        for name in ("images", "targets"):
+            if f"{split}/{name}" not in group:
+                raise ValueError(f"patch store {store} has no {split}/{name}; re-extract the "
+                                 f"patches (validation needs patches.validation_fraction > 0 "
+                                 f"or patches.validation_datasets)")
+    return dict(group.attrs["unetflow"])
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        if settings["schedule"] == "constant":
+
+# --- optimization ------------------------------------------------------------------------
+def build_optimizer(model: torch.nn.Module, settings: dict[str, Any]) -> torch.optim.Optimizer:
+    """Adam or AdamW; weight decay on weights only, not on biases and normalization scales
+    (decaying them only shifts features and fights the normalization)."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": settings["weight_decay"]},
+              {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW if settings["optimizer"] == "adamw" else torch.optim.Adam
+    return optimizer(groups, lr=settings["learning_rate"])
+
+
+class LearningRateSchedule:
+    """Linear warmup, then cosine decay to 0 at the last step, a constant rate, or
+    reduce-on-plateau of the validation metric (which only starts after warmup, so that
+    warmup never overwrites a reduction nor a reduction cuts warmup short)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, settings: dict[str, Any],
+                 steps: int) -> None:
+        self.kind, self.warmup, self.steps = settings["schedule"], settings["warmup_steps"], steps
+        self.warmup_cosine = torch.optim.lr_scheduler.LambdaLR(optimizer, self.factor)
+        self.plateau = None
+        if self.kind == "plateau":
+            self.plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                optimizer, mode="max", patience=settings["plateau_patience"],
+                factor=settings["plateau_factor"])
+
+    def factor(self, step: int) -> float:
+        """Learning rate of step `step` (0-based) relative to train.learning_rate."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        if self.kind != "cosine":
             return 1.0
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1 + np.cos(np.pi * min(progress, 1.0)))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    def after_step(self, steps_done: int) -> None:
+        if self.plateau is None or steps_done <= self.warmup:
+            self.warmup_cosine.step()
+
+    def after_validation(self, steps_done: int, metric: float) -> None:
+        if self.plateau is not None and steps_done >= self.warmup:
+            self.plateau.step(metric)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"warmup_cosine": self.warmup_cosine.state_dict(),
+                "plateau": self.plateau.state_dict() if self.plateau else None}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.warmup_cosine.load_state_dict(state["warmup_cosine"])
+        if self.plateau is not None:
+            self.plateau.load_state_dict(state["plateau"])
 
 
-def _validation_metric(task: str, output: torch.Tensor, target: torch.Tensor,
-                       ignore_label: int | None) -> tuple[float, float]:
-    """(sum of the per-patch metric, count): foreground IoU for segmentation, PSNR for regression
-    (data range of the normalized target)."""
+def validation_metric(task: str, output: torch.Tensor, target: torch.Tensor,
+                      ignore_label: int | None) -> tuple[float, int]:
+    """(sum of the per-patch metric, count): foreground IoU for segmentation (ignored pixels
+    left out), PSNR in dB for regression (data range of each normalized target patch)."""
     if task == "segmentation":
         pred = output.argmax(1)
         valid = torch.ones_like(target, dtype=torch.bool) if ignore_label is None \
@@ -209,13 +398,20 @@ class _SigtermFlag:
         signal.signal(signal.SIGTERM, self._previous)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    if not enabled or device.type != "cuda":
-        return nullcontext()
-    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
+def _configure_torch(settings: dict[str, Any], threads: int | None) -> None:
+    if settings.get("threads") or threads:
+        torch.set_num_threads(int(settings.get("threads") or threads))
+    if settings["deterministic"]:  # cuBLAS needs this before CUDA starts to be reproducible
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if settings["deterministic"] != torch.are_deterministic_algorithms_enabled():
+        torch.use_deterministic_algorithms(settings["deterministic"], warn_only=True)
+    torch.backends.cudnn.benchmark = not settings["deterministic"]
+    torch.manual_seed(settings["seed"])
+    np.random.seed(settings["seed"] % 2**32)
+    random.seed(settings["seed"])
 
 
+# --- the trainer -------------------------------------------------------------------------
 class Trainer:
     """One training run; small methods so each concern (step, validation, state) stays apart."""
 
@@ -223,44 +419,38 @@ class Trainer:
                  settings: dict[str, Any], threads: int | None = None) -> None:
         self.store, self.out_dir, self.task = store, Path(out_dir), task
         self.settings, self.model_settings = settings, model_settings
-        if threads or settings.get("threads"):
-            torch.set_num_threads(int(settings.get("threads") or threads))
-        if settings["deterministic"]:
-            torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.manual_seed(settings["seed"])
-        np.random.seed(settings["seed"] % 2**32)
-        random.seed(settings["seed"])
+        _configure_torch(settings, threads)
         self.device = choose_device(settings["device"])
-        self.meta = dict(zarr.open_group(store, mode="r").attrs["unetflow"])
+        self.meta = _read_store_meta(store)
         self.ignore_label = settings["ignore_label"]
         self.train_data = PatchBatches(store, "train", settings["batch_size"], settings["seed"],
-                                       settings["augment"], task, self.ignore_label)
+                                       settings["augment"], task)
         self.val_data = PatchBatches(store, "val", settings["batch_size"], settings["seed"],
-                                     None, task, self.ignore_label)
+                                     None, task)
+        self.total_steps = total_steps(settings, len(self.train_data))
         self.model = self._build_model().to(self.device)
+        self.memory_format = memory_format_for(self.model.spatial_dims)
         if self.device.type == "cuda":
-            self.model = self.model.to(memory_format=torch.channels_last)
+            self.model = self.model.to(memory_format=self.memory_format)
         self.loss_fn = build_loss(task, settings["loss"] or default_loss(task), self.ignore_label,
                                   settings["class_weights"])
-        opt = torch.optim.AdamW if settings["optimizer"] == "adamw" else torch.optim.Adam
-        self.optimizer = opt(self.model.parameters(), lr=settings["learning_rate"],
-                             weight_decay=settings["weight_decay"])
-        self.scheduler = _build_scheduler(self.optimizer, settings)
-        amp_fp16 = (settings["amp"] and self.device.type == "cuda"
-                    and not torch.cuda.is_bf16_supported())
-        self.scaler = torch.amp.GradScaler("cuda", enabled=amp_fp16)
+        self.optimizer = build_optimizer(self.model, settings)
+        self.schedule = LearningRateSchedule(self.optimizer, settings, self.total_steps)
+        self.amp_dtype = amp_dtype(self.device, settings["amp"])
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.step, self.best_metric, self.history = 0, -float("inf"), []
-        self.fingerprint = settings_fingerprint(model_settings, settings, self.meta)
+        self.fingerprint = training_fingerprint(model_settings, settings, store)
         self.state_path = self.out_dir / "train_state" / "last.pt"
+        self.best_state_path = self.out_dir / "train_state" / "best.pt"
         self.compiled = torch.compile(self.model) if settings["compile"] else self.model
 
     def _build_model(self) -> UNet:
-        group = zarr.open_group(self.store, mode="r")
-        in_channels = group["train/images"].shape[1]
+        images, targets = self.train_data.arrays()
+        in_channels = images.shape[1]
         if self.task == "segmentation":
             out_channels = self.model_settings["num_classes"]
         else:
-            out_channels = group["train/targets"].shape[1]
+            out_channels = targets.shape[1]
         arch = {k: v for k, v in self.model_settings.items()
                 if k not in ("num_classes", "spatial_dims")}
         model = build_unet(arch, self.model_settings["spatial_dims"], in_channels, out_channels)
@@ -269,37 +459,58 @@ class Trainer:
         return model
 
     def _init_weights(self, model: UNet, path: str) -> None:
-        ckpt = load_checkpoint(path)
-        if ckpt.get("model_config") != model.config():
-            raise ValueError(f"train.init_from: checkpoint {path} was trained with model "
-                             f"{ckpt.get('model_config')}, which differs from this model "
-                             f"{model.config()}; fine-tuning needs the same architecture")
+        """Fine-tuning starts from a checkpoint of the same architecture and task."""
+        try:
+            ckpt = load_checkpoint(path)
+        except ValueError as err:
+            raise ValueError(f"train.init_from: {err}") from err
+        if ckpt.get("task") != self.task or ckpt.get("model_config") != model.config():
+            raise ValueError(
+                f"train.init_from: checkpoint {path} holds a {ckpt.get('task')} model "
+                f"{ckpt.get('model_config')}, which differs from this {self.task} model "
+                f"{model.config()}; fine-tuning needs the same task and architecture")
         model.load_state_dict(ckpt["model_state"])
 
     def payload(self) -> dict[str, Any]:
-        model = self.model
+        """Everything needed to predict with the model and to resume training exactly."""
         return {
             "format": "unetflow-checkpoint-1", "task": self.task,
-            "model_config": model.config(), "model_state": model.state_dict(),
+            "model_config": self.model.config(), "model_state": self.model.state_dict(),
             "optimizer_state": self.optimizer.state_dict(),
-            "scheduler_state": self.scheduler.state_dict(),
+            "scheduler_state": self.schedule.state_dict(),
             "scaler_state": self.scaler.state_dict(), "step": self.step,
-            "best_metric": self.best_metric, "rng": _rng_states(), "history": self.history,
+            "total_steps": self.total_steps, "best_metric": self.best_metric,
+            "rng": _rng_states(), "history": self.history,
             "normalization": self.meta["datasets"], "normalize": self.meta["normalize"],
             "train_settings": self.settings, "model_settings": self.model_settings,
             "fingerprint": self.fingerprint,
         }
 
-    def resume_if_possible(self) -> bool:
+    def _saved_state(self) -> dict[str, Any] | None:
+        for stale in self.state_path.parent.glob(".*.tmp"):  # left by a kill during a save
+            stale.unlink(missing_ok=True)
         if not self.state_path.exists():
-            return False
-        state = load_checkpoint(self.state_path)
+            return None
+        try:
+            state = load_checkpoint(self.state_path)
+        except ValueError as err:
+            print(f"train: {err}; starting over", flush=True)
+            return None
         if state.get("fingerprint") != self.fingerprint:
-            print(f"train: settings changed since {self.state_path}; starting over", flush=True)
+            print(f"train: model, training settings or patches changed since "
+                  f"{self.state_path} was saved; starting over", flush=True)
+            return None
+        return state
+
+    def resume_if_possible(self) -> bool:
+        """Restore the saved state of this same training problem, if there is one."""
+        state = self._saved_state()
+        if state is None:
+            self.best_state_path.unlink(missing_ok=True)  # a best of another problem
             return False
         self.model.load_state_dict(state["model_state"])
         self.optimizer.load_state_dict(state["optimizer_state"])
-        self.scheduler.load_state_dict(state["scheduler_state"])
+        self.schedule.load_state_dict(state["scheduler_state"])
         self.scaler.load_state_dict(state["scaler_state"])
         self.step, self.best_metric = state["step"], state["best_metric"]
         self.history = state["history"]
@@ -307,96 +518,129 @@ class Trainer:
         print(f"train: resumed from {self.state_path} at step {self.step}", flush=True)
         return True
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        self.model.train()
-        self._freeze_encoder(self.step < self.settings["freeze_encoder_steps"])
+    def _to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        if self.task == "segmentation":
-            y = y.long()
+        if self.device.type == "cuda":
+            x = x.contiguous(memory_format=self.memory_format)
+        return x, (y.long() if self.task == "segmentation" else y)
+
+    def _set_train_mode(self, encoder_frozen: bool) -> None:
+        """Frozen encoder: no gradients and normalization statistics kept as loaded."""
+        self.model.train()
+        for part in (self.model.encoders, self.model.downsamplings):
+            part.train(not encoder_frozen)
+            for p in part.parameters():
+                p.requires_grad_(not encoder_frozen)
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        """One optimizer step on one batch; returns the loss."""
+        self._set_train_mode(self.step < self.settings["freeze_encoder_steps"])
+        x, y = self._to_device(x, y)
         self.optimizer.zero_grad(set_to_none=True)
-        with _autocast(self.device, self.settings["amp"]):
+        with self._autocast():
             out = self.compiled(x)
         loss = self.loss_fn(out.float(), y)
+        if not self.scaler.is_enabled() and not torch.isfinite(loss):
+            raise FloatingPointError(f"train: loss is {float(loss)} at step {self.step}; lower "
+                                     f"train.learning_rate or set train.grad_clip")
         self.scaler.scale(loss).backward()
         if self.settings["grad_clip"]:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings["grad_clip"])
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        if not isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step()
         return float(loss.detach())
 
-    def _freeze_encoder(self, frozen: bool) -> None:
-        for part in (self.model.encoders, self.model.downsamplings):
-            for p in part.parameters():
-                p.requires_grad_(not frozen)
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return nullcontext()
+        return torch.autocast("cuda", dtype=self.amp_dtype)
 
     @torch.no_grad()
     def validate(self) -> tuple[float, float]:
+        """Mean loss and mean metric over all validation patches, never augmented."""
         self.model.eval()
-        n = len(self.val_data)
         loss_sum, metric_sum, count = 0.0, 0.0, 0
-        for start in range(0, n, self.settings["batch_size"]):
-            x, y = self.val_data.all_patches(start, start + self.settings["batch_size"])
-            x, y = x.to(self.device), y.to(self.device)
-            if self.task == "segmentation":
-                y = y.long()
-            with _autocast(self.device, self.settings["amp"]):
-                out = self.compiled(x)
-            out = out.float()
+        size = self.settings["batch_size"]
+        for start in range(0, len(self.val_data), size):
+            x, y = self._to_device(*self.val_data.patches(start, start + size))
+            with self._autocast():
+                out = self.compiled(x).float()
             loss_sum += float(self.loss_fn(out, y)) * len(x)
-            m, c = _validation_metric(self.task, out, y, self.ignore_label)
+            m, c = validation_metric(self.task, out, y, self.ignore_label)
             metric_sum, count = metric_sum + m, count + c
         return loss_sum / max(count, 1), metric_sum / max(count, 1)
 
-    def _loader(self):
-        steps = range(self.step, self.settings["steps"])
+    def _loader(self, until: int | None = None) -> torch.utils.data.DataLoader:
         workers = self.settings["num_workers"]
+        stop = self.total_steps if until is None else min(until, self.total_steps)
         return torch.utils.data.DataLoader(
-            self.train_data, sampler=steps, batch_size=None, num_workers=workers,
-            pin_memory=self.device.type == "cuda", persistent_workers=False,
+            self.train_data, sampler=range(self.step, stop), batch_size=None,
+            num_workers=workers, pin_memory=self.device.type == "cuda",
+            worker_init_fn=_worker_init if workers else None,
+            generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
             prefetch_factor=4 if workers else None)
 
-    def run(self, progress: bool = True) -> dict[str, Any]:
+    def _announce(self) -> None:
+        print(f"train: {self.task} U-Net, {self.model.parameter_count()} parameters, "
+              f"{len(self.train_data)} training / {len(self.val_data)} validation patches, "
+              f"device {self.device}, AMP {self.amp_dtype}, step {self.step} of "
+              f"{self.total_steps}", flush=True)
+
+    def run(self, progress: bool = True, until: int | None = None) -> dict[str, Any]:
+        """Train to `total_steps` (or stop after step `until`) and save the state; on SIGTERM
+        save the state and raise Preempted."""
         from tqdm import tqdm
 
-        self.resume_if_possible()
-        total = self.settings["steps"]
-        bar = tqdm(total=total, initial=self.step, desc="train", unit="step",
-                   disable=not (progress and sys.stderr.isatty()))
         with _SigtermFlag() as sigterm:
-            for x, y in self._loader():
-                loss = self.train_step(x, y)
-                self.step += 1
-                bar.update(1)
-                row = {"step": self.step, "loss": loss, "val_loss": "", "val_metric": "",
-                       "learning_rate": self.optimizer.param_groups[0]["lr"]}
-                if self.step % self.settings["validate_every"] == 0 or self.step == total:
-                    self._validate_and_keep_best(row)
-                self.history.append(row)
-                if sigterm.raised:
-                    save_checkpoint(self.state_path, self.payload())
-                    raise Preempted(f"SIGTERM at step {self.step}; state saved to "
-                                    f"{self.state_path}, rerun to resume")
-        bar.close()
-        save_checkpoint(self.state_path, self.payload())
-        return self.payload()
+            self.resume_if_possible()
+            self._announce()
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="train", unit="step",
+                       disable=not (progress and sys.stderr.isatty()))
+            try:
+                for x, y in self._loader(until):
+                    self._one_step(x, y)
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{self.history[-1]['loss']:.4g}", refresh=False)
+                    if sigterm.raised and self.step < self.total_steps:
+                        save_checkpoint(self.state_path, self.payload())
+                        raise Preempted(f"SIGTERM at step {self.step}; state saved to "
+                                        f"{self.state_path}, rerun to resume")
+            finally:
+                bar.close()
+        payload = self.payload()
+        save_checkpoint(self.state_path, payload)
+        return payload
 
-    def _validate_and_keep_best(self, row: dict[str, Any]) -> None:
+    def _one_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        learning_rate = self.optimizer.param_groups[0]["lr"]
+        loss = self.train_step(x, y)
+        self.step += 1
+        self.schedule.after_step(self.step)
+        self.history.append({"step": self.step, "loss": loss, "val_loss": "", "val_metric": "",
+                             "learning_rate": learning_rate})
+        if self.step % self.settings["validate_every"] == 0 or self.step == self.total_steps:
+            self._validate_and_save(self.history[-1])
+
+    def _validate_and_save(self, row: dict[str, Any]) -> None:
         val_loss, metric = self.validate()
         row["val_loss"], row["val_metric"] = val_loss, metric
-        if isinstance(self.scheduler, torch.optim.lr_scheduler.ReduceLROnPlateau):
-            self.scheduler.step(metric)
+        self.schedule.after_validation(self.step, metric)
         if metric > self.best_metric:
             self.best_metric = metric
-            save_checkpoint(self.out_dir / "train_state" / "best.pt", self.payload())
+            save_checkpoint(self.best_state_path, self.payload())
         save_checkpoint(self.state_path, self.payload())
-        print(f"train: step {self.step} loss {row['loss']:.4f} val_loss {val_loss:.4f} "
-              f"val_metric {metric:.4f}", flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(f"train: step {self.step}/{self.total_steps} loss {row['loss']:.4f} "
+                   f"val_loss {val_loss:.4f} val_metric {metric:.4f} "
+                   f"lr {row['learning_rate']:.3g}", file=sys.stdout)
+        sys.stdout.flush()
 
 
+# --- outputs -----------------------------------------------------------------------------
 def write_log(history: list[dict[str, Any]], path: str | Path) -> None:
+    """CSV: step, training loss, validation loss and metric (at validation steps), LR."""
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
         writer.writeheader()
@@ -430,7 +674,7 @@ def train_model(store: str, out_dir: str, task: str, model_settings: dict[str, A
     """Train (or resume) and write the best and last checkpoints, the CSV log and the curve."""
     trainer = Trainer(store, out_dir, task, model_settings, settings, threads)
     final = trainer.run()
-    best_state = trainer.out_dir / "train_state" / "best.pt"
+    best_state = trainer.best_state_path
     save_checkpoint(best, load_checkpoint(best_state) if best_state.exists() else final)
     save_checkpoint(last, final)
     write_log(trainer.history, log)
