@@ -1,0 +1,91 @@
+"""The whole workflow runs for real on tiny data, and only stale stages rerun after an edit.
+
+Each edit is checked with a real dry run against the metadata of a real completed run: the
+jobs Snakemake plans are exactly those whose inputs or params changed.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import zarr
+from conftest import planned_jobs, snakemake, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def dry_run(workdir, config) -> set[tuple[str, str]]:
+    write_config(workdir, config)
+    result = snakemake(workdir, "-n", "--cores", "2", "--configfile", "config.yaml")
+    return planned_jobs(result.stdout + result.stderr)
+
+
+def rules_of(jobs) -> set[str]:
+    return {rule for rule, _ in jobs}
+
+
+def test_complete_run_leaves_nothing_to_do(completed_tiny_run, tiny_config):
+    assert dry_run(completed_tiny_run, tiny_config) == set()
+
+
+def test_complete_run_writes_the_documented_results(completed_tiny_run):
+    results = completed_tiny_run / "results"
+    for model in ("seg", "dn"):
+        for name in ("checkpoint_best.pt", "checkpoint_last.pt", "training_log.csv",
+                     "loss_curve.png", "patches_manifest.tsv"):
+            assert (results / model / name).is_file(), name
+    metrics = json.loads((results / "seg" / "metrics" / "te_seg.json").read_text())
+    assert metrics["model"] == "seg" and metrics["dataset"] == "te_seg"
+    assert (results / "summary.tsv").read_text().count("\n") >= 5
+
+
+def test_predictions_validate_as_ome_zarr(completed_tiny_run):
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models import open_ome_zarr
+
+    for model, dataset in (("seg", "te_seg"), ("dn", "te_dn")):
+        path = completed_tiny_run / "results" / model / "predictions" / f"{dataset}.ome.zarr"
+        open_ome_zarr(zarr.open_group(str(path), mode="r"))
+        nodes = list(Reader(parse_url(str(path)))())
+        assert nodes and nodes[0].data[0].shape[-2:] == (192, 192)
+
+
+def test_editing_predict_reruns_predict_and_evaluate_only(tiny_run_copy, tiny_config):
+    tiny_config["predict"]["tile_shape"] = [32, 32]
+    jobs = dry_run(tiny_run_copy, tiny_config)
+    assert rules_of(jobs) == {"predict", "evaluate", "summarize", "all"}
+    assert ("predict", "model=seg, dataset=te_seg") in jobs
+    assert ("predict", "model=dn, dataset=te_dn") in jobs
+
+
+def test_editing_train_reruns_from_train_on(tiny_run_copy, tiny_config):
+    tiny_config["train"]["steps"] = 5
+    jobs = dry_run(tiny_run_copy, tiny_config)
+    assert rules_of(jobs) == {"train", "predict", "evaluate", "summarize", "all"}
+
+
+def test_editing_patches_reruns_from_extract_patches_on(tiny_run_copy, tiny_config):
+    tiny_config["patches"]["per_dataset"] = 12
+    jobs = dry_run(tiny_run_copy, tiny_config)
+    assert rules_of(jobs) == {"extract_patches", "train", "predict", "evaluate", "summarize",
+                              "all"}
+
+
+def test_adding_a_prediction_dataset_runs_only_its_jobs(tiny_run_copy, tiny_config):
+    tiny_config["datasets"]["extra_seg"] = {"image": "data/demo/train_2d/image.ome.zarr",
+                                            "target": "data/demo/train_2d/labels.ome.zarr"}
+    tiny_config["models"]["seg"]["predict_on"].append("extra_seg")
+    jobs = dry_run(tiny_run_copy, tiny_config)
+    assert jobs == {("normalize", "dataset=extra_seg"),
+                    ("predict", "model=seg, dataset=extra_seg"),
+                    ("evaluate", "model=seg, dataset=extra_seg"),
+                    ("summarize", ""), ("all", "")}
+
+
+def test_a_model_override_touches_only_that_model(tiny_run_copy, tiny_config):
+    tiny_config["models"]["dn"]["train"] = {"steps": 5}
+    jobs = dry_run(tiny_run_copy, tiny_config)
+    assert {w for _, w in jobs if w} == {"model=dn", "model=dn, dataset=te_dn"}
+    assert rules_of(jobs) == {"train", "predict", "evaluate", "summarize", "all"}
