@@ -285,13 +285,17 @@ def store_identity(store: str) -> dict[str, Any]:
 
 def training_fingerprint(model_settings: dict[str, Any], settings: dict[str, Any],
                          store: str) -> str:
-    """Hash of what decides the trained weights: model, training problem, patch store.
+    """Hash of what decides the trained weights: model, training problem (with the content of
+    the checkpoint it starts from), patch store.
 
     EXECUTION_KEYS are left out: device, AMP, compile, workers, threads and deterministic
     mode change speed or floating-point rounding, not what is optimized, and a job moved
     to another node or given more workers should resume, not start over.
     """
     problem = {k: v for k, v in settings.items() if k not in EXECUTION_KEYS}
+    if settings.get("init_from"):  # a retrained starting point is another problem
+        problem["init_from_sha256"] = hashlib.sha256(
+            Path(settings["init_from"]).read_bytes()).hexdigest()
     text = json.dumps([model_settings, problem, store_identity(store)], sort_keys=True,
                       default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
