@@ -12,6 +12,7 @@ if not workflow.overwrite_configfiles:
 
 
 include: "workflow/rules/common.smk"
+include: "workflow/rules/convert.smk"
 include: "workflow/rules/demo.smk"
 include: "workflow/rules/normalize.smk"
 include: "workflow/rules/patches.smk"

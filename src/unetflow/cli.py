@@ -77,14 +77,59 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     record = evaluate_prediction(args.prediction, args.image, args.target, args.task,
                                  args.settings, args.num_classes, args.channels, args.model,
-                                 args.dataset, args.output)
-    print(f"evaluate: {json.dumps(record['scores'])}")
+                                 args.dataset, args.output, baseline=args.baseline)
+    for method, scores in record["scores"].items():
+        shown = {k: v for k, v in scores.items() if not isinstance(v, dict)}
+        print(f"evaluate: {args.model} on {args.dataset}: {method}: {json.dumps(shown)}")
+    for note in record["notes"]:
+        print(f"evaluate: note: {note}")
+
+
+def _cmd_tune_baseline(args: argparse.Namespace) -> None:
+    from unetflow.evaluate import tune_gaussian_baseline
+
+    result = tune_gaussian_baseline(args.datasets, args.settings, args.output)
+    print(f"tune-baseline: sigma {result['sigma']:g} px from {result['crops']} crops; "
+          f"MSE by sigma {json.dumps(result['mse_by_sigma'])}")
+
+
+def _cmd_montage(args: argparse.Namespace) -> None:
+    from unetflow.figures import write_montage
+
+    crops = write_montage(args.prediction, args.image, args.target, args.stats, args.task,
+                          args.channels, args.settings, args.output, args.title)
+    print(f"montage: {len(crops)} crops -> {args.output}")
+
+
+def _cmd_compare(args: argparse.Namespace) -> None:
+    from unetflow.figures import write_comparison
+
+    write_comparison(args.summary, args.output)
+    print(f"compare: {args.summary} -> {args.output}")
+
+
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from unetflow.convert import convert_tiff
+
+    info = convert_tiff(args.input, args.output, axes=args.axes, pixel_size=args.pixel_size,
+                        pyramid_levels=args.pyramid_levels, chunks=args.chunks, role=args.role)
+    print(f"convert: {args.input} -> {args.output}: axes {''.join(info['axes'])}, shape "
+          f"{info['shape']}, {info['dtype']}, scale {info['scale']} {info['units']}, "
+          f"{info['levels']} level(s), chunks {info['chunks']}; sizes from "
+          f"{info['metadata_source']}")
+    if info["unknown_pixel_size"]:
+        print(f"convert: warning: no pixel size for axes {info['unknown_pixel_size']} in "
+              f"{args.input}; written as 1. Give --pixel-size (or the dataset's pixel_size "
+              f"in the config)", file=sys.stderr)
 
 
 def _cmd_summarize(args: argparse.Namespace) -> None:
-    from unetflow.evaluate import format_table, write_summary
+    from unetflow.evaluate import format_table, write_summary, write_summary_html
 
-    print(format_table(write_summary(args.metrics, args.output)))
+    rows = write_summary(args.metrics, args.output)
+    if args.html:
+        write_summary_html(rows, args.html)
+    print(format_table(rows))
 
 
 def _cmd_show(args: argparse.Namespace) -> None:
@@ -153,9 +198,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=_json, default=None)
     p.add_argument("--num-classes", type=int, default=2)
     p.add_argument("--settings", type=_json, required=True, help="the evaluate section")
+    p.add_argument("--baseline", default=None, help="tune-baseline's JSON (regression)")
+
+    p = _add(sub, "tune-baseline", _cmd_tune_baseline,
+             "choose the Gaussian baseline's sigma on a model's training datasets")
+    p.add_argument("--datasets", type=_json, required=True,
+                   help='[{"name", "image", "target", "channels"}, ...]')
+    p.add_argument("--settings", type=_json, required=True, help="the evaluate section")
+    p.add_argument("--output", required=True)
+
+    p = _add(sub, "montage", _cmd_montage,
+             "PNG of input / prediction / target / error on the best to worst crops")
+    for name in ("prediction", "image", "target", "stats", "output"):
+        p.add_argument(f"--{name}", required=True)
+    p.add_argument("--task", required=True, choices=["segmentation", "regression"])
+    p.add_argument("--channels", type=_json, default=None)
+    p.add_argument("--settings", type=_json, required=True, help="the evaluate section")
+    p.add_argument("--title", default="")
+
+    p = _add(sub, "compare", _cmd_compare, "bar chart of models and baselines from a summary")
+    p.add_argument("--summary", required=True)
+    p.add_argument("--output", required=True)
+
+    p = _add(sub, "convert", _cmd_convert, "convert a TIFF / OME-TIFF stack to OME-Zarr (NGFF 0.5)")
+    p.add_argument("input", help="a .tif/.tiff file (OME-TIFF, ImageJ or plain)")
+    p.add_argument("output", help="the .ome.zarr store to write")
+    p.add_argument("--axes", default=None, help="the TIFF's axes in storage order, e.g. zyx")
+    p.add_argument("--pixel-size", default=None,
+                   help="micrometers per pixel, e.g. x=0.325,y=0.325,z=1 (overrides metadata)")
+    p.add_argument("--pyramid-levels", type=int, default=None)
+    p.add_argument("--chunks", type=_json, default=None, help="chunk shape as a JSON list")
+    p.add_argument("--role", choices=["image", "target"], default="image",
+                   help="a target of integer type (labels) gets one resolution level")
 
     p = _add(sub, "summarize", _cmd_summarize, "collect metrics JSON files into one TSV table")
     p.add_argument("--output", required=True)
+    p.add_argument("--html", default=None, help="also write the table as an HTML page")
     p.add_argument("metrics", nargs="+")
 
     p = _add(sub, "show", _cmd_show, "print a summary TSV as an aligned table")

@@ -9,6 +9,7 @@ from unetflow.config import (
     normalization_stats_settings,
     validate_config,
 )
+from unetflow.convert import use_converted_tiffs
 
 try:
     _validated = validate_config(config)
@@ -18,6 +19,11 @@ config.clear()
 config.update(_validated)
 
 DATASETS = config["datasets"]
+# A TIFF image/target is read from its OME-Zarr conversion (rule convert in convert.smk).
+try:
+    TIFF_SOURCES = use_converted_tiffs(DATASETS, "results/converted")
+except ConfigError as err:
+    raise WorkflowError(f"invalid configuration: {err}") from None
 MODELS = config["models"]
 ENV = "../../envs/unetflow.yaml"
 
@@ -62,6 +68,7 @@ def all_outputs(wildcards):
     outputs += [checkpoint_path(m, "best") for m in MODELS]
     if evaluated_pairs():
         outputs.append("results/summary.tsv")
+        outputs += report_figures()  # montages and the comparison chart (evaluate.smk)
     return outputs
 
 
