@@ -467,3 +467,17 @@ def test_cuda_compiled_training_runs(tmp_path):
                             validate_every=4)
     train_in_process(store, tmp_path / "run", "segmentation", model, train)
     assert load_checkpoint(tmp_path / "run" / "checkpoint_last.pt")["step"] == 4
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_resumed_run_equals_uninterrupted_in_deterministic_mode(tmp_path):
+    store = write_store(tmp_path / "p.zarr", n_train=8, n_val=4)
+    model, train = sections(device="cuda", amp=False, steps=12, validate_every=4)
+    whole = Trainer(store, str(tmp_path / "whole"), "segmentation", model, train).run(False)
+    Trainer(store, str(tmp_path / "parts"), "segmentation", model, train).run(False, until=6)
+    resumed = Trainer(store, str(tmp_path / "parts"), "segmentation", model, train)
+    assert resumed.resume_if_possible() and resumed.step == 6
+    parts = resumed.run(False)
+    for key, tensor in whole["model_state"].items():
+        assert torch.equal(parts["model_state"][key], tensor), key

@@ -41,6 +41,7 @@ __all__ = [
     "choose_device",
     "default_loss",
     "load_checkpoint",
+    "make_loader",
     "memory_format_for",
     "save_checkpoint",
     "store_identity",
@@ -176,6 +177,17 @@ def _worker_init(worker_id: int) -> None:
     save and stop them; each opens its own handle on the store."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     torch.utils.data.get_worker_info().dataset.reopen()
+
+
+def make_loader(batches: PatchBatches, start: int, stop: int, num_workers: int,
+                pin_memory: bool = False) -> torch.utils.data.DataLoader:
+    """The batches of steps [start, stop) in order, read by `num_workers` processes (0: the
+    main process). Each item is already a batch, so the DataLoader does not batch again."""
+    return torch.utils.data.DataLoader(
+        batches, sampler=range(start, stop), batch_size=None, num_workers=num_workers,
+        pin_memory=pin_memory, worker_init_fn=_worker_init if num_workers else None,
+        generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
+        prefetch_factor=4 if num_workers else None)
 
 
 # --- augmentation ------------------------------------------------------------------------
@@ -576,14 +588,9 @@ class Trainer:
         return loss_sum / max(count, 1), metric_sum / max(count, 1)
 
     def _loader(self, until: int | None = None) -> torch.utils.data.DataLoader:
-        workers = self.settings["num_workers"]
         stop = self.total_steps if until is None else min(until, self.total_steps)
-        return torch.utils.data.DataLoader(
-            self.train_data, sampler=range(self.step, stop), batch_size=None,
-            num_workers=workers, pin_memory=self.device.type == "cuda",
-            worker_init_fn=_worker_init if workers else None,
-            generator=torch.Generator().manual_seed(0),  # leaves the global RNG alone
-            prefetch_factor=4 if workers else None)
+        return make_loader(self.train_data, self.step, stop, self.settings["num_workers"],
+                           pin_memory=self.device.type == "cuda")
 
     def _announce(self) -> None:
         print(f"train: {self.task} U-Net, {self.model.parameter_count()} parameters, "

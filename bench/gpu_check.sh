@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# The training stage's GPU check, in one run: the CUDA-marked tests of tests/test_train.py
+# (AMP bf16 / fp16 + GradScaler / off, channels_last in 2D and 3D, torch.compile, exact
+# deterministic resume on CUDA), then bench/train.py on the GPU with AMP off, on (bf16 where
+# supported) and fp16, printing samples/s of loader and training steps and peak GPU memory.
+#
+# Run from the repository root on a CUDA machine:  bash bench/gpu_check.sh
+# Results also go to $OUT (default /tmp/gpu_check). About 3-5 minutes on one H100.
+#
+# The device machines' python3 has torch, numpy, scipy, matplotlib, pyyaml, tqdm and pytest
+# but not zarr or jsonschema. Fetch those as wheels here first (.whl/ is git-ignored), then
+# carry .whl with the run:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
+#     --platform manylinux2014_x86_64 -d .whl zarr==3.1.6 numcodecs==0.16.6 \
+#     donfig==0.8.1.post1 google-crc32c==1.9.0 jsonschema==4.26.0 \
+#     jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
+set -uo pipefail
+PY=${PYTHON:-python3}
+OUT=${OUT:-/tmp/gpu_check}
+WORKERS=${WORKERS:-8}
+mkdir -p "$OUT"
+if [ -d .whl ] && ! "$PY" -c "import zarr, jsonschema" 2>/dev/null; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+        --target /tmp/site .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONUNBUFFERED=1
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
+'bf16', torch.cuda.is_available() and torch.cuda.is_bf16_supported())" | tee -a "$OUT/gpu.txt"
+
+status=0
+"$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_train.py 2>&1 \
+    | tee "$OUT/cuda_tests.txt" || status=1
+
+for amp in false true fp16; do
+    echo "== bench/train.py --device cuda --amp $amp --workers $WORKERS"
+    "$PY" bench/train.py --device cuda --amp "$amp" --workers "$WORKERS" 2>&1 \
+        | tee "$OUT/bench_amp_$amp.txt" || status=1
+done
+exit $status

@@ -1,0 +1,130 @@
+"""Does the data loader keep up with training? Samples/s of each, measured side by side.
+
+A patch store in the layout extract_patches writes (Zarr v3, one chunk per patch, default
+compression; 128x128 patches cut from synthetic nuclei) is read through the same
+DataLoader the trainer uses, with the same augmentation, alone (no training): that is what
+the loader can deliver. Training steps of the default demo model (depth 3, base 16,
+batch 8) on batches already in memory give what training consumes.
+
+Ratios:
+  loader_to_training_ratio          loader samples/s (num_workers 0, in the training process)
+                                    / training-step samples/s. Goal >= 10.
+  loader_workers_to_training_ratio  the same with --workers DataLoader worker processes
+                                    (default 2; a GPU node has cores for more).
+
+Usage: .venv/bin/python bench/train.py [--device auto|cpu|cuda] [--amp true|false|bf16|fp16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import zarr
+
+from unetflow.config import model_section, validate_config
+from unetflow.demo import synthesize_nuclei
+from unetflow.train import Trainer, make_loader
+
+
+def write_patch_store(path: Path, n_train: int, n_val: int, patch: int, seed: int = 0) -> str:
+    """Patches of a synthetic nuclei image, normalized, in the patch store's layout."""
+    scene = synthesize_nuclei((1024, 1024), seed)
+    image = np.asarray(scene.noisy, dtype=np.float32)
+    image = (image - image.mean()) / image.std()
+    labels = (np.asarray(scene.labels) > 0).astype(np.int32)
+    rng = np.random.default_rng(seed)
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group.attrs["unetflow"] = {"task": "segmentation", "patch_shape": [patch, patch],
+                               "normalize": {"method": "zscore", "clip": False},
+                               "datasets": {"bench": {}}}
+    for split, n in (("train", n_train), ("val", n_val)):
+        images = group.create_array(f"{split}/images", shape=(n, 1, patch, patch),
+                                    dtype="float32", chunks=(1, 1, patch, patch))
+        targets = group.create_array(f"{split}/targets", shape=(n, patch, patch),
+                                     dtype="int32", chunks=(1, patch, patch))
+        origins = rng.integers(0, 1024 - patch, size=(n, 2))
+        images[...] = np.stack([image[y:y + patch, x:x + patch] for y, x in origins])[:, None]
+        targets[...] = np.stack([labels[y:y + patch, x:x + patch] for y, x in origins])
+    return str(path)
+
+
+def demo_sections(device: str, amp: bool | str, steps: int) -> tuple[dict, dict]:
+    """The demo's model (depth 3, base 16) and train defaults (batch 8, augmentation on)."""
+    config = validate_config({
+        "datasets": {"d": {"image": "i", "target": "t"}},
+        "models": {"m": {"task": "segmentation", "train_on": ["d"]}},
+        "model": {"depth": 3, "base_features": 16},
+        "train": {"batch_size": 8, "steps": steps, "device": device, "amp": amp}})
+    return model_section(config, "m", "model"), model_section(config, "m", "train")
+
+
+def loader_samples_per_s(trainer: Trainer, steps: int, workers: int) -> float:
+    """Iterate the training DataLoader alone; the first batches (worker start) not timed."""
+    warmup = 2 * workers + 2
+    loader = iter(make_loader(trainer.train_data, 0, steps + warmup, workers))
+    for _ in range(warmup):
+        next(loader)
+    start = time.perf_counter()
+    samples = sum(len(x) for x, _ in loader)
+    return samples / (time.perf_counter() - start)
+
+
+def training_samples_per_s(trainer: Trainer, steps: int) -> float:
+    """Optimizer steps on batches already in memory (the first two not timed)."""
+    batches = [trainer.train_data[s] for s in range(steps + 2)]
+    for x, y in batches[:2]:
+        trainer.train_step(x, y)
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+    sync()
+    start = time.perf_counter()
+    for x, y in batches[2:]:
+        trainer.train_step(x, y)
+    sync()
+    return sum(len(x) for x, _ in batches[2:]) / (time.perf_counter() - start)
+
+
+def parse_amp(text: str) -> bool | str:
+    return {"true": True, "false": False}.get(text, text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--amp", default="true", choices=["true", "false", "bf16", "fp16"])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--patch", type=int, default=128)
+    parser.add_argument("--train-patches", type=int, default=512)
+    parser.add_argument("--loader-steps", type=int, default=100)
+    parser.add_argument("--training-steps", type=int, default=None,
+                        help="default: 10 on CPU, 100 on CUDA")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        store = write_patch_store(Path(tmp) / "patches.zarr", args.train_patches, 32, args.patch)
+        trainer = Trainer(store, tmp, "segmentation",
+                          *demo_sections(args.device, parse_amp(args.amp), 1000))
+        steps = args.training_steps or (100 if trainer.device.type == "cuda" else 10)
+        print(f"device {trainer.device}, AMP {trainer.amp_dtype}, torch threads "
+              f"{torch.get_num_threads()}, model {trainer.model.parameter_count()} parameters, "
+              f"batch 8 of {args.patch}x{args.patch}", flush=True)
+        loader0 = loader_samples_per_s(trainer, args.loader_steps, 0)
+        loader_n = loader_samples_per_s(trainer, args.loader_steps, args.workers)
+        if trainer.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        training = training_samples_per_s(trainer, steps)
+    print(f"loader_samples_per_s: {loader0:.1f}")
+    print(f"loader_workers: {args.workers}")
+    print(f"loader_workers_samples_per_s: {loader_n:.1f}")
+    print(f"training_samples_per_s: {training:.2f}")
+    print(f"loader_to_training_ratio: {loader0 / training:.1f}")
+    print(f"loader_workers_to_training_ratio: {loader_n / training:.1f}")
+    if trainer.device.type == "cuda":
+        print(f"gpu_peak_memory_mib: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
+
+
+if __name__ == "__main__":
+    main()
