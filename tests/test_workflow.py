@@ -13,6 +13,8 @@ import zarr
 from conftest import planned_jobs, snakemake, write_config
 
 pytestmark = pytest.mark.slow
+# Figures redrawn whenever a prediction changes: the montage of it and the comparison chart.
+REPORT_RULES = {"montage", "compare"}
 
 
 def dry_run(workdir, config) -> set[tuple[str, str]]:
@@ -55,7 +57,7 @@ def test_predictions_validate_as_ome_zarr(completed_tiny_run):
 def test_editing_predict_reruns_predict_and_evaluate_only(tiny_run_copy, tiny_config):
     tiny_config["predict"]["tile_shape"] = [32, 32]
     jobs = dry_run(tiny_run_copy, tiny_config)
-    assert rules_of(jobs) == {"predict", "evaluate", "summarize", "all"}
+    assert rules_of(jobs) == {"predict", "evaluate", "summarize", "all"} | REPORT_RULES
     assert ("predict", "model=seg, dataset=te_seg") in jobs
     assert ("predict", "model=dn, dataset=te_dn") in jobs
 
@@ -63,14 +65,14 @@ def test_editing_predict_reruns_predict_and_evaluate_only(tiny_run_copy, tiny_co
 def test_editing_train_reruns_from_train_on(tiny_run_copy, tiny_config):
     tiny_config["train"]["steps"] = 5
     jobs = dry_run(tiny_run_copy, tiny_config)
-    assert rules_of(jobs) == {"train", "predict", "evaluate", "summarize", "all"}
+    assert rules_of(jobs) == {"train", "predict", "evaluate", "summarize", "all"} | REPORT_RULES
 
 
 def test_editing_patches_reruns_from_extract_patches_on(tiny_run_copy, tiny_config):
     tiny_config["patches"]["per_dataset"] = 12
     jobs = dry_run(tiny_run_copy, tiny_config)
     assert rules_of(jobs) == {"extract_patches", "train", "predict", "evaluate", "summarize",
-                              "all"}
+                              "all"} | REPORT_RULES
 
 
 def test_adding_a_prediction_dataset_runs_only_its_jobs(tiny_run_copy, tiny_config):
@@ -81,6 +83,7 @@ def test_adding_a_prediction_dataset_runs_only_its_jobs(tiny_run_copy, tiny_conf
     assert jobs == {("normalize", "dataset=extra_seg"),
                     ("predict", "model=seg, dataset=extra_seg"),
                     ("evaluate", "model=seg, dataset=extra_seg"),
+                    ("montage", "model=seg, dataset=extra_seg"), ("compare", ""),
                     ("summarize", ""), ("all", "")}
 
 
@@ -88,4 +91,4 @@ def test_a_model_override_touches_only_that_model(tiny_run_copy, tiny_config):
     tiny_config["models"]["dn"]["train"] = {"steps": 5}
     jobs = dry_run(tiny_run_copy, tiny_config)
     assert {w for _, w in jobs if w} == {"model=dn", "model=dn, dataset=te_dn"}
-    assert rules_of(jobs) == {"train", "predict", "evaluate", "summarize", "all"}
+    assert rules_of(jobs) == {"train", "predict", "evaluate", "summarize", "all"} | REPORT_RULES
