@@ -410,10 +410,12 @@ def test_regression_and_3d_runs_write_all_outputs(tmp_path, task, spatial):
     store = write_store(tmp_path / "p.zarr", task, n_train=4, n_val=2, shape=spatial)
     model, train = sections(task, model={"spatial_dims": len(spatial), "depth": 1,
                                          "residual": task == "regression"},
-                            steps=3, validate_every=3, augment={"noise": 0.05})
+                            steps=3, validate_every=3, augment={"noise": 0.05},
+                            schedule="plateau" if task == "regression" else "cosine")
     train_in_process(store, tmp_path / "run", task, model, train)
     ckpt = load_checkpoint(tmp_path / "run" / "checkpoint_best.pt")
     assert ckpt["task"] == task and ckpt["model_config"]["spatial_dims"] == len(spatial)
+    assert (ckpt["scheduler_state"]["plateau"] is not None) == (task == "regression")
     assert np.isfinite(ckpt["best_metric"])
     assert all(Path(p).exists() for p in outputs(tmp_path / "run").values())
 
