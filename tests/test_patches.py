@@ -1,0 +1,204 @@
+"""Patch sampling, the leakage-free split and the patch store, on real small OME-Zarr stores."""
+
+from __future__ import annotations
+
+import filecmp
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from unetflow.demo import synthesize_nuclei
+from unetflow.normalize import compute_dataset_stats, normalize_array, write_stats
+from unetflow.ome import write_image
+from unetflow.patches import (
+    DatasetInput,
+    PatchError,
+    extract_patches,
+    prepare_target,
+    read_manifest,
+    split_regions,
+    summarize_records,
+)
+
+NORM = {"method": "percentile", "clip": False}
+STATS = {"level": 0, "percentiles": [1.0, 99.8], "histogram_bins": 1024, "mask": None}
+PATCHES = {"shape": [32, 32], "per_dataset": 30, "per_megapixel": None,
+           "foreground_fraction": 0.33, "min_foreground": 0.0, "max_attempts": 20,
+           "validation": "block", "validation_fraction": 0.25, "validation_datasets": [],
+           "seed": 0}
+
+
+def _write_dataset(root: Path, name: str, image: np.ndarray, target: np.ndarray,
+                   chunks: tuple[int, ...]) -> DatasetInput:
+    axes = ["c", "z", "y", "x"] if image.ndim == 3 else ["c", "y", "x"]
+    write_image(root / f"{name}_image.ome.zarr", image[None], axes, chunks=(1, *chunks))
+    write_image(root / f"{name}_target.ome.zarr", target[None], axes, chunks=(1, *chunks))
+    stats = compute_dataset_stats(str(root / f"{name}_image.ome.zarr"), None, STATS, name)
+    write_stats(stats, root / f"{name}.json")
+    return DatasetInput(name, str(root / f"{name}_image.ome.zarr"),
+                        str(root / f"{name}_target.ome.zarr"), str(root / f"{name}.json"))
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, DatasetInput]:
+    root = tmp_path_factory.mktemp("patch_data")
+    a = synthesize_nuclei((96, 160), seed=11)
+    b = synthesize_nuclei((80, 120), seed=12)
+    return {
+        "a": _write_dataset(root, "a", a.noisy, a.labels, (40, 48)),
+        "b": _write_dataset(root, "b", b.noisy * 3 + 50, b.labels, (64, 64)),
+        "a_clean": _write_dataset(root, "a_clean", a.noisy, a.clean, (40, 48)),
+        "empty": _write_dataset(root, "empty", a.noisy, np.zeros_like(a.labels), (40, 48)),
+    }
+
+
+def _extract(tmp_path: Path, datasets: list[DatasetInput], task: str = "segmentation",
+             ignore_label: int | None = None, out: str = "p", **settings):
+    store, manifest = tmp_path / f"{out}.zarr", tmp_path / f"{out}.tsv"
+    records = extract_patches(datasets, task, {**PATCHES, **settings}, NORM, 2, ignore_label,
+                              store, manifest)
+    return records, read_manifest(manifest), zarr.open_group(str(store), mode="r")
+
+
+def _separation(a: tuple[int, ...], b: tuple[int, ...], shape: tuple[int, ...]) -> int:
+    """Largest gap between two boxes along any axis (negative when they overlap)."""
+    return max(max(y - (x + s), x - (y + s)) for x, y, s in zip(a, b, shape, strict=True))
+
+
+def test_block_split_patches_are_disjoint_with_a_gap(tmp_path, data):
+    _, rows, _ = _extract(tmp_path, [data["a"], data["b"]])
+    for name in ("a", "b"):
+        train = [r for r in rows if r["dataset"] == name and r["split"] == "train"]
+        val = [r for r in rows if r["dataset"] == name and r["split"] == "val"]
+        assert len(train) == round(30 * 0.75) and len(val) == round(30 * 0.25)
+        gaps = [_separation(t["origin"], v["origin"], t["shape"]) for t in train for v in val]
+        assert min(gaps) >= 16  # half a patch: no shared pixel, no touching
+
+
+def test_split_regions_cut_the_axis_with_most_room():
+    train, val = split_regions((300, 100), (32, 32), "block", 0.2, held_out=False)
+    assert (train.start, train.stop) == ((0, 0), (224, 100))
+    assert (val.start, val.stop) == ((240, 0), (300, 100))
+    with pytest.raises(PatchError, match="too small"):
+        split_regions((64, 64), (32, 32), "block", 0.2, held_out=False)
+
+
+def test_image_split_holds_out_whole_datasets(tmp_path, data):
+    _, rows, _ = _extract(tmp_path, [data["a"], data["b"]], validation="image",
+                          validation_datasets=["b"])
+    assert {r["dataset"] for r in rows if r["split"] == "val"} == {"b"}
+    assert {r["dataset"] for r in rows if r["split"] == "train"} == {"a"}
+    with pytest.raises(PatchError, match="does not train on"):
+        _extract(tmp_path, [data["a"]], validation="image", validation_datasets=["zz"])
+
+
+def test_foreground_oversampling_gives_the_configured_fraction(tmp_path, data):
+    _, rows, group = _extract(tmp_path, [data["a"]], foreground_fraction=0.6, per_dataset=40)
+    for split, n in (("train", 30), ("val", 10)):
+        mine = [r for r in rows if r["split"] == split]
+        forced = [r for r in mine if r["kind"] == "foreground"]
+        assert len(mine) == n and len(forced) == round(n * 0.6)
+        assert all(r["foreground_fraction"] > 0 for r in forced)
+        targets = group[f"{split}/targets"][:]
+        for r in mine:  # the manifest's fraction is the stored target's
+            assert r["foreground_fraction"] == pytest.approx((targets[r["index"]] > 0).mean())
+
+
+def test_store_holds_normalized_source_patches(tmp_path, data):
+    _, rows, group = _extract(tmp_path, [data["a"], data["b"]])
+    assert group.attrs["unetflow"]["datasets"]["b"]["dataset"] == "b"
+    sources = {n: (synthesize_nuclei(shape, seed=s), group.attrs["unetflow"]["datasets"][n])
+               for n, shape, s in (("a", (96, 160), 11), ("b", (80, 120), 12))}
+    for r in rows:
+        demo, stats = sources[r["dataset"]]
+        noisy = demo.noisy * 3 + 50 if r["dataset"] == "b" else demo.noisy
+        box = tuple(slice(o, o + s) for o, s in zip(r["origin"], r["shape"], strict=True))
+        expected = normalize_array(noisy[box][None], stats, "percentile")
+        np.testing.assert_array_equal(group[f"{r['split']}/images"][r["index"]], expected)
+        np.testing.assert_array_equal(group[f"{r['split']}/targets"][r["index"]],
+                                      prepare_target(demo.labels[box], "segmentation", 2, None))
+
+
+def test_regression_targets_are_normalized_like_the_image(tmp_path, data):
+    _, rows, group = _extract(tmp_path, [data["a_clean"]], task="regression")
+    demo = synthesize_nuclei((96, 160), seed=11)
+    stats = group.attrs["unetflow"]["datasets"]["a_clean"]
+    assert {r["kind"] for r in rows} == {"uniform"}
+    for r in rows[:5]:
+        box = tuple(slice(o, o + s) for o, s in zip(r["origin"], r["shape"], strict=True))
+        np.testing.assert_array_equal(group[f"{r['split']}/targets"][r["index"]],
+                                      normalize_array(demo.clean[box][None], stats))
+
+
+def _files(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def test_same_seed_gives_the_same_store(tmp_path, data):
+    _extract(tmp_path, [data["a"], data["b"]], out="one", min_foreground=0.05)
+    _extract(tmp_path, [data["a"], data["b"]], out="two", min_foreground=0.05)
+    one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
+    assert _files(one) == _files(two)
+    _, mismatch, errors = filecmp.cmpfiles(one, two, _files(one), shallow=False)
+    assert not mismatch and not errors
+    assert (tmp_path / "one.tsv").read_text() == (tmp_path / "two.tsv").read_text()
+    _, other, _ = _extract(tmp_path, [data["a"], data["b"]], out="three", seed=1)
+    assert [r["origin"] for r in other] != [r["origin"] for r in read_manifest(
+        tmp_path / "one.tsv")]
+
+
+def test_label_image_without_foreground_raises_naming_the_dataset(tmp_path, data):
+    with pytest.raises(PatchError, match="dataset 'empty'.*no foreground"):
+        _extract(tmp_path, [data["a"], data["empty"]])
+
+
+def test_unsatisfiable_min_foreground_raises_after_bounded_attempts(tmp_path, data):
+    with pytest.raises(PatchError, match="dataset 'a'.*min_foreground=0.99.*max_attempts=3"):
+        _extract(tmp_path, [data["a"]], min_foreground=0.99, max_attempts=3)
+
+
+def test_min_foreground_filter_holds(tmp_path, data):
+    _, rows, _ = _extract(tmp_path, [data["a"]], min_foreground=0.2)
+    assert all(r["foreground_fraction"] >= 0.2 for r in rows)
+
+
+def test_patches_entirely_ignore_label_are_skipped(tmp_path):
+    demo = synthesize_nuclei((64, 192), seed=5)
+    labels = demo.labels.astype(np.int32)
+    labels[:, :96] = 9  # most of the training block is 'not annotated'
+    ds = _write_dataset(tmp_path, "ign", demo.noisy, labels, (32, 64))
+    _, rows, group = _extract(tmp_path, [ds], ignore_label=9, foreground_fraction=0.0,
+                              per_dataset=40)
+    targets = group["train/targets"][:]
+    assert len(rows) == 40 and max(r["origin"][1] for r in rows if r["split"] == "train") < 128
+    assert not any(np.all(t == 9) for t in targets)
+    assert any(np.any(t == 9) for t in targets)  # partly ignored patches are kept
+
+
+def test_per_megapixel_and_3d_patches(tmp_path):
+    demo = synthesize_nuclei((32, 40, 96), seed=6)
+    ds = _write_dataset(tmp_path, "vol", demo.noisy, demo.labels, (16, 32, 32))
+    records, rows, group = _extract(tmp_path, [ds], shape=[16, 16, 16], per_megapixel=100.0)
+    n = round(100.0 * 32 * 40 * 96 / 1e6)
+    assert len(rows) == round(n * 0.75) + round(n * 0.25)
+    assert group["train/images"].shape[1:] == (1, 16, 16, 16)
+    val_x = min(r["origin"][2] for r in rows if r["split"] == "val")
+    train_x = max(r["origin"][2] + 16 for r in rows if r["split"] == "train")
+    assert val_x - train_x >= 8  # split across x, the axis with most room
+    assert summarize_records(records)[-1].startswith(f"total: {round(n * 0.75)} train")
+
+
+def test_pooled_datasets_need_the_same_channels(tmp_path, data):
+    demo = synthesize_nuclei((64, 64), seed=7)
+    two = np.stack([demo.noisy, demo.noisy])
+    write_image(tmp_path / "two.ome.zarr", two, ["c", "y", "x"], chunks=(2, 32, 32))
+    write_stats(compute_dataset_stats(str(tmp_path / "two.ome.zarr"), None, STATS, "two"),
+                tmp_path / "two.json")
+    ds = DatasetInput("two", str(tmp_path / "two.ome.zarr"), data["a"].target,
+                      str(tmp_path / "two.json"))
+    with pytest.raises(PatchError, match="same channels|spatial shape"):
+        _extract(tmp_path, [data["a"], ds])
+    assert os.path.exists(data["a"].image)
