@@ -41,16 +41,13 @@ def _cmd_normalize(args: argparse.Namespace) -> None:
 
 
 def _cmd_extract_patches(args: argparse.Namespace) -> None:
-    from collections import Counter
-
-    from unetflow.patches import DatasetInput, extract_patches
+    from unetflow.patches import DatasetInput, extract_patches, summarize_records
 
     datasets = [DatasetInput(**d) for d in args.datasets]
     records = extract_patches(datasets, args.task, args.settings, args.normalize,
                               args.num_classes, args.ignore_label, args.store, args.manifest)
-    counts = Counter((r["dataset"], r["split"], r["kind"]) for r in records)
-    for (dataset, split, kind), n in sorted(counts.items()):
-        print(f"extract_patches: {dataset} {split} {kind}: {n} patches")
+    for line in summarize_records(records):
+        print(f"extract_patches: {line}")
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
