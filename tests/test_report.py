@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from conftest import BIN, snakemake, write_config
+from conftest import BIN, planned_jobs, snakemake, write_config
 from unetflow.ome import open_image
 
 pytestmark = pytest.mark.slow
@@ -79,3 +79,16 @@ def test_tiff_dataset_and_report_from_a_real_run(tiny_run_copy, tiny_config):
         assert f'"filename": "{name}"' in html, name
     assert html.count("data:image/png") >= 6  # figures are embedded: one self-contained file
     assert "unetflow results" in html and "napari" in html  # the workflow description
+
+
+def test_evaluate_settings_rerun_only_the_rules_that_use_them(tiny_run_copy, tiny_config):
+    def planned_rules(config) -> set[str]:
+        write_config(tiny_run_copy, config)
+        result = snakemake(tiny_run_copy, "-n", "--cores", "2", "--configfile", "config.yaml")
+        return {rule for rule, _ in planned_jobs(result.stdout + result.stderr)}
+
+    assert planned_rules({**tiny_config, "evaluate": {"montage_crops": 2}}) == {"montage", "all"}
+    assert planned_rules({**tiny_config, "evaluate": {"iou_threshold": 0.6}}) == {
+        "evaluate", "summarize", "compare", "all"}
+    assert planned_rules({**tiny_config, "evaluate": {"gaussian_sigmas": [1.0]}}) == {
+        "tune_baseline", "evaluate", "summarize", "compare", "all"}

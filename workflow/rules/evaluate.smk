@@ -4,12 +4,18 @@
 report: "../report/workflow.rst"
 
 
-def evaluate_settings(wildcards):
-    """The model's evaluate section; ignore_label falls back to the model's train.ignore_label."""
-    settings = model_section(config, wildcards.model, "evaluate")
-    if settings["ignore_label"] is None:
-        settings["ignore_label"] = model_section(config, wildcards.model, "train")["ignore_label"]
-    return as_json(settings)
+def evaluate_settings(*keys):
+    """A params function: these keys of the model's evaluate section, so editing one reruns
+    only the rules that use it; ignore_label falls back to the model's train.ignore_label."""
+
+    def params(wildcards):
+        settings = model_section(config, wildcards.model, "evaluate")
+        if settings["ignore_label"] is None:
+            train = model_section(config, wildcards.model, "train")
+            settings["ignore_label"] = train["ignore_label"]
+        return as_json({k: settings[k] for k in keys})
+
+    return params
 
 
 def baseline_path(model):
@@ -64,7 +70,7 @@ rule tune_baseline:
         "results/{model}/baseline_gaussian.json",
     params:
         datasets=tune_baseline_datasets,
-        settings=evaluate_settings,
+        settings=evaluate_settings("gaussian_sigmas", "tuning_crops", "tuning_crop_size"),
     log:
         "logs/tune_baseline/{model}.log",
     threads: 1
@@ -89,7 +95,7 @@ rule evaluate:
             labels={"model": "{model}", "dataset": "{dataset}"},
         ),
     params:
-        settings=evaluate_settings,
+        settings=evaluate_settings("ignore_label", "iou_threshold"),
         task=model_task,
         num_classes=num_classes,
         channels=dataset_channels,
@@ -121,7 +127,7 @@ rule montage:
             labels={"model": "{model}", "dataset": "{dataset}", "figure": "montage"},
         ),
     params:
-        settings=evaluate_settings,
+        settings=evaluate_settings("ignore_label", "montage_crops", "montage_crop_size"),
         task=model_task,
         channels=dataset_channels,
         title=montage_title,
