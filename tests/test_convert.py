@@ -87,3 +87,16 @@ def test_datasets_pointing_to_tiffs_read_the_conversion():
     assert datasets["b"]["image"] == "data/b.ome.zarr"
     with pytest.raises(ConfigError, match="datasets.c.pixel_size"):
         use_converted_tiffs({"c": {"image": "c.ome.zarr", "pixel_size": {"x": 1.0}}}, "r")
+
+
+def test_pyramidal_ome_tiff_converts_its_full_resolution(tmp_path):
+    data = np.random.default_rng(2).integers(0, 255, (128, 128)).astype(np.uint8)
+    source = tmp_path / "pyramid.ome.tif"
+    with tifffile.TiffWriter(source) as tw:
+        tw.write(data, subifds=1, tile=(32, 32),
+                 metadata={"axes": "YX", "PhysicalSizeX": 0.5, "PhysicalSizeY": 0.5})
+        tw.write(data[::2, ::2], subfiletype=1, tile=(32, 32))
+    convert_tiff(source, tmp_path / "pyramid.ome.zarr")
+    image = open_image(tmp_path / "pyramid.ome.zarr")
+    assert image.data.shape == (1, 128, 128) and image.spatial_scale() == {"y": 0.5, "x": 0.5}
+    np.testing.assert_array_equal(image.data[0].compute(), data)

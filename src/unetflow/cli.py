@@ -112,8 +112,8 @@ def _cmd_convert(args: argparse.Namespace) -> None:
                         pyramid_levels=args.pyramid_levels, chunks=args.chunks, role=args.role)
     print(f"convert: {args.input} -> {args.output}: axes {''.join(info['axes'])}, shape "
           f"{info['shape']}, {info['dtype']}, scale {info['scale']} {info['units']}, "
-          f"{info['levels']} level(s), chunks {info['chunks']}; sizes from "
-          f"{info['metadata_source']}")
+          f"{info['levels']} level(s), chunks {info['chunks']}; pixel sizes from "
+          f"{info['pixel_size_source']}")
     if info["unknown_pixel_size"]:
         print(f"convert: warning: no pixel size for axes {info['unknown_pixel_size']} in "
               f"{args.input}; written as 1. Give --pixel-size (or the dataset's pixel_size "

@@ -244,7 +244,8 @@ def convert_tiff(source: str | Path, output: str | Path, axes: str | None = None
                  pixel_size: dict[str, float] | str | None = None,
                  pyramid_levels: int | None = None, chunks: tuple[int, ...] | None = None,
                  role: str = "image") -> dict[str, Any]:
-    """Convert the first series of a TIFF into an NGFF 0.5 OME-Zarr image at `output`.
+    """Convert the first series of a TIFF (its full resolution, for pyramidal files) into
+    an NGFF 0.5 OME-Zarr image at `output`.
 
     `axes` (e.g. "zyx") and `pixel_size` (micrometers) override the file's metadata.
     A `role` "target" of integer type (labels) gets a single resolution level, because
@@ -260,7 +261,7 @@ def convert_tiff(source: str | Path, output: str | Path, axes: str | None = None
     meta = read_tiff_metadata(source)
     file_axes = ngff_axes(meta.axes, axes, source)
     given = parse_pixel_size(pixel_size)
-    with tifffile.TiffFile(source) as tf, tf.series[0].aszarr() as store:
+    with tifffile.TiffFile(source) as tf, tf.series[0].aszarr(level=0) as store:
         data, out_axes = _to_ngff_order(da.from_zarr(zarr.open_array(store, mode="r")),
                                         file_axes)
         scale, units, unknown = _scale_and_units(meta, given, out_axes)
@@ -276,4 +277,12 @@ def convert_tiff(source: str | Path, output: str | Path, axes: str | None = None
                     channel_names=names)
     return {"axes": out_axes, "shape": tuple(data.shape), "dtype": str(data.dtype),
             "scale": scale, "units": units, "levels": levels, "chunks": chunk_shape,
-            "unknown_pixel_size": unknown, "metadata_source": meta.source}
+            "unknown_pixel_size": unknown, "metadata_source": meta.source,
+            "pixel_size_source": _size_source(given, meta, out_axes)}
+
+
+def _size_source(given: dict[str, float], meta: TiffMetadata, axes: list[str]) -> str:
+    spatial = [a for a in axes if a in "zyx"]
+    if all(a in given for a in spatial):
+        return "config"
+    return f"config and {meta.source}" if given else meta.source
