@@ -14,10 +14,12 @@ redrawn at most `max_attempts` times before a PatchError names the dataset. Ever
 drawn from one generator seeded by `patches.seed`, so the same seed gives the same store, byte
 for byte.
 
-Reading. Patches are sorted by the source chunk holding their origin and cut chunk by chunk
-from dask arrays overlapped by one patch on the high side of each axis: each chunk of the
-source is read once, chunks are processed in parallel by dask, and only the chunks in flight
-are in memory, never the whole dataset.
+Reading. Labels are read once to index foreground (a count and a seeded sample of
+foreground pixels per chunk), once more only when `min_foreground` or `ignore_label` must be
+checked, and the image and target once when writing. Patches are grouped by the source chunk
+holding their origin and cut from dask arrays overlapped by one patch on the high side of each
+axis: each chunk is read once, chunks are processed in parallel by dask, and only the chunks in
+flight are in memory, never the whole dataset (bench/patches.py: 4x the data, +34% memory).
 
 Normalization is applied at extraction, with each dataset's own statistics (so datasets of
 different intensity ranges pool on one scale): training reads every patch many times, so
@@ -25,27 +27,34 @@ normalizing once costs less than normalizing on every load, and the statistics u
 stored in the store's attributes (and copied from there into every checkpoint).
 
 Store layout: `<split>/images` float32 (N, C, *patch) and `<split>/targets` (N, *patch)
-int32 class indices or (N, C, *patch) float32, one patch per chunk, so training reads any
-patch alone. Codec: Blosc LZ4 with byte shuffle, chosen by measurement on normalized demo
-patches of 128x128 (single-thread numcodecs, this 2-core box):
+int32 class indices or (N, C, *patch) float32, one patch per chunk so training reads any
+patch alone, chunk keys `c.<i>.0.0` in one flat folder (zarr otherwise makes a folder per
+patch: writes were 1.5-2x slower). Not sharded: shards of 16-256 patches wrote 1.0-1.5
+ms/patch instead of 1.1-2.3, but random reads of 8 patches (a training batch) cost 2.5-5
+ms/patch instead of 1.0-1.5, and training reads each patch many times.
+
+Codec: Blosc LZ4 with byte shuffle, chosen by measurement on normalized demo patches of
+128x128 (single-thread numcodecs, this 2-core box; x = compression ratio):
 
     codec              image          labels (0/1 int32)   clean target
                        dec MB/s  x    dec MB/s  x          dec MB/s  x
-    zstd 1 (default)      641  1.12     1461  65           587  1.19
+    zstd 1 (~ zarr's)     641  1.12     1461  65           587  1.19
     zstd 3                462  1.12      934  65           486  1.19
     blosc lz4 shuffle    1067  1.11     1327  25          1710  1.47
     blosc zstd1 shuffle   643  1.20      674  84           620  1.55
 
 Noisy float images barely compress with any codec, so decode speed decides: LZ4 decodes
 1.6-2.9x faster than zstd, compresses smooth targets better and labels 25x. Through zarr the
-difference shrinks (per-chunk overhead dominates 64 KB chunks), and uncompressed chunks were
-no faster to read, so LZ4 costs nothing and saves 10-95% of the disk.
+difference shrinks (zarr's per-chunk overhead, about 0.7 ms CPU per chunk written, dominates
+64 KB chunks), and uncompressed chunks were no faster to read, so LZ4 costs nothing and saves
+10-96% of the disk.
 """
 
 from __future__ import annotations
 
 import csv
 import shutil
+import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -56,6 +65,7 @@ import dask
 import dask.array as da
 import numpy as np
 import zarr
+from dask.highlevelgraph import HighLevelGraph
 from zarr.codecs import BloscCodec
 
 from unetflow.normalize import normalize_array, read_stats
@@ -70,6 +80,7 @@ __all__ = [
     "prepare_target",
     "read_manifest",
     "PatchSource",
+    "ForegroundIndex",
     "Sampler",
     "patch_source",
     "patch_tasks",
@@ -81,7 +92,8 @@ __all__ = [
 
 MANIFEST_FIELDS = ["index", "dataset", "split", "origin", "shape", "foreground_fraction", "kind"]
 PATCH_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
-POINT_BLOCKS_PER_COMPUTE = 8  # label chunks in memory at once while drawing foreground points
+CHUNK_KEYS = {"name": "default", "separator": "."}  # one flat folder: no mkdir per patch
+FOREGROUND_POINTS = 1 << 20  # sampled foreground pixels kept over all chunks (<= 24 MB)
 
 
 class PatchError(ValueError):
@@ -106,9 +118,6 @@ class Region:
     split: str
     start: tuple[int, ...]
     stop: tuple[int, ...]
-
-    def fits(self, shape: tuple[int, ...]) -> bool:
-        return all(b - a >= s for a, b, s in zip(self.start, self.stop, shape, strict=True))
 
     def slices(self) -> tuple[slice, ...]:
         return tuple(slice(a, b) for a, b in zip(self.start, self.stop, strict=True))
@@ -244,77 +253,94 @@ def _cut_patches(blocks: list[np.ndarray], start: tuple[int, ...], origins: np.n
     return out
 
 
+def _cell(value: Any, ndim: int = 1) -> np.ndarray:
+    """A one-element object array: how a block hands a Python value back through dask."""
+    cell = np.empty((1,) * ndim, dtype=object)
+    cell.flat[0] = value
+    return cell
+
+
 def _apply_to_block(blocks: list[np.ndarray], start: tuple[int, ...], items: np.ndarray,
                     origins: np.ndarray, patch: tuple[int, ...], fn: Callable,
-                    kwargs: dict) -> list[tuple[int, Any]]:
+                    kwargs: dict) -> np.ndarray:
     values = fn(items, _cut_patches(blocks, start, origins, patch), **kwargs)
-    return list(zip(items.tolist(), values, strict=True))
+    return _cell(list(zip(items.tolist(), values, strict=True)))
 
 
-def patch_tasks(source: PatchSource, origins: np.ndarray, fn: Callable, **kwargs) -> list:
-    """Delayed calls `fn(items, patch_stacks, **kwargs) -> one value per item`, one per chunk
-    holding origins; each returns (item, value) pairs. Every chunk is read once."""
+def patch_tasks(source: PatchSource, origins: np.ndarray, fn: Callable,
+                **kwargs) -> da.Array | None:
+    """`fn(items, patch_stacks, **kwargs) -> one value per item` applied chunk by chunk.
+
+    Returns a lazy 1-D object array with one cell per chunk holding origins (None when there
+    are no origins); a cell is that chunk's list of (item, value). The chunk and the patch of
+    overlap it needs from its neighbours are read once; chunks without origins are not read.
+    """
+    if len(origins) == 0:
+        return None
     d = len(source.patch)
     extended = []
     for a in source.arrays:
         depth = {i: 0 for i in range(a.ndim - d)}
         depth.update({a.ndim - d + i: (0, p - 1) for i, p in enumerate(source.patch)})
         extended.append(da.overlap.overlap(a, depth=depth, boundary="none",
-                                           allow_rechunk=False).to_delayed())
-    chunk = source.chunk_of(origins)
+                                           allow_rechunk=False))
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for item, index in enumerate(map(tuple, chunk.tolist())):
+    for item, index in enumerate(map(tuple, source.chunk_of(origins).tolist())):
         groups[index].append(item)
-    tasks = []
-    for index, items in sorted(groups.items()):
-        blocks = [e[(0,) * (e.ndim - d) + index] for e in extended]
-        tasks.append(dask.delayed(_apply_to_block)(
-            blocks, source.chunk_start(index), np.array(items), origins[items], source.patch,
-            fn, kwargs))
-    return tasks
+    name = f"patches-{fn.__name__}-{uuid.uuid4().hex}"
+    layer = {}
+    for t, (index, items) in enumerate(sorted(groups.items())):
+        keys = [(e.name, *(0,) * (e.ndim - d), *index) for e in extended]
+        layer[(name, t)] = (_apply_to_block, keys, source.chunk_start(index), np.array(items),
+                            origins[items], source.patch, fn, kwargs)
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=extended)
+    return da.Array(graph, name, chunks=((1,) * len(layer),), dtype=object)
 
 
-def _gather(tasks: list, n: int) -> list:
+def _gather(cells: np.ndarray, n: int) -> list:
+    """Per-item values, in item order, from computed `patch_tasks` cells."""
     values: list[Any] = [None] * n
-    for pairs in dask.compute(*tasks):
+    for pairs in cells:
         for item, value in pairs:
             values[item] = value
     return values
 
 
 # --- sampling ------------------------------------------------------------------------------
-def _block_counts(block: np.ndarray, ignore_label: int | None) -> np.ndarray:
-    return np.array(_foreground(block, ignore_label).sum(), np.int64).reshape((1,) * block.ndim)
+@dataclass(frozen=True)
+class ForegroundIndex:
+    """Per chunk of a region: its foreground pixel count and a uniform sample of those pixels
+    (region coordinates), from one pass over the labels."""
+
+    counts: np.ndarray
+    points: list[np.ndarray]
+
+    def draw(self, n: int, rng: np.random.Generator) -> np.ndarray:
+        """`n` foreground pixels: a chunk drawn by its foreground count, then one of its
+        sampled pixels, so every foreground pixel is about equally likely."""
+        chunks = rng.choice(self.counts.size, size=n, p=self.counts / self.counts.sum())
+        return np.stack([self.points[c][rng.integers(len(self.points[c]))] for c in chunks])
 
 
-def _foreground_counts(labels: da.Array, region: Region, ignore_label: int | None
-                       ) -> tuple[da.Array, da.Array]:
-    """The region's labels, and the lazy foreground count of each of their chunks."""
+def _chunk_foreground(block: np.ndarray, k: int, base_seed: int, ignore_label: int | None,
+                      block_info: dict | None = None) -> np.ndarray:
+    """One chunk's foreground count and `k` of its foreground pixels, drawn with a generator
+    seeded by the chunk's position (so the result does not depend on scheduling)."""
+    info = block_info[0]
+    flat = int(np.ravel_multi_index(info["chunk-location"], info["num-chunks"]))
+    where = np.flatnonzero(_foreground(block, ignore_label))
+    rng = np.random.default_rng([base_seed, flat])
+    chosen = rng.choice(where, size=min(k, where.size), replace=False)
+    start = np.array([a for a, _ in info["array-location"]])
+    points = np.stack(np.unravel_index(np.sort(chosen), block.shape), 1) + start
+    return _cell((where.size, points), block.ndim)
+
+
+def _foreground_cells(labels: da.Array, region: Region, k: int, base_seed: int,
+                      ignore_label: int | None) -> da.Array:
     sub = labels[region.slices()]
-    counts = sub.map_blocks(_block_counts, ignore_label, dtype=np.int64,
-                            chunks=tuple((1,) * n for n in sub.numblocks))
-    return sub, counts
-
-
-def _foreground_points(sub: da.Array, counts: np.ndarray, n: int, rng: np.random.Generator,
-                       ignore_label: int | None) -> np.ndarray:
-    """`n` foreground pixels (region coordinates): a chunk drawn by its foreground count, then
-    a pixel of it; chunks are read a few at a time."""
-    flat = counts.ravel()
-    picks = np.bincount(rng.choice(flat.size, size=n, p=flat / flat.sum()), minlength=flat.size)
-    chosen = np.flatnonzero(picks)
-    starts = [np.cumsum((0,) + c[:-1]) for c in sub.chunks]
-    points = []
-    for i in range(0, chosen.size, POINT_BLOCKS_PER_COMPUTE):
-        part = chosen[i:i + POINT_BLOCKS_PER_COMPUTE]
-        indices = [np.unravel_index(j, counts.shape) for j in part]
-        blocks = dask.compute(*[sub.blocks[idx] for idx in indices])
-        for j, idx, block in zip(part, indices, blocks, strict=True):
-            where = np.flatnonzero(_foreground(block, ignore_label))
-            offset = np.array([s[k] for s, k in zip(starts, idx, strict=True)])
-            drawn = where[rng.integers(where.size, size=picks[j])]
-            points.append(np.stack(np.unravel_index(drawn, block.shape), 1) + offset)
-    return np.concatenate(points)
+    return sub.map_blocks(_chunk_foreground, k, base_seed, ignore_label, dtype=object,
+                          chunks=tuple((1,) * n for n in sub.numblocks))
 
 
 def _origins_around(points: np.ndarray, region: Region, patch: tuple[int, ...],
@@ -360,14 +386,15 @@ class Sampler:
     def accept(self, origins: np.ndarray) -> np.ndarray:
         if not self.filters or len(origins) == 0:
             return np.ones(len(origins), bool)
-        checks = _gather(patch_tasks(self.labels, origins, _check_patches,
-                                     ignore_label=self.ignore_label), len(origins))
+        cells = patch_tasks(self.labels, origins, _check_patches,
+                            ignore_label=self.ignore_label).compute()
+        checks = _gather(cells, len(origins))
         return np.array([not ignored and fraction >= self.settings["min_foreground"]
                          for fraction, ignored in checks], bool)
 
 
 def _draw_kind(ctx: Sampler, region: Region, kind: str, quota: int, rng: np.random.Generator,
-               foreground: tuple[da.Array, np.ndarray] | None) -> np.ndarray:
+               foreground: ForegroundIndex | None) -> np.ndarray:
     """`quota` accepted origins of one kind, redrawing rejects at most max_attempts times."""
     accepted = np.zeros((0, len(ctx.patch)), np.int64)
     for _attempt in range(ctx.settings["max_attempts"]):
@@ -375,7 +402,7 @@ def _draw_kind(ctx: Sampler, region: Region, kind: str, quota: int, rng: np.rand
         if need == 0:
             break
         if kind == "foreground":
-            points = _foreground_points(*foreground, need, rng, ctx.ignore_label)
+            points = foreground.draw(need, rng)
             candidates = _origins_around(points, region, ctx.patch, rng)
         else:
             candidates = _uniform_origins(region, ctx.patch, need, rng)
@@ -390,18 +417,34 @@ def _draw_kind(ctx: Sampler, region: Region, kind: str, quota: int, rng: np.rand
     return accepted
 
 
-def _region_foreground(ctx: Sampler, regions: list[Region]) -> list:
-    """Per region, (labels, foreground count per chunk), computed in one pass over labels."""
-    pairs = [_foreground_counts(ctx.labels.arrays[0], r, ctx.ignore_label) for r in regions]
-    counts = dask.compute(*[c for _, c in pairs])
-    for region, count in zip(regions, counts, strict=True):
-        if count.sum() == 0:
+def _region_foreground(ctx: Sampler, regions: list[Region], quotas: list[int],
+                       rng: np.random.Generator) -> list[ForegroundIndex]:
+    """Foreground index of each region, all computed in one parallel pass over the labels.
+
+    Each chunk keeps at most as many sampled pixels as the region needs foreground patches
+    (and at most FOREGROUND_POINTS over all chunks), drawn with a generator seeded from `rng`
+    and the chunk's position, so the result does not depend on the order chunks finish.
+    """
+    labels = ctx.labels.arrays[0]
+    n_chunks = int(np.prod(labels.numblocks))
+    tasks = []
+    for region, quota in zip(regions, quotas, strict=True):
+        k = max(1, min(quota, max(8, FOREGROUND_POINTS // n_chunks)))
+        tasks.append(_foreground_cells(labels, region, k, int(rng.integers(2**62)),
+                                       ctx.ignore_label))
+    computed = dask.compute(*tasks)
+    out = []
+    for region, cells in zip(regions, computed, strict=True):
+        chunks = cells.ravel().tolist()
+        counts = np.array([c for c, _ in chunks], np.int64)
+        if counts.sum() == 0:
             raise PatchError(
                 f"dataset '{ctx.name}': the target has no foreground in the {region.split} "
                 f"region {region.start}-{region.stop}, so foreground-oversampled patches "
                 f"(patches.foreground_fraction={ctx.settings['foreground_fraction']}) cannot "
                 f"be drawn; check the label image, or set patches.foreground_fraction: 0")
-    return [(sub, count) for (sub, _), count in zip(pairs, counts, strict=True)]
+        out.append(ForegroundIndex(counts, [p for _, p in chunks]))
+    return out
 
 
 def _region_quotas(settings: dict[str, Any], regions: list[Region], total: int) -> list[int]:
@@ -421,7 +464,7 @@ def sample_patches(ctx: Sampler, spatial: tuple[int, ...], held_out: bool,
     quotas = _region_quotas(settings, regions, patch_count(settings, spatial, ctx.name))
     fraction = settings["foreground_fraction"] if ctx.labels is not None else 0.0
     n_foreground = [int(round(q * fraction)) for q in quotas]
-    foreground = (_region_foreground(ctx, regions) if any(n_foreground)
+    foreground = (_region_foreground(ctx, regions, n_foreground, rng) if any(n_foreground)
                   else [None] * len(regions))
     records = []
     for region, quota, n_fg, fg in zip(regions, quotas, n_foreground, foreground, strict=True):
@@ -476,9 +519,11 @@ def _create_arrays(group: zarr.Group, split: str, n: int, channels: int,
                    target_dtype: str) -> tuple[zarr.Array, zarr.Array]:
     sub = group.require_group(split)
     images = sub.create_array("images", shape=(n, channels, *patch), dtype="float32",
-                              chunks=(1, channels, *patch), compressors=[PATCH_CODEC])
+                              chunks=(1, channels, *patch), compressors=[PATCH_CODEC],
+                              chunk_key_encoding=CHUNK_KEYS)
     targets = sub.create_array("targets", shape=(n, *target_lead, *patch), dtype=target_dtype,
-                               chunks=(1, *target_lead, *patch), compressors=[PATCH_CODEC])
+                               chunks=(1, *target_lead, *patch), compressors=[PATCH_CODEC],
+                               chunk_key_encoding=CHUNK_KEYS)
     return images, targets
 
 
@@ -507,33 +552,33 @@ def _write_split(records: list[dict], split: str, sources: dict[str, PatchSource
     images, targets = _create_arrays(group, split, len(chosen), image0.shape[0], lead,
                                      first.patch,
                                      "int32" if task == "segmentation" else "float32")
-    tasks = []
+    pending = []
     for name, source in sources.items():
         mine = [r for r in chosen if r["dataset"] == name]
         if not mine:
             continue
         origins = np.array([r["origin"] for r in mine])
         indices = np.array([r["index"] for r in mine])
-        for task_ in patch_tasks(source, origins, _write_block, indices=indices,
-                                 images=images, targets=targets, stats=stats[name],
-                                 normalize=normalize, task=task, num_classes=num_classes,
-                                 ignore_label=ignore_label):
-            tasks.append((mine, task_))
-    return tasks
+        pending.append((mine, patch_tasks(
+            source, origins, _write_block, indices=indices, images=images, targets=targets,
+            stats=stats[name], normalize=normalize, task=task, num_classes=num_classes,
+            ignore_label=ignore_label)))
+    return pending
 
 
 def _write_store(records: list[dict], sources: dict[str, PatchSource], stats: dict[str, dict],
                  group: zarr.Group, task: str, normalize: dict, num_classes: int,
                  ignore_label: int | None) -> None:
-    """Write both splits in one parallel dask computation; fill foreground fractions."""
+    """Write both splits in one parallel dask computation (source chunks shared by the
+    splits are read once); fill in the foreground fractions."""
     _assign_indices(records, sources)
     pending = []
     for split in ("train", "val"):
         pending += _write_split(records, split, sources, stats, group, task, normalize,
                                 num_classes, ignore_label)
-    results = dask.compute(*[t for _, t in pending])
-    for (mine, _), pairs in zip(pending, results, strict=True):
-        for item, fraction in pairs:
+    results = dask.compute(*[cells for _, cells in pending])
+    for (mine, _), cells in zip(pending, results, strict=True):
+        for item, fraction in enumerate(_gather(cells, len(mine))):
             mine[item]["foreground_fraction"] = fraction
 
 

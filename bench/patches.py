@@ -1,0 +1,146 @@
+"""Patch extraction and normalization statistics against plain reads of the same source.
+
+Source: a 4096x4096 synthetic nuclei image (a 1024x1024 `synthesize_nuclei` scene tiled 4x4)
+written as OME-Zarr in a temporary folder, float32 and uint16 versions, with its uint16
+labels, chunks of 1024x1024 (zstd, ome-zarr-py's default). Each timing is the best of
+REPEATS runs, the runs of the things compared interleaved.
+
+Ratios (higher is better, goal >= 0.5 for both headline ratios):
+- extract_vs_raw_read_ratio: MB/s of source read by `extract_patches` (image + labels, the
+  schema's default 256 patches of 128x128, foreground fraction 0.33, block validation; every
+  chunk is touched, so the whole source counts as read) divided by MB/s of reading the same
+  two arrays whole with zarr (`array[...]`, zarr's own concurrent chunk reads).
+- extract_dense_vs_raw_read_ratio: the same with 1024 patches (they cover the image once).
+- stats_vs_dask_mean_ratio_<dtype>: MB/s of `compute_dataset_stats` (mean, std, min, max,
+  1/99.8 percentiles) divided by MB/s of `da.from_zarr(...).mean().compute()` on the same
+  array with the same threads.
+- extract_peak_traced_mb: peak of memory allocated during one extraction (tracemalloc sees
+  numpy's buffers), against source_mb: extraction must not hold the dataset.
+- store_write_only_s vs extract_s: writing the same number of patches (images and targets,
+  same layout and codec) into a fresh store, with nothing read: the floor under extraction.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import tracemalloc
+from pathlib import Path
+
+import dask
+import dask.array as da
+import numpy as np
+import zarr
+
+from unetflow.demo import synthesize_nuclei
+from unetflow.normalize import compute_dataset_stats, write_stats
+from unetflow.ome import write_image
+from unetflow.patches import CHUNK_KEYS, PATCH_CODEC, DatasetInput, extract_patches
+
+REPEATS = 3
+TILE, TILES, CHUNK = 1024, 4, 1024
+STATS = {"level": 0, "percentiles": [1.0, 99.8], "histogram_bins": 4096, "mask": None}
+PATCHES = {"shape": [128, 128], "per_dataset": 256, "per_megapixel": None,
+           "foreground_fraction": 0.33, "min_foreground": 0.0, "max_attempts": 50,
+           "validation": "block", "validation_fraction": 0.2, "validation_datasets": [],
+           "seed": 0}
+
+
+def write_sources(root: Path) -> dict[str, Path]:
+    scene = synthesize_nuclei((TILE, TILE), seed=7)
+    noisy = np.tile(scene.noisy, (TILES, TILES))
+    arrays = {"float32": noisy,
+              "uint16": np.clip(noisy * 100 + 100, 0, 65535).astype(np.uint16),
+              "labels": np.tile(scene.labels, (TILES, TILES)).astype(np.uint16)}
+    paths = {}
+    for name, array in arrays.items():
+        paths[name] = root / f"{name}.ome.zarr"
+        write_image(paths[name], array[None], ["c", "y", "x"], chunks=(1, CHUNK, CHUNK))
+    return paths
+
+
+def best_time(fn, repeats: int = REPEATS) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def raw_read(paths: list[Path]) -> int:
+    return sum(zarr.open_array(str(p / "s0"), mode="r")[...].nbytes for p in paths)
+
+
+def extract(root: Path, dataset: DatasetInput, per_dataset: int, out: str) -> None:
+    extract_patches([dataset], "segmentation", {**PATCHES, "per_dataset": per_dataset},
+                    {"method": "percentile", "clip": False}, 2, None, root / f"{out}.zarr",
+                    root / f"{out}.tsv")
+
+
+def write_only(root: Path, n: int) -> None:
+    """Write n random 128x128 image and label patches as extraction would, one call per 16."""
+    group = zarr.open_group(str(root / "write_only.zarr"), mode="w", zarr_format=3)
+    rng = np.random.default_rng(0)
+    images = rng.random((n, 1, 128, 128), dtype=np.float32)
+    targets = (images[:, 0] > 0.7).astype(np.int32)
+    for name, data in (("images", images), ("targets", targets)):
+        array = group.create_array(name, shape=data.shape, dtype=data.dtype,
+                                   chunks=(1, *data.shape[1:]), compressors=[PATCH_CODEC],
+                                   chunk_key_encoding=CHUNK_KEYS)
+        for start in range(0, n, 16):
+            array[start:start + 16] = data[start:start + 16]
+
+
+def main() -> None:
+    dask.config.set(scheduler="threads")
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        paths = write_sources(root)
+        stats = compute_dataset_stats(str(paths["float32"]), None, STATS, "bench")
+        write_stats(stats, root / "stats.json")
+        dataset = DatasetInput("bench", str(paths["float32"]), str(paths["labels"]),
+                               str(root / "stats.json"))
+        source_bytes = raw_read([paths["float32"], paths["labels"]])
+        figures: dict[str, float] = {"source_mb": source_bytes / 1e6}
+
+        t_raw, t_sparse, t_dense, t_write = [], [], [], []
+        for _ in range(REPEATS):
+            t_raw.append(best_time(lambda: raw_read([paths["float32"], paths["labels"]]), 1))
+            t_sparse.append(best_time(lambda: extract(root, dataset, 256, "sparse"), 1))
+            t_dense.append(best_time(lambda: extract(root, dataset, 1024, "dense"), 1))
+            t_write.append(best_time(lambda: write_only(root, 256), 1))
+        figures["raw_read_s"] = min(t_raw)
+        figures["extract_s"] = min(t_sparse)
+        figures["store_write_only_s"] = min(t_write)
+        raw_mbs = source_bytes / 1e6 / min(t_raw)
+        figures["raw_read_mb_per_s"] = raw_mbs
+        figures["extract_mb_per_s"] = source_bytes / 1e6 / min(t_sparse)
+        figures["extract_patches_per_s"] = 256 / min(t_sparse)
+        figures["extract_vs_raw_read_ratio"] = figures["extract_mb_per_s"] / raw_mbs
+        figures["extract_dense_mb_per_s"] = source_bytes / 1e6 / min(t_dense)
+        figures["extract_dense_vs_raw_read_ratio"] = figures["extract_dense_mb_per_s"] / raw_mbs
+
+        tracemalloc.start()
+        extract(root, dataset, 1024, "traced")
+        figures["extract_peak_traced_mb"] = tracemalloc.get_traced_memory()[1] / 1e6
+        tracemalloc.stop()
+
+        for dtype in ("float32", "uint16"):
+            array = da.from_zarr(str(paths[dtype] / "s0"))
+            t_mean, t_stats = [], []
+            for _ in range(REPEATS):
+                t_mean.append(best_time(lambda a=array: a.mean().compute(), 1))
+                t_stats.append(best_time(
+                    lambda d=dtype: compute_dataset_stats(str(paths[d]), None, STATS, d), 1))
+            figures[f"dask_mean_mb_per_s_{dtype}"] = array.nbytes / 1e6 / min(t_mean)
+            figures[f"stats_mb_per_s_{dtype}"] = array.nbytes / 1e6 / min(t_stats)
+            figures[f"stats_vs_dask_mean_ratio_{dtype}"] = min(t_mean) / min(t_stats)
+            figures[f"stats_passes_{dtype}"] = compute_dataset_stats(
+                str(paths[dtype]), None, STATS, dtype)["passes"]
+    for name, value in figures.items():
+        print(f"{name}: {value:.3g}")
+
+
+if __name__ == "__main__":
+    main()
