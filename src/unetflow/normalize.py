@@ -55,6 +55,7 @@ SAMPLE_CHUNKS = 16
 SAMPLE_FRACTION = 1 / 16
 RANGE_MARGIN = 0.125
 TREE_FAN_IN = 8
+SAMPLE_BATCH = 4  # sampled chunks in memory at once
 
 
 class NormalizationError(ValueError):
@@ -180,31 +181,69 @@ def _merge_summaries(*parts: dict[int, ChannelSummary]) -> dict[int, ChannelSumm
     return merged
 
 
-def _block_tasks(data: da.Array, mask: da.Array | None, binnings: dict[int, Binning | None],
-                 blocks: list[tuple[int, ...]] | None = None) -> list:
-    """One delayed summary per chunk of `data` (or per chunk listed in `blocks`)."""
+def _cell(value: Any, ndim: int) -> np.ndarray:
+    """A one-element object array: how a chunk hands its summaries back through dask."""
+    cell = np.empty((1,) * ndim, dtype=object)
+    cell.flat[0] = value
+    return cell
+
+
+def _summary_cell(block: np.ndarray, *mask: np.ndarray, binnings: dict[int, Binning | None],
+                  block_info: dict | None = None) -> np.ndarray:
+    first_channel = block_info[0]["array-location"][0][0]
+    summaries = _block_summaries(block, mask[0][0] if mask else None, first_channel, binnings)
+    return _cell(summaries, block.ndim)
+
+
+def _flatten(cells: Any) -> list:
+    if isinstance(cells, list):
+        return [value for cell in cells for value in _flatten(cell)]
+    return list(cells.ravel())
+
+
+def _keep(cell: np.ndarray, axis: Any = None, keepdims: bool = True) -> np.ndarray:
+    return cell
+
+
+def _ndim(cells: Any) -> int:
+    return _ndim(cells[0]) if isinstance(cells, list) else cells.ndim
+
+
+def _merge_cells(cells: Any, axis: Any = None, keepdims: bool = True) -> np.ndarray:
+    """Merge the (nested lists of) summary cells that `da.reduction` hands over."""
+    return _cell(_merge_summaries(*_flatten(cells)), _ndim(cells))
+
+
+def _summaries(data: da.Array, mask: da.Array | None,
+               binnings: dict[int, Binning | None]) -> dict[int, ChannelSummary]:
+    """One pass: a summary per chunk (`map_blocks`), merged in a tree (`da.reduction`);
+    every chunk is read once, in parallel, and only a few summaries are held at a time."""
+    arrays = [data]
+    if mask is not None:
+        arrays.append(mask[None].rechunk(((1,),) + data.chunks[1:]))
+    cells = da.map_blocks(_summary_cell, *arrays, binnings=binnings, dtype=object,
+                          chunks=tuple((1,) * n for n in data.numblocks))
+    total = da.reduction(cells, _keep, _merge_cells, combine=_merge_cells, axis=None,
+                         keepdims=True, dtype=object, concatenate=False,
+                         split_every=TREE_FAN_IN)
+    return total.compute().flat[0]
+
+
+def _sample_summaries(data: da.Array, mask: da.Array | None,
+                      blocks: list[tuple[int, ...]]) -> dict[int, ChannelSummary]:
+    """Range and mean of a few chunks, read SAMPLE_BATCH at a time."""
+    merged: dict[int, ChannelSummary] = {}
     starts = np.cumsum((0,) + data.chunks[0])
-    image_blocks = data.to_delayed()
-    mask_blocks = None if mask is None else mask.rechunk(data.chunks[1:]).to_delayed()
-    tasks = []
-    for index in blocks if blocks is not None else np.ndindex(*data.numblocks):
-        m = None if mask_blocks is None else mask_blocks[index[1:]]
-        tasks.append(dask.delayed(_block_summaries, pure=True)(
-            image_blocks[index], m, int(starts[index[0]]), binnings))
-    return tasks
-
-
-def _reduce_tree(tasks: list) -> Any:
-    while len(tasks) > 1:
-        tasks = [dask.delayed(_merge_summaries, pure=True)(*tasks[i:i + TREE_FAN_IN])
-                 for i in range(0, len(tasks), TREE_FAN_IN)]
-    return tasks[0]
-
-
-def _summaries(data: da.Array, mask: da.Array | None, binnings: dict[int, Binning | None],
-               blocks: list[tuple[int, ...]] | None = None) -> dict[int, ChannelSummary]:
-    """Run one pass over the chosen chunks; every chunk is read once, in parallel."""
-    (merged,) = dask.compute(_reduce_tree(_block_tasks(data, mask, binnings, blocks)))
+    mask = None if mask is None else mask.rechunk(data.chunks[1:])
+    for i in range(0, len(blocks), SAMPLE_BATCH):
+        part = blocks[i:i + SAMPLE_BATCH]
+        images = dask.compute(*[data.blocks[b] for b in part])
+        masks = (dask.compute(*[mask.blocks[b[1:]] for b in part]) if mask is not None
+                 else [None] * len(part))
+        for b, image, m in zip(part, images, masks, strict=True):
+            found = _block_summaries(image, m, int(starts[b[0]]),
+                                     dict.fromkeys(range(data.shape[0])))
+            merged = _merge_summaries(merged, found)
     return merged
 
 
@@ -226,8 +265,7 @@ def _float_binning(lo: float, hi: float, bins: int, shift: float) -> Binning:
 def _sampled_binnings(data: da.Array, mask: da.Array | None, bins: int,
                       name: str) -> dict[int, Binning]:
     """Bins over the widened range of a sample of chunks; moments shifted by its mean."""
-    sample = _summaries(data, mask, dict.fromkeys(range(data.shape[0])),
-                        _sample_blocks(data.numblocks))
+    sample = _sample_summaries(data, mask, _sample_blocks(data.numblocks))
     binnings = {}
     for c, s in sample.items():
         _raise_if_not_finite(s, c, name)
