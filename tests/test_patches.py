@@ -202,3 +202,21 @@ def test_pooled_datasets_need_the_same_channels(tmp_path, data):
     with pytest.raises(PatchError, match="same channels|spatial shape"):
         _extract(tmp_path, [data["a"], ds])
     assert os.path.exists(data["a"].image)
+
+
+def test_chunks_smaller_than_a_patch_and_unlike_the_target(tmp_path):
+    demo = synthesize_nuclei((64, 96), seed=8)
+    write_image(tmp_path / "i.ome.zarr", demo.noisy[None], ["c", "y", "x"], chunks=(1, 20, 24))
+    write_image(tmp_path / "t.ome.zarr", demo.labels[None], ["c", "y", "x"], chunks=(1, 64, 40))
+    write_stats(compute_dataset_stats(str(tmp_path / "i.ome.zarr"), None, STATS, "small"),
+                tmp_path / "s.json")
+    ds = DatasetInput("small", str(tmp_path / "i.ome.zarr"), str(tmp_path / "t.ome.zarr"),
+                      str(tmp_path / "s.json"))
+    _, rows, group = _extract(tmp_path, [ds], shape=[32, 32], validation_fraction=0.3)
+    stats = group.attrs["unetflow"]["datasets"]["small"]
+    for r in rows:
+        box = tuple(slice(o, o + s) for o, s in zip(r["origin"], r["shape"], strict=True))
+        np.testing.assert_array_equal(group[f"{r['split']}/images"][r["index"]],
+                                      normalize_array(demo.noisy[box][None], stats))
+        np.testing.assert_array_equal(group[f"{r['split']}/targets"][r["index"]],
+                                      (demo.labels[box] > 0).astype(np.int32))
