@@ -25,6 +25,8 @@ __all__ = [
     "replace_directory",
     "resolve_channels",
     "channel_first",
+    "channel_first_axes",
+    "add_translation",
 ]
 
 SPATIAL_AXES = ("z", "y", "x")
@@ -58,6 +60,14 @@ class OmeImage:
 
     def spatial_scale(self) -> dict[str, float]:
         return {a: self.scale[self.axes.index(a)] for a in self.spatial_axes}
+
+    def axis_scale(self) -> dict[str, float]:
+        """Physical pixel size of every axis (1.0 where the metadata gives none)."""
+        return dict(zip(self.axes, self.scale, strict=True))
+
+    def axis_translation(self) -> dict[str, float]:
+        """Physical position of the first pixel's centre along every axis."""
+        return dict(zip(self.axes, self.translation, strict=True))
 
 
 def spatial_axes(axes: list[str]) -> list[str]:
@@ -162,6 +172,23 @@ def channel_first(image: OmeImage, channels: list[int | str] | None = None) -> d
     return data[indices] if indices != list(range(data.shape[0])) else data
 
 
+def channel_first_axes(image: OmeImage,
+                       channels: list[int | str] | None = None) -> tuple[da.Array, list[str]]:
+    """The image as (C, *other axes) with the selected channels, and the names of those axes.
+
+    Unlike `channel_first`, time points are kept (prediction runs per time point): an image
+    with axes t, c, z, y, x gives (C, T, Z, Y, X) and ["c", "t", "z", "y", "x"]. An image
+    without a `c` axis gets one of length 1.
+    """
+    data, axes = image.data, list(image.axes)
+    if "c" not in axes:
+        data, axes = data[None], ["c", *axes]
+    data = da.moveaxis(data, axes.index("c"), 0)
+    axes = ["c", *[a for a in axes if a != "c"]]
+    indices = resolve_channels(image, channels)
+    return (data[indices] if indices != list(range(data.shape[0])) else data), axes
+
+
 def replace_directory(tmp: Path, final: Path) -> None:
     """Move a finished store into place, so a killed job never leaves a complete-looking one."""
     if final.exists():
@@ -188,11 +215,14 @@ def write_image(
     attrs: dict[str, Any] | None = None,
     channel_names: list[str] | None = None,
     downsample_z: bool = False,
+    translation: dict[str, float] | None = None,
 ) -> None:
     """Write `data` as an NGFF 0.5 multiscale image with ome-zarr-py, atomically.
 
     The store is written next to `path` under a temporary name and renamed when complete.
-    `attrs` land under the group's `unetflow` attribute (provenance).
+    `attrs` land under the group's `unetflow` attribute (provenance). `translation` (physical
+    position of the first pixel per axis) is added to every level's translation, so a
+    prediction lies where its input lies.
     """
     from ome_zarr.writer import write_image as ome_write_image
 
@@ -209,6 +239,8 @@ def write_image(
         scale=scale or None, axes_units=units or None, storage_options=storage,
     )
     group = zarr.open_group(str(tmp), mode="r+")
+    if translation:
+        add_translation(group, translation)
     if channel_names:
         ome = dict(group.attrs["ome"])
         ome["omero"] = {"channels": [{"label": n, "active": True} for n in channel_names]}
@@ -221,11 +253,13 @@ def write_image(
 def write_label_image(image_path: str | Path, name: str, labels: np.ndarray | da.Array,
                       axes: list[str], scale: dict[str, float] | None = None,
                       units: dict[str, str] | None = None, chunks: tuple[int, ...] | None = None,
-                      pyramid_levels: int = 1, downsample_z: bool = False) -> None:
+                      pyramid_levels: int = 1, downsample_z: bool = False,
+                      translation: dict[str, float] | None = None) -> None:
     """Add an integer label image under `<image>/labels/<name>` with NGFF image-label metadata.
 
     It gets as many levels as the image (nearest-neighbour downsampling), and the `labels`
     group carries `ome.version`, both of which ome-zarr-models needs to validate the image.
+    `translation` is added to every level's translation, as in `write_image`.
     """
     from ome_zarr.scale import Methods
     from ome_zarr.writer import write_labels
@@ -237,7 +271,37 @@ def write_label_image(image_path: str | Path, name: str, labels: np.ndarray | da
                  axes_units=units or None,
                  storage_options={"chunks": tuple(chunks)} if chunks else None,
                  label_metadata={"source": {"image": "../../"}})
+    if translation:
+        add_translation(root[f"labels/{name}"], translation)
     labels_group = root["labels"]
     ome = dict(labels_group.attrs.get("ome", {}))
     names = sorted(set(ome.get("labels", [])) | {name})
     labels_group.attrs["ome"] = {"version": "0.5", "labels": names}
+
+
+def add_translation(group: zarr.Group, translation: dict[str, float]) -> None:
+    """Shift every level of the group's first multiscales entry by `translation` (per axis).
+
+    ome-zarr-py writes each level's translation relative to a first pixel at 0; adding the
+    input's offset keeps a derived image (a prediction) registered to its source.
+    """
+    attrs = group.attrs.asdict()
+    ome = dict(attrs["ome"]) if "ome" in attrs else attrs
+    multiscales = [dict(m) for m in ome["multiscales"]]
+    names = [a["name"] if isinstance(a, dict) else str(a) for a in multiscales[0]["axes"]]
+    offset = [float(translation.get(n, 0.0)) for n in names]
+    datasets = []
+    for dataset in multiscales[0]["datasets"]:
+        transforms = [dict(t) for t in dataset.get("coordinateTransformations", [])]
+        shifts = [t for t in transforms if t.get("type") == "translation"]
+        if shifts:
+            shifts[0]["translation"] = [a + b for a, b in zip(shifts[0]["translation"], offset,
+                                                             strict=True)]
+        else:
+            transforms.append({"type": "translation", "translation": offset})
+        datasets.append({**dataset, "coordinateTransformations": transforms})
+    multiscales[0] = {**multiscales[0], "datasets": datasets}
+    if "ome" in attrs:
+        group.attrs["ome"] = {**ome, "multiscales": multiscales}
+    else:
+        group.attrs["multiscales"] = multiscales

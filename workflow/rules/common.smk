@@ -159,6 +159,26 @@ def predict_inputs(wildcards):
     }
 
 
+# predict keys that only change how the gather writes the output (unetflow.predict.OUTPUT_KEYS):
+# editing them reruns the gather, not the shards.
+PREDICT_OUTPUT_KEYS = ("pyramid_levels", "chunks", "probabilities", "instances", "output_units")
+
+
+def predict_shard_count(wildcards):
+    return model_section(config, wildcards.model, "predict")["shards"]
+
+
+def predict_tile_settings(wildcards):
+    """The predict keys that decide the raw tiles (params of predict_create/predict_shard)."""
+    settings = model_section(config, wildcards.model, "predict")
+    return as_json({k: v for k, v in settings.items() if k not in PREDICT_OUTPUT_KEYS})
+
+
+def predict_shard_records(wildcards):
+    folder = f"results/{wildcards.model}/predictions/{wildcards.dataset}.shards"
+    return [f"{folder}/shard_{i}.json" for i in range(predict_shard_count(wildcards))]
+
+
 def evaluate_inputs(wildcards):
     ds = DATASETS[wildcards.dataset]
     return {
