@@ -14,8 +14,10 @@ Ratios (higher is better, goal >= 0.5 for both headline ratios):
 - stats_vs_dask_mean_ratio_<dtype>: MB/s of `compute_dataset_stats` (mean, std, min, max,
   1/99.8 percentiles) divided by MB/s of `da.from_zarr(...).mean().compute()` on the same
   array with the same threads.
-- extract_peak_traced_mb: peak of memory allocated during one extraction (tracemalloc sees
-  numpy's buffers), against source_mb: extraction must not hold the dataset.
+- extract_peak_traced_mb / extract_peak_traced_mb_4x: peak of memory allocated during one
+  extraction of 1024 patches (tracemalloc sees numpy's buffers) from this source and from one
+  with 4x the pixels (8192x8192, same chunks): it follows the chunks in flight, not the
+  dataset, so it must grow far less than 4x.
 - store_write_only_s vs extract_s: writing the same number of patches (images and targets,
   same layout and codec) into a fresh store, with nothing read: the floor under extraction.
 """
@@ -37,7 +39,7 @@ from unetflow.normalize import compute_dataset_stats, write_stats
 from unetflow.ome import write_image
 from unetflow.patches import CHUNK_KEYS, PATCH_CODEC, DatasetInput, extract_patches
 
-REPEATS = 3
+REPEATS = 5
 TILE, TILES, CHUNK = 1024, 4, 1024
 STATS = {"level": 0, "percentiles": [1.0, 99.8], "histogram_bins": 4096, "mask": None}
 PATCHES = {"shape": [128, 128], "per_dataset": 256, "per_megapixel": None,
@@ -46,17 +48,32 @@ PATCHES = {"shape": [128, 128], "per_dataset": 256, "per_megapixel": None,
            "seed": 0}
 
 
-def write_sources(root: Path) -> dict[str, Path]:
+def write_sources(root: Path, tiles: int = TILES, uint16: bool = True) -> dict[str, Path]:
     scene = synthesize_nuclei((TILE, TILE), seed=7)
-    noisy = np.tile(scene.noisy, (TILES, TILES))
-    arrays = {"float32": noisy,
-              "uint16": np.clip(noisy * 100 + 100, 0, 65535).astype(np.uint16),
-              "labels": np.tile(scene.labels, (TILES, TILES)).astype(np.uint16)}
+    noisy = np.tile(scene.noisy, (tiles, tiles))
+    arrays = {"float32": noisy, "labels": np.tile(scene.labels, (tiles, tiles)).astype(np.uint16)}
+    if uint16:
+        arrays["uint16"] = np.clip(noisy * 100 + 100, 0, 65535).astype(np.uint16)
     paths = {}
     for name, array in arrays.items():
         paths[name] = root / f"{name}.ome.zarr"
         write_image(paths[name], array[None], ["c", "y", "x"], chunks=(1, CHUNK, CHUNK))
     return paths
+
+
+def bench_dataset(root: Path, paths: dict[str, Path]) -> DatasetInput:
+    write_stats(compute_dataset_stats(str(paths["float32"]), None, STATS, "bench"),
+                root / "stats.json")
+    return DatasetInput("bench", str(paths["float32"]), str(paths["labels"]),
+                        str(root / "stats.json"))
+
+
+def traced_peak_mb(root: Path, dataset: DatasetInput) -> float:
+    tracemalloc.start()
+    extract(root, dataset, 1024, "traced")
+    peak = tracemalloc.get_traced_memory()[1] / 1e6
+    tracemalloc.stop()
+    return peak
 
 
 def best_time(fn, repeats: int = REPEATS) -> float:
@@ -97,10 +114,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         paths = write_sources(root)
-        stats = compute_dataset_stats(str(paths["float32"]), None, STATS, "bench")
-        write_stats(stats, root / "stats.json")
-        dataset = DatasetInput("bench", str(paths["float32"]), str(paths["labels"]),
-                               str(root / "stats.json"))
+        dataset = bench_dataset(root, paths)
         source_bytes = raw_read([paths["float32"], paths["labels"]])
         figures: dict[str, float] = {"source_mb": source_bytes / 1e6}
 
@@ -121,10 +135,12 @@ def main() -> None:
         figures["extract_dense_mb_per_s"] = source_bytes / 1e6 / min(t_dense)
         figures["extract_dense_vs_raw_read_ratio"] = figures["extract_dense_mb_per_s"] / raw_mbs
 
-        tracemalloc.start()
-        extract(root, dataset, 1024, "traced")
-        figures["extract_peak_traced_mb"] = tracemalloc.get_traced_memory()[1] / 1e6
-        tracemalloc.stop()
+        figures["extract_peak_traced_mb"] = traced_peak_mb(root, dataset)
+        big = root / "big"
+        big.mkdir()
+        figures["source_mb_4x"] = 4 * figures["source_mb"]
+        figures["extract_peak_traced_mb_4x"] = traced_peak_mb(
+            big, bench_dataset(big, write_sources(big, 2 * TILES, uint16=False)))
 
         for dtype in ("float32", "uint16"):
             array = da.from_zarr(str(paths[dtype] / "s0"))
