@@ -1,0 +1,110 @@
+"""Checks of the data a config points to, run when Snakemake builds its DAG.
+
+They read metadata only (no pixels), so a wrong path, a missing channel or mismatched shapes
+fail in seconds with one line naming the dataset, the file and the fix, before any job runs.
+Pixel-level problems (NaN, no foreground, constant images) are caught by the first stage that
+reads the pixels, before it writes anything.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from unetflow.config import model_section
+from unetflow.ome import OmeImage, OmeZarrError, open_image, resolve_channels
+
+__all__ = ["DataError", "check_datasets", "dataset_problems"]
+
+
+class DataError(ValueError):
+    """A dataset in the config points to data that cannot be used as configured."""
+
+
+def _open(path: str, key: str, level: int) -> OmeImage:
+    try:
+        return open_image(path, level=level)
+    except OmeZarrError as err:
+        raise DataError(f"config key '{key}': {err}") from None
+
+
+def _spatial_shape(image: OmeImage) -> tuple[int, ...]:
+    return tuple(image.data.shape[image.axes.index(a)] for a in image.spatial_axes)
+
+
+def _check_image(name: str, spec: dict[str, Any], level: int) -> OmeImage:
+    image = _open(spec["image"], f"datasets.{name}.image", level)
+    try:
+        resolve_channels(image, spec.get("channels"))
+    except OmeZarrError as err:
+        raise DataError(f"config key 'datasets.{name}.channels': {err}") from None
+    return image
+
+
+def _check_target(name: str, spec: dict[str, Any], image: OmeImage, level: int) -> OmeImage:
+    target = _open(spec["target"], f"datasets.{name}.target", level)
+    if _spatial_shape(target) != _spatial_shape(image):
+        raise DataError(f"config key 'datasets.{name}.target': {spec['target']} has spatial "
+                        f"shape {_spatial_shape(target)} but the image {spec['image']} has "
+                        f"{_spatial_shape(image)}; image and target must cover the same pixels")
+    return target
+
+
+def _check_use_by_model(model: str, config: dict, name: str, image: OmeImage,
+                        target: OmeImage | None, training: bool) -> None:
+    arch = model_section(config, model, "model")
+    spatial = _spatial_shape(image)
+    if len(spatial) < arch["spatial_dims"]:
+        raise DataError(f"model '{model}' is {arch['spatial_dims']}D (model.spatial_dims) but "
+                        f"dataset '{name}' ({config['datasets'][name]['image']}) has only the "
+                        f"spatial axes {image.spatial_axes}")
+    if not training:
+        return
+    task = config["models"][model]["task"]
+    if task == "segmentation" and target is not None and not np.issubdtype(
+            target.data.dtype, np.integer):
+        raise DataError(f"config key 'datasets.{name}.target': {target.path} has dtype "
+                        f"{target.data.dtype}, but model '{model}' is a segmentation model and "
+                        f"needs integer labels")
+    patch = model_section(config, model, "patches")["shape"]
+    if any(p > s for p, s in zip(patch, spatial[-len(patch):], strict=True)):
+        raise DataError(f"dataset '{name}' ({config['datasets'][name]['image']}) has spatial "
+                        f"shape {spatial}, smaller than the patch shape {patch} of model "
+                        f"'{model}' (patches.shape); use smaller patches")
+
+
+def dataset_problems(config: dict[str, Any], produced: set[str] | None = None) -> list[str]:
+    """Every problem found, one line each; paths in `produced` are made by a rule and skipped."""
+    produced = {str(Path(p)) for p in (produced or set())}
+    level = config["normalize"]["level"]
+    problems: list[str] = []
+    opened: dict[str, tuple[OmeImage, OmeImage | None]] = {}
+    for name, spec in config["datasets"].items():
+        paths = [spec["image"]] + ([spec["target"]] if spec.get("target") else [])
+        if any(str(Path(p)) in produced for p in paths):
+            continue
+        try:
+            image = _check_image(name, spec, level)
+            target = _check_target(name, spec, image, level) if spec.get("target") else None
+            opened[name] = (image, target)
+        except DataError as err:
+            problems.append(str(err))
+    for model, spec in config["models"].items():
+        for key in ("train_on", "predict_on"):
+            for name in spec.get(key, []):
+                if name in opened:
+                    try:
+                        _check_use_by_model(model, config, name, *opened[name],
+                                            training=key == "train_on")
+                    except DataError as err:
+                        problems.append(str(err))
+    return problems
+
+
+def check_datasets(config: dict[str, Any], produced: set[str] | None = None) -> None:
+    """Raise DataError listing every problem of the configured data."""
+    problems = dataset_problems(config, produced)
+    if problems:
+        raise DataError("\n".join(problems))
