@@ -145,9 +145,10 @@ def test_tune_gaussian_baseline_on_stores(tmp_path):
 def test_summary_tsv_table_and_html(tmp_path):
     seg = {"model": "s", "dataset": "d1", "task": "segmentation",
            "scores": {"unet": {"foreground_iou": 0.9, "mean_ap": 0.5, "f1": 0.7},
-                      "otsu": {"foreground_iou": 0.6, "mean_ap": 0.1, "f1": 0.2}}}
+                      "otsu": {"foreground_iou": 0.6, "mean_ap": 0.1, "f1": 0.2,
+                               "precision": None}}}
     reg = {"model": "r", "dataset": "d2", "task": "regression",
-           "scores": {"unet": {"psnr": "inf", "ssim": 1.0, "mae": 0.0, "pearson_r": None},
+           "scores": {"unet": {"psnr": "inf", "ssim": 1.0, "mae": 0.0, "pearson_r": 0.95},
                       "gaussian": {"psnr": 30.0, "ssim": 0.9, "mae": 0.1, "sigma": 1.5,
                                    "pearson_r": 0.99}}}
     files = []
@@ -159,12 +160,17 @@ def test_summary_tsv_table_and_html(tmp_path):
     assert read_summary(str(tmp_path / "summary.tsv")) == rows
     assert [r["method"] for r in rows] == ["unet", "otsu", "unet", "gaussian(sigma=1.5)"]
     assert rows[0]["mean_ap"] == "0.5000" and rows[0]["psnr"] == ""
-    assert rows[2]["psnr"] == "inf" and rows[2]["pearson_r"] == ""
+    assert rows[1]["precision"] == ""  # None (undefined) stays an empty cell
+    assert rows[2]["psnr"] == "inf" and rows[2]["pearson_r"] == "0.9500"
     table = format_table(rows)
-    seg_part, reg_part = table.split("\n\n")
+    seg_part, reg_part, said = table.split("\n\n")
+    assert said.splitlines() == [
+        "s on d1: better than every baseline on foreground_iou, f1, mean_ap.",
+        "r on d2: NOT better than every baseline - behind gaussian(sigma=1.5) on pearson_r."]
     assert "psnr" not in seg_part and "mean_ap" in seg_part
     assert "mean_ap" not in reg_part and "gaussian(sigma=1.5)" in reg_part
     write_summary_html(rows, str(tmp_path / "summary.html"))
     html = (tmp_path / "summary.html").read_text()
     assert "<b>0.9000</b>" in html and "<b>0.6000</b>" not in html  # best IoU marked
     assert "<b>0.0000</b>" in html  # lowest MAE marked
+    assert "<li>r on d2: NOT better than every baseline" in html

@@ -48,6 +48,7 @@ __all__ = [
     "write_summary",
     "write_summary_html",
     "read_summary",
+    "verdicts",
     "format_table",
 ]
 
@@ -352,8 +353,47 @@ def _aligned(rows: list[dict[str, Any]], fields: list[str]) -> list[str]:
     return lines
 
 
+def _number(value: Any) -> float | None:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _behind(model: dict[str, Any], baseline: dict[str, Any], metrics: list[str]) -> list[str]:
+    """The metrics on which `baseline` scores better than `model`."""
+    worse = []
+    for m in metrics:
+        a, b = _number(model.get(m)), _number(baseline.get(m))
+        if a is not None and b is not None and (b < a if m in LOWER_IS_BETTER else b > a):
+            worse.append(m)
+    return worse
+
+
+def verdicts(rows: list[dict[str, Any]]) -> list[str]:
+    """One plain sentence per model and dataset: does the model beat every baseline?"""
+    lines = []
+    for model, dataset in dict.fromkeys((r["model"], r["dataset"]) for r in rows):
+        group = [r for r in rows if (r["model"], r["dataset"]) == (model, dataset)]
+        unet = next((r for r in group if r["method"] == "unet"), None)
+        if unet is None or len(group) == 1:
+            continue
+        metrics = [m for m in SUMMARY_METRICS.get(unet.get("task", ""), [])
+                   if _number(unet.get(m)) is not None]
+        behind = {r["method"]: _behind(unet, r, metrics) for r in group if r is not unet}
+        behind = {k: v for k, v in behind.items() if v}
+        if not behind:
+            lines.append(f"{model} on {dataset}: better than every baseline on "
+                         f"{', '.join(metrics)}.")
+        else:
+            what = "; ".join(f"{method} on {', '.join(ms)}" for method, ms in behind.items())
+            lines.append(f"{model} on {dataset}: NOT better than every baseline - behind {what}.")
+    return lines
+
+
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """The summary as aligned text, one table per task with only the columns that apply."""
+    """The summary as aligned text, one table per task with only the columns that apply,
+    followed by one verdict per model and dataset."""
     if not rows:
         return "(no results)"
     blocks = []
@@ -361,6 +401,8 @@ def format_table(rows: list[dict[str, Any]]) -> str:
         group = [r for r in rows if r.get("task", "") == task]
         fields = [f for f in group[0] if f != "task" and any(str(r.get(f, "")) for r in group)]
         blocks.append("\n".join([f"{task}:" if task else "", *_aligned(group, fields)]).strip())
+    if all("model" in r and "method" in r for r in rows) and verdicts(rows):
+        blocks.append("\n".join(verdicts(rows)))
     return "\n\n".join(blocks)
 
 
@@ -400,7 +442,8 @@ def _html_table(rows: list[dict[str, Any]], task: str) -> str:
 HTML_STYLE = """body{font-family:sans-serif;font-size:14px;margin:1em}
 table{border-collapse:collapse;margin-bottom:1.5em}th,td{padding:4px 10px;text-align:right;
 border-bottom:1px solid #ddd}th{background:#f0f0f0}td:nth-child(-n+3),th:nth-child(-n+3)
-{text-align:left}tr.model{background:#eef6ff}b{color:#0a6d2c}p{max-width:60em;color:#444}"""
+{text-align:left}tr.model{background:#eef6ff}b{color:#0a6d2c}p{max-width:60em;color:#444}
+li{margin:.3em 0;font-size:15px}"""
 
 
 def write_summary_html(rows: list[dict[str, Any]], output: str) -> None:
@@ -408,10 +451,16 @@ def write_summary_html(rows: list[dict[str, Any]], output: str) -> None:
     the model's rows shaded, the best value of each metric per model and dataset in bold."""
     tables = [_html_table([r for r in rows if r["task"] == task], task)
               for task in SUMMARY_METRICS if any(r["task"] == task for r in rows)]
+    from html import escape
+
+    said = "".join(f"<li>{escape(line)}</li>" for line in verdicts(rows))
     note = ("<p>unet = the model; otsu, input and gaussian are baselines on the same pixels. "
             "Bold: the best value per model and dataset (lowest for mae, highest otherwise). "
-            "Definitions are in each metrics JSON and in the caption below.</p>")
+            "IoU/Dice: foreground pixels; precision, recall, F1: objects matched at IoU 0.5; "
+            "mean_ap: mean over IoU 0.5-0.95 of TP/(TP+FP+FN); PSNR and SSIM with the target's "
+            "max - min as data range. All scores with definitions: 3. Metrics in detail.</p>")
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     Path(output).write_text(f"<!doctype html><html><head><meta charset='utf-8'><style>"
-                            f"{HTML_STYLE}</style></head><body>{''.join(tables) or 'no results'}"
-                            f"{note}</body></html>")
+                            f"{HTML_STYLE}</style></head><body>"
+                            f"{'<ul>' + said + '</ul>' if said else ''}"
+                            f"{''.join(tables) or 'no results'}{note}</body></html>")
