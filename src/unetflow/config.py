@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import math
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ __all__ = [
     "model_names",
     "dataset_names",
     "normalization_stats_settings",
+    "config_warnings",
+    "exact_halo",
 ]
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -61,6 +64,49 @@ def _subschema_properties(error: jsonschema.ValidationError, schema: dict) -> di
     return sub.get("properties", {})
 
 
+_TYPE_NAMES = {"integer": "an integer", "number": "a number", "string": "a string",
+               "boolean": "true or false", "array": "a list", "object": "a mapping of keys",
+               "null": "null"}
+
+
+def _expected_types(schema_type) -> str:
+    types = schema_type if isinstance(schema_type, list) else [schema_type]
+    return " or ".join(_TYPE_NAMES.get(t, t) for t in types)
+
+
+def _describe_value_error(error: jsonschema.ValidationError, key: str) -> str | None:
+    """One line for the common value errors: the key, the bad value and what would fix it."""
+    kind, value, limit = error.validator, error.instance, error.validator_value
+    if kind == "type":
+        return (f"config key '{key}': {value!r} has the wrong type; it must be "
+                f"{_expected_types(limit)}")
+    if kind == "enum":
+        allowed = [v for v in limit if v is not None]
+        hint = _did_you_mean(str(value), [str(v) for v in allowed])
+        return (f"config key '{key}': {value!r} is not allowed.{hint} Use one of: "
+                f"{', '.join(map(str, allowed))}")
+    if kind in ("minimum", "exclusiveMinimum"):
+        bound = "of at least" if kind == "minimum" else "greater than"
+        return f"config key '{key}': {value!r} is too small; use a value {bound} {limit}"
+    if kind in ("maximum", "exclusiveMaximum"):
+        bound = "of at most" if kind == "maximum" else "less than"
+        return f"config key '{key}': {value!r} is too large; use a value {bound} {limit}"
+    if kind == "minItems" and not value:
+        what = "dataset name defined under 'datasets'" if key.endswith("_on") else "entry"
+        return f"config key '{key}': the list is empty; give at least {limit} {what}"
+    if kind in ("minItems", "maxItems"):
+        bound = "at least" if kind == "minItems" else "at most"
+        return (f"config key '{key}': {value!r} has {len(value)} entries; give {bound} "
+                f"{limit}")
+    if kind == "minProperties":
+        return f"config key '{key}': no entries; define at least {limit}"
+    if kind == "required":
+        missing = [k for k in limit if k not in value]
+        return (f"config key '{key}': '{missing[0] if missing else '?'}' is missing; "
+                f"add it (required: {', '.join(limit)})")
+    return None
+
+
 def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
     key = _key_path(error.absolute_path)
     if error.validator == "additionalProperties":
@@ -73,7 +119,7 @@ def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
         return (f"config key '{key}': name {error.instance!r} is not allowed; names must start "
                 f"with a letter and hold only letters, digits, '_' and '-' (safe in paths "
                 f"and shell commands)")
-    return f"config key '{key}': {error.message}"
+    return _describe_value_error(error, key) or f"config key '{key}': {error.message}"
 
 
 def _fill_defaults(schema: dict, node: dict, root: dict) -> None:
@@ -110,21 +156,67 @@ def _check_references(config: dict) -> None:
                                   f"on '{name}', which has no target; set its target path")
 
 
+def _where(config: dict, model: str, section: str, key: str) -> str:
+    """The key a model's effective setting comes from: its override, or the global section."""
+    if key in config["models"][model].get(section, {}):
+        return f"'models.{model}.{section}.{key}'"
+    return f"'{section}.{key}' (used by model '{model}')"
+
+
 def _check_shapes(config: dict) -> None:
     for model in config["models"]:
         arch = model_section(config, model, "model")
         dims, multiple = arch["spatial_dims"], 2 ** arch["depth"]
         for section, key in (("patches", "shape"), ("predict", "tile_shape")):
             shape = model_section(config, model, section)[key]
-            where = f"'models.{model}.{section}.{key}' (or '{section}.{key}')"
+            where = _where(config, model, section, key)
             if len(shape) != dims:
                 raise ConfigError(f"config key {where}: {shape} has {len(shape)} dimensions but "
-                                  f"the model is {dims}D (model.spatial_dims)")
+                                  f"the model is {dims}D (model.spatial_dims); give {dims} "
+                                  f"sizes, one per spatial axis")
             bad = [s for s in shape if s % multiple]
             if bad:
                 fixed = [max(multiple, round(s / multiple) * multiple) for s in shape]
                 raise ConfigError(f"config key {where}: {shape} is not divisible by "
                                   f"2**model.depth = {multiple}; use e.g. {fixed}")
+        halo = model_section(config, model, "predict")["halo"]
+        if halo is not None and halo % multiple:
+            fixed = math.ceil(halo / multiple) * multiple
+            raise ConfigError(f"config key {_where(config, model, 'predict', 'halo')}: {halo} "
+                              f"is not a multiple of 2**model.depth = {multiple}; use e.g. "
+                              f"{fixed}, or null for the model's exact halo")
+
+
+def exact_halo(config: dict[str, Any], model: str) -> int:
+    """The smallest halo with which crop-blended tiles equal a whole-image pass (`halo_for`).
+
+    Built from the model section alone, on the CPU: the halo does not depend on channels.
+    """
+    from unetflow.model.unet import build_unet, halo_for
+
+    arch = model_section(config, model, "model")
+    layers = {k: v for k, v in arch.items() if k not in ("num_classes", "spatial_dims")}
+    return halo_for(build_unet(layers, arch["spatial_dims"], 1, 1))
+
+
+def config_warnings(config: dict[str, Any]) -> list[str]:
+    """Settings that are valid but probably not meant, one line each (of a validated config).
+
+    A `predict.halo` below the model's exact halo with crop blending gives seams at tile
+    borders: prediction still runs, so this warns rather than fails.
+    """
+    found = []
+    for model in config["models"]:
+        settings = model_section(config, model, "predict")
+        if settings["halo"] is None or settings["blending"] != "crop":
+            continue
+        exact, where = exact_halo(config, model), _where(config, model, "predict", "halo")
+        if settings["halo"] < exact:
+            found.append(f"config key {where}: {settings['halo']} is smaller than the exact "
+                         f"halo {exact} of model '{model}' with crop "
+                         f"blending, so its predictions will show seams at tile borders; set "
+                         f"predict.halo: {exact} (or null), or blending: gaussian")
+    return found
 
 
 def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None) -> dict:
