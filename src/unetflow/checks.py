@@ -43,13 +43,13 @@ def _check_image(name: str, spec: dict[str, Any], level: int) -> OmeImage:
     return image
 
 
-def _check_target(name: str, spec: dict[str, Any], image: OmeImage, level: int) -> OmeImage:
-    target = _open(spec["target"], f"datasets.{name}.target", level)
+def _check_same_pixels(name: str, spec: dict[str, Any], image: OmeImage,
+                       target: OmeImage) -> None:
     if _spatial_shape(target) != _spatial_shape(image):
         raise DataError(f"config key 'datasets.{name}.target': {spec['target']} has spatial "
                         f"shape {_spatial_shape(target)} but the image {spec['image']} has "
-                        f"{_spatial_shape(image)}; image and target must cover the same pixels")
-    return target
+                        f"{_spatial_shape(image)}; give the target of this image at the same "
+                        f"resolution (image and target must cover the same pixels)")
 
 
 def _check_use_by_model(model: str, config: dict, name: str, image: OmeImage,
@@ -59,7 +59,8 @@ def _check_use_by_model(model: str, config: dict, name: str, image: OmeImage,
     if len(spatial) < arch["spatial_dims"]:
         raise DataError(f"model '{model}' is {arch['spatial_dims']}D (model.spatial_dims) but "
                         f"dataset '{name}' ({config['datasets'][name]['image']}) has only the "
-                        f"spatial axes {image.spatial_axes}")
+                        f"spatial axes {image.spatial_axes}; give a {arch['spatial_dims']}D "
+                        f"image, or set model.spatial_dims: {len(spatial)} for this model")
     if not training:
         return
     task = config["models"][model]["task"]
@@ -67,12 +68,29 @@ def _check_use_by_model(model: str, config: dict, name: str, image: OmeImage,
             target.data.dtype, np.integer):
         raise DataError(f"config key 'datasets.{name}.target': {target.path} has dtype "
                         f"{target.data.dtype}, but model '{model}' is a segmentation model and "
-                        f"needs integer labels")
+                        f"needs integer labels; point the target at a label image, or use "
+                        f"task: regression")
     patch = model_section(config, model, "patches")["shape"]
     if any(p > s for p, s in zip(patch, spatial[-len(patch):], strict=True)):
         raise DataError(f"dataset '{name}' ({config['datasets'][name]['image']}) has spatial "
                         f"shape {spatial}, smaller than the patch shape {patch} of model "
-                        f"'{model}' (patches.shape); use smaller patches")
+                        f"'{model}' (patches.shape); use patches no larger than the image")
+
+
+def _check_dataset(name: str, spec: dict[str, Any], level: int, produced: set[str]
+                   ) -> tuple[OmeImage | None, OmeImage | None]:
+    """Open what exists of a dataset; (image, target), None for paths a rule makes."""
+    image = None if _made_by_rule(spec["image"], produced) else _check_image(name, spec, level)
+    target = None
+    if spec.get("target") and not _made_by_rule(spec["target"], produced):
+        target = _open(spec["target"], f"datasets.{name}.target", level)
+        if image is not None:
+            _check_same_pixels(name, spec, image, target)
+    return image, target
+
+
+def _made_by_rule(path: str, produced: set[str]) -> bool:
+    return str(Path(path)) in produced
 
 
 def dataset_problems(config: dict[str, Any], produced: set[str] | None = None) -> list[str]:
@@ -80,21 +98,16 @@ def dataset_problems(config: dict[str, Any], produced: set[str] | None = None) -
     produced = {str(Path(p)) for p in (produced or set())}
     level = config["normalize"]["level"]
     problems: list[str] = []
-    opened: dict[str, tuple[OmeImage, OmeImage | None]] = {}
+    opened: dict[str, tuple[OmeImage | None, OmeImage | None]] = {}
     for name, spec in config["datasets"].items():
-        paths = [spec["image"]] + ([spec["target"]] if spec.get("target") else [])
-        if any(str(Path(p)) in produced for p in paths):
-            continue
         try:
-            image = _check_image(name, spec, level)
-            target = _check_target(name, spec, image, level) if spec.get("target") else None
-            opened[name] = (image, target)
+            opened[name] = _check_dataset(name, spec, level, produced)
         except DataError as err:
             problems.append(str(err))
     for model, spec in config["models"].items():
         for key in ("train_on", "predict_on"):
             for name in spec.get(key, []):
-                if name in opened:
+                if name in opened and opened[name][0] is not None:
                     try:
                         _check_use_by_model(model, config, name, *opened[name],
                                             training=key == "train_on")

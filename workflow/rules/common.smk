@@ -2,14 +2,18 @@
 import json
 
 from snakemake.exceptions import WorkflowError
+from snakemake.logging import logger
 
+from unetflow.checks import DataError, check_datasets
 from unetflow.config import (
     ConfigError,
+    config_warnings,
     model_section,
     normalization_stats_settings,
     validate_config,
 )
 from unetflow.convert import use_converted_tiffs
+from unetflow.demo_store import demo_store_paths
 
 try:
     _validated = validate_config(config)
@@ -17,6 +21,8 @@ except ConfigError as err:
     raise WorkflowError(f"invalid configuration: {err}") from None
 config.clear()
 config.update(_validated)
+for _warning in config_warnings(config):
+    logger.warning(f"unetflow warning: {_warning}")
 
 DATASETS = config["datasets"]
 # A TIFF image/target is read from its OME-Zarr conversion (rule convert in convert.smk).
@@ -26,6 +32,13 @@ except ConfigError as err:
     raise WorkflowError(f"invalid configuration: {err}") from None
 MODELS = config["models"]
 ENV = "../../envs/unetflow.yaml"
+# The data the config points to, checked from metadata before any job runs (unetflow.checks);
+# stores that rules make (demo data, TIFF conversions) are checked by the rules that read them.
+try:
+    check_datasets(config, set(demo_store_paths("data/demo").values())
+                   | {DATASETS[name][role] for name, role in TIFF_SOURCES})
+except DataError as err:
+    raise WorkflowError(f"invalid data:\n{err}") from None
 
 
 wildcard_constraints:
@@ -81,8 +94,14 @@ def normalize_inputs(wildcards):
     return inputs
 
 
+def single_quoted(text):
+    """POSIX shell quoting that is always '...' (so params of plain paths stay as they were
+    under repr(), which is not shell quoting: a path with ' and $(...) would run code)."""
+    return "'" + text.replace("'", "'\"'\"'") + "'"
+
+
 def normalize_target_arg(wildcards, input):
-    return f"--target {input.target!r}" if "target" in input.keys() else ""
+    return f"--target {single_quoted(input.target)}" if "target" in input.keys() else ""
 
 
 def normalize_settings(wildcards):
