@@ -106,17 +106,23 @@ def open_image(path: str | Path, level: int = 0) -> OmeImage:
     """
     path = str(path)
     if not Path(path).exists():
-        raise OmeZarrError(f"{path}: no such file or directory")
+        raise OmeZarrError(f"{path}: no such file or directory; fix the path (a relative path "
+                           f"starts in the working directory {Path.cwd()})")
     try:
         group = zarr.open_group(path, mode="r")
     except Exception as err:  # zarr raises several types for non-zarr folders
-        raise OmeZarrError(f"{path}: not a Zarr group ({err.__class__.__name__})") from err
+        raise OmeZarrError(f"{path}: not a Zarr group ({err.__class__.__name__}); give an "
+                           f"OME-Zarr image (NGFF 0.4 or 0.5), or a .tif/.tiff file that rule "
+                           f"convert turns into one") from err
     multiscales, _version, meta = _multiscales_and_version(group.attrs.asdict())
     if not multiscales:
-        raise OmeZarrError(f"{path}: not an OME-Zarr image (no 'multiscales' in its attributes)")
+        raise OmeZarrError(f"{path}: not an OME-Zarr image (no 'multiscales' in its "
+                           f"attributes); give the image's root group, or write it with an "
+                           f"OME-Zarr writer (ome-zarr-py, bioformats2raw)")
     ms = multiscales[0]
     if not ms.get("axes"):
-        raise OmeZarrError(f"{path}: multiscales entry has no 'axes'")
+        raise OmeZarrError(f"{path}: multiscales entry has no 'axes' (NGFF before 0.4); "
+                           f"rewrite the metadata as NGFF 0.4 or 0.5, which names the axes")
     axes = [a["name"] if isinstance(a, dict) else str(a) for a in ms["axes"]]
     datasets = ms.get("datasets", [])
     if not 0 <= level < len(datasets):

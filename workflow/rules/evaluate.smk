@@ -34,7 +34,7 @@ def evaluation_inputs(wildcards):
 
 
 def baseline_arg(wildcards, input):
-    return f"--baseline {input.baseline!r}" if "baseline" in input.keys() else ""
+    return f"--baseline {single_quoted(input.baseline)}" if "baseline" in input.keys() else ""
 
 
 def tune_baseline_inputs(wildcards):
