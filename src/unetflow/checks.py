@@ -15,6 +15,7 @@ import numpy as np
 
 from unetflow.config import model_section
 from unetflow.ome import OmeImage, OmeZarrError, open_image, resolve_channels
+from unetflow.patches import PatchError, split_regions
 
 __all__ = ["DataError", "check_datasets", "dataset_problems"]
 
@@ -70,11 +71,22 @@ def _check_use_by_model(model: str, config: dict, name: str, image: OmeImage,
                         f"{target.data.dtype}, but model '{model}' is a segmentation model and "
                         f"needs integer labels; point the target at a label image, or use "
                         f"task: regression")
-    patch = model_section(config, model, "patches")["shape"]
-    if any(p > s for p, s in zip(patch, spatial[-len(patch):], strict=True)):
-        raise DataError(f"dataset '{name}' ({config['datasets'][name]['image']}) has spatial "
-                        f"shape {spatial}, smaller than the patch shape {patch} of model "
-                        f"'{model}' (patches.shape); use patches no larger than the image")
+    settings = model_section(config, model, "patches")
+    patch, where = settings["shape"], f"dataset '{name}' ({config['datasets'][name]['image']})"
+    if len(spatial) != len(patch):
+        raise DataError(f"model '{model}' trains on {len(patch)}D patches (patches.shape) but "
+                        f"{where} has the spatial axes {image.spatial_axes}; train a "
+                        f"{len(spatial)}D model on it (model.spatial_dims, patches.shape, "
+                        f"predict.tile_shape) or give a {len(patch)}D image")
+    if any(p > s for p, s in zip(patch, spatial, strict=True)):
+        raise DataError(f"{where} has spatial shape {spatial}, smaller than the patch shape "
+                        f"{patch} of model '{model}' (patches.shape); use patches no larger "
+                        f"than the image")
+    try:
+        split_regions(spatial, patch, settings["validation"], settings["validation_fraction"],
+                      name in settings["validation_datasets"])
+    except PatchError as err:
+        raise DataError(f"{where}, model '{model}' (patches.validation): {err}") from None
 
 
 def _check_dataset(name: str, spec: dict[str, Any], level: int, produced: set[str]
