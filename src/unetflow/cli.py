@@ -38,6 +38,10 @@ def _cmd_normalize(args: argparse.Namespace) -> None:
         print(f"normalize: {args.dataset} channel {ch['name']}: mean {ch['mean']:.4g} "
               f"std {ch['std']:.4g} min {ch['min']:.4g} max {ch['max']:.4g} "
               f"percentiles {ch['percentiles']}")
+        if ch["max"] == ch["min"]:
+            print(f"normalize: warning: dataset '{args.dataset}' channel {ch['name']} of "
+                  f"{args.image} is constant ({ch['min']:.4g}); it normalizes to 0 everywhere, "
+                  f"so a model learns nothing from it: check the image", file=sys.stderr)
 
 
 def _cmd_extract_patches(args: argparse.Namespace) -> None:

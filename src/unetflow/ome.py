@@ -153,7 +153,8 @@ def resolve_channels(image: OmeImage, channels: list[int | str] | None) -> list[
             indices.append(ch)
         else:
             raise OmeZarrError(f"{image.path}: channel {ch!r} does not exist; the image has "
-                               f"{n} channel(s) named {image.channel_names}")
+                               f"{n} channel(s) named {image.channel_names}: give indices "
+                               f"0-{n - 1} or those names")
     return indices
 
 
@@ -260,23 +261,34 @@ def write_label_image(image_path: str | Path, name: str, labels: np.ndarray | da
                       axes: list[str], scale: dict[str, float] | None = None,
                       units: dict[str, str] | None = None, chunks: tuple[int, ...] | None = None,
                       pyramid_levels: int = 1, downsample_z: bool = False,
-                      translation: dict[str, float] | None = None) -> None:
+                      translation: dict[str, float] | None = None,
+                      list_values: bool = True) -> None:
     """Add an integer label image under `<image>/labels/<name>` with NGFF image-label metadata.
 
     It gets as many levels as the image (nearest-neighbour downsampling), and the `labels`
     group carries `ome.version`, both of which ome-zarr-models needs to validate the image.
     `translation` is added to every level's translation, as in `write_image`.
+    `list_values` lets ome-zarr-py list every label value (with a colour) in the metadata,
+    which reads the whole image and grows with the number of objects; with False the labels
+    stream chunk by chunk and image-label holds only the source and version.
     """
     from ome_zarr.scale import Methods
-    from ome_zarr.writer import write_labels
+    from ome_zarr.writer import write_image as ome_write_image
+    from ome_zarr.writer import write_label_metadata, write_labels
 
     root = zarr.open_group(str(image_path), mode="r+")
-    write_labels(labels, root, name=name, scaler=None,
-                 scale_factors=_scale_factors(spatial_axes(axes), pyramid_levels, downsample_z),
-                 method=Methods.NEAREST, axes="".join(axes), scale=scale or None,
-                 axes_units=units or None,
-                 storage_options={"chunks": tuple(chunks)} if chunks else None,
-                 label_metadata={"source": {"image": "../../"}})
+    factors = _scale_factors(spatial_axes(axes), pyramid_levels, downsample_z)
+    storage = {"chunks": tuple(chunks)} if chunks else None
+    if list_values:
+        write_labels(labels, root, name=name, scaler=None, scale_factors=factors,
+                     method=Methods.NEAREST, axes="".join(axes), scale=scale or None,
+                     axes_units=units or None, storage_options=storage,
+                     label_metadata={"source": {"image": "../../"}})
+    else:
+        ome_write_image(labels, root.require_group(f"labels/{name}"), scale_factors=factors,
+                        method=Methods.NEAREST, axes="".join(axes), scale=scale or None,
+                        axes_units=units or None, storage_options=storage)
+        write_label_metadata(root["labels"], name, source={"image": "../../"})
     if translation:
         add_translation(root[f"labels/{name}"], translation)
     labels_group = root["labels"]

@@ -459,8 +459,11 @@ def sample_patches(ctx: Sampler, spatial: tuple[int, ...], held_out: bool,
                    rng: np.random.Generator) -> list[dict]:
     """Records {dataset, split, origin, kind} of one dataset's patches."""
     settings = ctx.settings
-    regions = split_regions(spatial, ctx.patch, settings["validation"],
-                            settings["validation_fraction"], held_out)
+    try:
+        regions = split_regions(spatial, ctx.patch, settings["validation"],
+                                settings["validation_fraction"], held_out)
+    except PatchError as err:
+        raise PatchError(f"dataset '{ctx.name}': {err}") from None
     quotas = _region_quotas(settings, regions, patch_count(settings, spatial, ctx.name))
     fraction = settings["foreground_fraction"] if ctx.labels is not None else 0.0
     n_foreground = [int(round(q * fraction)) for q in quotas]
@@ -481,7 +484,8 @@ def _open_pair(ds: DatasetInput, task: str, level: int) -> tuple[da.Array, da.Ar
     target = channel_first(open_image(ds.target, level=level))
     if target.shape[1:] != image.shape[1:]:
         raise PatchError(f"dataset '{ds.name}': image {ds.image} has spatial shape "
-                         f"{image.shape[1:]} but target {ds.target} has {target.shape[1:]}")
+                         f"{image.shape[1:]} but target {ds.target} has {target.shape[1:]}; "
+                         f"give the target of this image at the same resolution")
     if task == "segmentation":
         if not np.issubdtype(target.dtype, np.integer):
             raise PatchError(f"dataset '{ds.name}': segmentation target {ds.target} has dtype "

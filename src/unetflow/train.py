@@ -16,6 +16,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 from contextlib import nullcontext
@@ -261,13 +262,25 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def _load_failure(err: Exception) -> str:
+    """Why a checkpoint did not load, in one line (torch's own text advises weights_only=False,
+    which would run whatever the file holds)."""
+    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    if unsafe:
+        return (f"it holds {unsafe.group(1)}, not only tensors and plain data; refused, since "
+                f"loading it could run code: use a checkpoint written by unetflow train")
+    first = re.split(r"(?<=\.)\s", (str(err).splitlines() or [""])[0])[0][:160].rstrip(".")
+    return (f"{err.__class__.__name__}: {first}; the file is damaged or not a checkpoint: "
+            f"copy it again or retrain")
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load with weights_only=True: a checkpoint can hold tensors and plain data, never code."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:
-        raise ValueError(f"{path}: not a readable unetflow checkpoint ({err.__class__.__name__}:"
-                         f" {str(err).splitlines()[0][:200]})") from err
+        raise ValueError(f"{path}: not a readable unetflow checkpoint "
+                         f"({_load_failure(err)})") from err
 
 
 # --- settings ----------------------------------------------------------------------------
