@@ -653,30 +653,50 @@ def _face_pairs(local: zarr.Array, offsets: np.ndarray, chunk: tuple[int, ...],
     return np.unique(pairs, axis=0)
 
 
-def _merge_labels(pairs: np.ndarray, total: int) -> np.ndarray:
-    """Map from local-global ids 0..total to consecutive final ids (union-find over pairs)."""
+def _merge_face_labels(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """Union-find over labels touching across chunk faces.
+
+    Returns the sorted ids that touch another chunk's label, the id each is replaced by
+    (the smallest id of its object), and the number of objects they form.
+    """
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components as components
 
-    graph = coo_matrix((np.ones(len(pairs), dtype=np.int8), (pairs[:, 0], pairs[:, 1])),
-                       shape=(total + 1, total + 1))
-    _, component = components(graph, directed=False)
-    # order components by their first member, background (id 0) stays 0
-    _, first, inverse = np.unique(component, return_index=True, return_inverse=True)
-    rank = np.empty(len(first), dtype=np.int64)
-    rank[np.argsort(first)] = np.arange(len(first))
-    final = rank[inverse]
-    return (final - final[0]).astype(np.uint32)
+    ids = np.unique(pairs)
+    if ids.size == 0:
+        return ids, ids, 0
+    edges = np.searchsorted(ids, pairs)
+    graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])),
+                       shape=(len(ids), len(ids)))
+    count, component = components(graph, directed=False)
+    smallest = np.full(count, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(smallest, component, ids)
+    return ids, smallest[component], count
+
+
+def _relabel_chunk(block: np.ndarray, offset: int, ids: np.ndarray, roots: np.ndarray,
+                   dtype: np.dtype) -> np.ndarray:
+    """Chunk-local labels -> global ids; labels merged across faces -> their object's id.
+
+    A lookup table over this chunk's labels only: O(pixels + labels in the chunk).
+    """
+    count = int(block.max(initial=0))
+    table = np.arange(offset, offset + count + 1, dtype=np.int64)
+    table[0] = 0
+    first, stop = np.searchsorted(ids, [offset + 1, offset + count + 1])
+    table[ids[first:stop] - offset] = roots[first:stop]
+    return table.astype(dtype)[block]
 
 
 def connected_components(foreground: da.Array, scratch: str | Path,
                          workers: int = 1) -> tuple[da.Array, int]:
     """Face-connected components of a chunked boolean array, without loading it whole.
 
-    Each chunk is labelled on its own (scipy.ndimage.label) into a scratch Zarr array; the
-    labels that touch across chunk faces are merged with a union-find (scipy's connected
-    components over the touching pairs); the result relabels chunk by chunk, lazily. Memory
-    holds a few chunks plus one integer per chunk-local object. Returns labels and count.
+    Each chunk is labelled on its own (scipy.ndimage.label) into a scratch Zarr array, with
+    ids made unique by per-chunk offsets; labels that touch across chunk faces are merged by
+    a union-find over the touching pairs and take the smallest id of their object. Ids are
+    unique per object but not consecutive. Memory holds a few chunks plus the labels that
+    touch chunk faces, never one entry per pixel or per object. Returns labels and count.
     """
     chunk = tuple(c[0] for c in foreground.chunks)
     local = zarr.open_array(str(scratch), mode="w", shape=foreground.shape, chunks=chunk,
@@ -689,18 +709,20 @@ def connected_components(foreground: da.Array, scratch: str | Path,
                                chunks=(1,) * stored.ndim, dtype=np.int64)
     counts = counts.compute(scheduler="threads", num_workers=workers).astype(np.int64)
     offsets = (np.cumsum(counts.ravel()) - counts.ravel()).reshape(counts.shape)
+    faces = [(index, axis) for index in np.ndindex(*counts.shape)
+             for axis in range(len(chunk)) if index[axis] + 1 < counts.shape[axis]]
+    with ThreadPoolExecutor(workers) as pool:
+        pairs = list(pool.map(lambda f: _face_pairs(local, offsets, chunk, *f), faces))
+    pairs = np.unique(np.concatenate(pairs), axis=0) if pairs else np.empty((0, 2), np.int64)
+    ids, roots, merged_objects = _merge_face_labels(pairs)
     total = int(counts.sum())
-    pairs = [_face_pairs(local, offsets, chunk, index, axis)
-             for index in np.ndindex(*counts.shape) for axis in range(len(chunk))
-             if index[axis] + 1 < counts.shape[axis]]
-    pairs = np.concatenate(pairs) if pairs else np.empty((0, 2), dtype=np.int64)
-    mapping = _merge_labels(pairs, total)
+    dtype = np.dtype(np.uint32 if total < 2**32 else np.uint64)
 
     def relabel(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
-        offset = offsets[tuple(block_info[0]["chunk-location"])]
-        return np.where(block > 0, mapping[block.astype(np.int64) + offset], 0).astype(np.uint32)
+        offset = int(offsets[tuple(block_info[0]["chunk-location"])])
+        return _relabel_chunk(block, offset, ids, roots, dtype)
 
-    return stored.map_blocks(relabel, dtype=np.uint32), int(mapping.max(initial=0))
+    return stored.map_blocks(relabel, dtype=dtype), total - ids.size + merged_objects
 
 
 # --- one prediction job: model, image, settings -------------------------------------------
@@ -963,6 +985,11 @@ def _write_segmentation(job: PredictionJob, probabilities: da.Array, output: Pat
     count = None
     if job.settings.get("instances", True):
         labels, count = connected_components(classes > 0, work / "local_labels.zarr", workers)
+        stored = zarr.open_array(str(work / "labels.zarr"), mode="w", shape=labels.shape,
+                                 chunks=labels.chunksize, dtype=labels.dtype)
+        with dask.config.set(scheduler="threads", num_workers=workers):
+            da.store(labels, stored, lock=False)  # relabel once, read by both writes
+        labels = da.from_zarr(stored)
     else:
         labels = classes
     if job.settings.get("probabilities", False):
@@ -982,7 +1009,8 @@ def _write_segmentation(job: PredictionJob, probabilities: da.Array, output: Pat
         write_label_image(tmp, "prediction", labels, label_axes,
                           scale={a: geo["scale"][a] for a in label_axes}, units=geo["units"],
                           chunks=tuple(c for c, a in zip(chunks, axes, strict=True) if a != "c"),
-                          pyramid_levels=levels, translation=geo["translation"])
+                          pyramid_levels=levels, translation=geo["translation"],
+                          list_values=False)
     replace_directory(tmp, output)
     return count if count is not None else int(classes.max().compute())
 
@@ -1019,15 +1047,18 @@ def gather_prediction(job: PredictionJob, raw_path: str | Path, records: list[di
 
 def predict_to_ome_zarr(checkpoint_path: str, image_path: str, stats_path: str,
                         channels: list | None, settings: dict[str, Any], output: str,
-                        model_name: str, dataset: str, threads: int = 1) -> None:
-    """Predict one dataset in this process (create, one shard, gather) into NGFF 0.5."""
+                        model_name: str, dataset: str, threads: int = 1) -> dict[str, Any]:
+    """Predict one dataset in this process (create, one shard, gather) into NGFF 0.5.
+
+    Returns the gather's summary (output path, tiles, and the label count for segmentation).
+    """
     job = prepare_job(checkpoint_path, image_path, stats_path, channels, settings)
     out = Path(output)
     raw = out.with_name(out.name + ".raw.zarr")
     try:
         create_raw_store(job, raw, shards=1)
         record = predict_shard(job, raw, 0, 1, threads)
-        gather_prediction(job, raw, [record], out, model_name, dataset, threads)
+        return gather_prediction(job, raw, [record], out, model_name, dataset, threads)
     finally:
         shutil.rmtree(raw, ignore_errors=True)
 

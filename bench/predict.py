@@ -1,0 +1,239 @@
+"""Tiled prediction (unetflow.predict) against a pure forward pass and MONAI, and its memory.
+
+Setup: a U-Net of depth 4, base 32 (7.8 M parameters, as in FACTS.md), random weights, 1
+input and 1 output channel (regression), on a SIZE x SIZE synthetic nuclei image (a 1024^2
+`synthesize_nuclei` scene tiled, uint16, chunks 1024, NGFF 0.5) with tiles of TILE px and
+the model's exact halo (halo_for: 96). Everything runs on the CPU with the same two threads.
+
+Ratios (higher is better):
+- vs_pure_forward_ratio: unetflow zarr-to-zarr Mpx/s (output pixels / wall time of
+  `predict_to_ome_zarr`: read, normalize, tile, forward, write the raw store, gather with a
+  3-level pyramid and provenance) divided by the Mpx/s of a pure in-memory forward over the
+  same tiles including their halo (numpy arrays prepared beforehand, same 2 workers x 1 torch
+  thread). Goal >= 0.9: the pipeline costs almost nothing beyond the network.
+- vs_monai_ratio: unetflow Mpx/s divided by the Mpx/s of MONAI `sliding_window_inference`
+  (roi TILE, overlap 0.25, gaussian blending, sw_batch_size 1, torch with 2 threads, image in
+  memory). Goal >= 1.2 while staying exact. monai_max_abs_diff_vs_exact shows that MONAI's
+  blended output is not the whole-image pass (unetflow's crop output is: tests prove it).
+- workers_2x1_vs_1x2_ratio: pure forward Mpx/s with 2 workers x 1 torch thread divided by 1
+  worker x 2 torch threads (on a subset of the tiles): the measurement behind the defaults.
+- rss_<task>_16384_vs_2048_ratio: peak RSS (resource.getrusage ru_maxrss, each prediction in
+  a fresh subprocess) predicting a 16384^2 image divided by predicting a 2048^2 one with the
+  same tiles. It uses a cheap U-Net (depth 2, base 2, no norm) so that 268 megapixels fit in
+  the time; the memory path (units, stores, pyramid, labels) is the same. Goal <= 1.25.
+
+Run: .venv/bin/python bench/predict.py [--size 2048] [--tile 512] [--skip-rss]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import torch
+
+from unetflow.demo import synthesize_nuclei
+from unetflow.model.unet import UNet, halo_for
+from unetflow.normalize import compute_dataset_stats, normalize_array, read_stats, write_stats
+from unetflow.ome import open_image, write_image
+from unetflow.predict import predict_to_ome_zarr, reflect_indices
+
+STATS = {"level": 0, "percentiles": [1.0, 99.8], "histogram_bins": 4096, "mask": None}
+SETTINGS = {"checkpoint": "best", "level": 0, "halo": None, "blending": "crop", "batch_size": 1,
+            "pyramid_levels": 3, "chunks": None, "probabilities": False, "instances": True,
+            "output_units": "normalized", "device": "cpu", "amp": False,
+            "amp_dtype": "bfloat16", "threads": None, "dask_workers": None, "shards": 1}
+THREADS = 2
+
+
+def write_source(root: Path, size: int, name: str = "image") -> tuple[str, str]:
+    """A tiled nuclei scene as uint16 NGFF 0.5 (written chunk by chunk) and its statistics."""
+    path, stats = root / f"{name}.ome.zarr", root / f"{name}.json"
+    if path.exists() and stats.exists():
+        return str(path), str(stats)
+    scene = synthesize_nuclei((1024, 1024), seed=7).noisy
+    scene = np.clip(scene * 100 + 100, 0, 65535).astype(np.uint16)
+    reps = -(-size // 1024)
+    tiled = da.tile(da.from_array(scene, chunks=1024), (reps, reps))[:size, :size]
+    write_image(path, tiled[None], ["c", "y", "x"], chunks=(1, 1024, 1024))
+    write_stats(compute_dataset_stats(str(path), None, STATS, name), stats)
+    return str(path), str(stats)
+
+
+def build_model(depth: int, base: int, norm: str, channels_out: int = 1, seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(2, 1, channels_out, depth=depth, base_features=base, norm=norm).eval()
+
+
+def save_checkpoint(model: UNet, path: Path, task: str) -> str:
+    torch.save({"format": "unetflow-checkpoint-1", "task": task, "step": 0,
+                "model_config": model.config(), "model_state": model.state_dict(),
+                "normalize": {"method": "percentile", "clip": False}}, path)
+    return str(path)
+
+
+def tile_inputs(x: np.ndarray, tile: int, halo: int) -> list[np.ndarray]:
+    """The tiles unetflow feeds the model: each tile with its halo, reflection outside."""
+    size_y, size_x = x.shape[1:]
+    tiles = []
+    for y0 in range(0, size_y, tile):
+        for x0 in range(0, size_x, tile):
+            iy = reflect_indices(y0 - halo, min(y0 + tile, size_y) + halo, size_y)
+            ix = reflect_indices(x0 - halo, min(x0 + tile, size_x) + halo, size_x)
+            tiles.append(np.ascontiguousarray(x[:, iy][:, :, ix][None]))
+    return tiles
+
+
+def pure_forward_seconds(model: UNet, tiles: list[np.ndarray], workers: int,
+                         threads: int) -> float:
+    """Wall time of the forward passes alone, `workers` tiles at once."""
+    torch.set_num_threads(threads)
+
+    def run(tile: np.ndarray) -> None:
+        with torch.inference_mode():
+            model(torch.from_numpy(tile))
+
+    run(tiles[0])  # warm-up
+    start = time.perf_counter()
+    with ThreadPoolExecutor(workers) as pool:
+        list(pool.map(run, tiles))
+    return time.perf_counter() - start
+
+
+def monai_seconds(model: UNet, x: np.ndarray, tile: int) -> tuple[float | None, np.ndarray | None]:
+    try:
+        from monai.inferers import sliding_window_inference
+    except ImportError:
+        return None, None
+    torch.set_num_threads(THREADS)
+    start = time.perf_counter()
+    with torch.inference_mode():
+        y = sliding_window_inference(torch.from_numpy(x[None]), roi_size=(tile, tile),
+                                     sw_batch_size=1, predictor=model, overlap=0.25,
+                                     mode="gaussian")
+    return time.perf_counter() - start, y[0].numpy()
+
+
+def throughput(root: Path, size: int, tile: int) -> dict[str, float]:
+    image, stats = write_source(root, size)
+    model = build_model(4, 32, "batch")
+    halo = halo_for(model)
+    ckpt = save_checkpoint(model, root / "model.pt", "regression")
+    data = np.asarray(open_image(image).data.compute(), dtype=np.float32)
+    x = normalize_array(data, read_stats(stats), "percentile", False)
+    tiles = tile_inputs(x, tile, halo)
+    megapixels = size * size / 1e6
+    figures: dict[str, float] = {"image_megapixels": megapixels, "tiles": len(tiles),
+                                 "halo": halo}
+
+    pure = pure_forward_seconds(model, tiles, THREADS, 1)
+    out = root / "pred.ome.zarr"
+    start = time.perf_counter()
+    predict_to_ome_zarr(ckpt, image, stats, None, {**SETTINGS, "tile_shape": [tile, tile]},
+                        str(out), "bench", "image", threads=THREADS)
+    ours = time.perf_counter() - start
+    figures["pure_forward_mpx_s"] = megapixels / pure
+    figures["unetflow_mpx_s"] = megapixels / ours
+    figures["vs_pure_forward_ratio"] = pure / ours
+
+    monai, blended = monai_seconds(model, x, tile)
+    if monai is not None:
+        exact = np.asarray(open_image(out).data.compute())
+        exact = exact if exact.ndim == 3 else exact[None]
+        figures["monai_mpx_s"] = megapixels / monai
+        figures["vs_monai_ratio"] = monai / ours
+        figures["monai_max_abs_diff_vs_exact"] = float(np.abs(blended - exact).max())
+        figures["exact_output_std"] = float(exact.std())
+
+    subset = tiles[:4]
+    figures["workers_2x1_vs_1x2_ratio"] = (pure_forward_seconds(model, subset, 1, 2)
+                                           / pure_forward_seconds(model, subset, 2, 1))
+    return figures
+
+
+def rss_child(args: argparse.Namespace) -> None:
+    """Predict one prepared image in this fresh process and print the peak RSS (MB)."""
+    settings = {**SETTINGS, "tile_shape": [args.tile, args.tile],
+                "output_units": "normalized", "pyramid_levels": 3}
+    start = time.perf_counter()
+    summary = predict_to_ome_zarr(args.checkpoint, args.image, args.stats, None, settings,
+                                  args.output, "bench", "image", threads=THREADS)
+    seconds = time.perf_counter() - start
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mb": peak_mb, "seconds": seconds,
+                      "labels": summary.get("labels")}))
+
+
+def segmenting_model(model: UNet, image: str, stats: str, foreground: float = 0.3) -> UNet:
+    """Shift the class-1 bias of a random 2-class model so that `foreground` of a sample is
+    foreground: its output then has objects, and the labelling has real work to do."""
+    data = np.asarray(open_image(image).data[:, :1024, :1024].compute(), dtype=np.float32)
+    x = normalize_array(data, read_stats(stats), "percentile", False)
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(x[None]))[0]
+        margin = (logits[1] - logits[0]).flatten()
+        model.head.bias[1] -= torch.quantile(margin[::16], 1 - foreground)
+    return model
+
+
+def peak_rss(root: Path, size: int, tile: int, task: str) -> dict[str, float]:
+    image, stats = write_source(root, size, f"rss{size}")
+    model = build_model(2, 2, "none", 2 if task == "segmentation" else 1)
+    if task == "segmentation":
+        model = segmenting_model(model, *write_source(root, 2048, "rss2048"))
+    ckpt = save_checkpoint(model, root / f"rss_{task}.pt", task)
+    cmd = [sys.executable, __file__, "--rss-child", "--task", task, "--checkpoint", ckpt,
+           "--image", image, "--stats", stats, "--tile", str(tile),
+           "--output", str(root / f"rss_{task}_{size}.ome.zarr")]
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--skip-rss", action="store_true")
+    parser.add_argument("--rss-tasks", default="regression,segmentation")
+    parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
+    for name in ("task", "checkpoint", "image", "stats", "output"):
+        parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.rss_child:
+        rss_child(args)
+        return
+    figures: dict[str, float] = {}
+    with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
+        root = Path(tmp)
+        start = time.perf_counter()
+        figures.update(throughput(root, args.size, args.tile))
+        figures["throughput_part_s"] = time.perf_counter() - start
+        if not args.skip_rss:
+            for task in args.rss_tasks.split(","):
+                small = peak_rss(root, 2048, args.tile, task)
+                large = peak_rss(root, 16384, args.tile, task)
+                figures[f"rss_{task}_2048_mb"] = small["peak_rss_mb"]
+                figures[f"rss_{task}_16384_mb"] = large["peak_rss_mb"]
+                figures[f"rss_{task}_16384_s"] = large["seconds"]
+                if large.get("labels") is not None:
+                    figures[f"rss_{task}_16384_objects"] = large["labels"]
+                figures[f"rss_{task}_16384_vs_2048_ratio"] = (large["peak_rss_mb"]
+                                                              / small["peak_rss_mb"])
+                for size in (2048, 16384):  # free the disk between tasks
+                    shutil.rmtree(root / f"rss_{task}_{size}.ome.zarr", ignore_errors=True)
+    for name, value in figures.items():
+        print(f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}")
+
+
+if __name__ == "__main__":
+    main()
