@@ -2,8 +2,10 @@
 
 Setup: a U-Net of depth 4, base 32 (7.8 M parameters, as in FACTS.md), random weights, 1
 input and 1 output channel (regression), on a SIZE x SIZE synthetic nuclei image (a 1024^2
-`synthesize_nuclei` scene tiled, uint16, chunks 1024, NGFF 0.5) with tiles of TILE px and
-the model's exact halo (halo_for: 96). Everything runs on the CPU with the same two threads.
+`synthesize_nuclei` scene tiled, uint16, chunks 1024, NGFF 0.5); unetflow tiles of TILE px
+(default 1024) with the model's exact halo (halo_for: 96), so each forward sees TILE + 192.
+Everything runs on the CPU with the same two threads (unetflow's defaults: 2 dask workers x 1
+torch thread).
 
 Ratios (higher is better):
 - vs_pure_forward_ratio: unetflow zarr-to-zarr Mpx/s (output pixels / wall time of
@@ -11,18 +13,26 @@ Ratios (higher is better):
   3-level pyramid and provenance) divided by the Mpx/s of a pure in-memory forward over the
   same tiles including their halo (numpy arrays prepared beforehand, same 2 workers x 1 torch
   thread). Goal >= 0.9: the pipeline costs almost nothing beyond the network.
-- vs_monai_ratio: unetflow Mpx/s divided by the Mpx/s of MONAI `sliding_window_inference`
-  (roi TILE, overlap 0.25, gaussian blending, sw_batch_size 1, torch with 2 threads, image in
-  memory). Goal >= 1.2 while staying exact. monai_max_abs_diff_vs_exact shows that MONAI's
-  blended output is not the whole-image pass (unetflow's crop output is: tests prove it).
+- vs_monai_ratio: unetflow Mpx/s divided by the Mpx/s of output of MONAI
+  `sliding_window_inference` (roi 512, overlap 0.25, gaussian blending, sw_batch_size 1,
+  torch with 2 threads, image in memory), on the same model and image. Goal >= 1.2 while
+  staying exact; monai_max_abs_diff_vs_exact shows that MONAI's blended output is not the
+  whole-image pass (unetflow's crop output is: tests/test_predict.py proves it).
 - workers_2x1_vs_1x2_ratio: pure forward Mpx/s with 2 workers x 1 torch thread divided by 1
-  worker x 2 torch threads (on a subset of the tiles): the measurement behind the defaults.
-- rss_<task>_16384_vs_2048_ratio: peak RSS (resource.getrusage ru_maxrss, each prediction in
-  a fresh subprocess) predicting a 16384^2 image divided by predicting a 2048^2 one with the
-  same tiles. It uses a cheap U-Net (depth 2, base 2, no norm) so that 268 megapixels fit in
-  the time; the memory path (units, stores, pyramid, labels) is the same. Goal <= 1.25.
+  worker x 2 torch threads (two 512 tiles with halo): the measurement behind the defaults.
+- rss_<task>_16384_vs_2048_ratio: peak RSS of predicting a 16384^2 image divided by that of
+  a 2048^2 one (tiles RSS_TILE, default 512), each prediction in a fresh subprocess started
+  before the throughput part allocates anything. The peak is the child's VmHWM; ru_maxrss
+  (resource.getrusage) is printed beside it, as it also counts the parent's memory at the
+  fork. A cheap U-Net (depth 2, base 2, no norm) makes 268 megapixels fit in the time; the
+  memory path (units, stores, pyramid, labels) is the same. For segmentation its class-1
+  bias is set so that 30% of pixels are foreground (many objects to label). Goal <= 1.25.
 
-Run: .venv/bin/python bench/predict.py [--size 2048] [--tile 512] [--skip-rss]
+On CUDA (bench/predict_gpu_check.sh): --device cuda --amp both --batch-size N runs the
+throughput part with AMP off and on (bf16 where supported); the pure forward then moves
+batches of tiles host -> GPU -> host, MONAI runs on the GPU with sw_batch_size N.
+
+Run: .venv/bin/python bench/predict.py [--size 2048] [--tile 1024] [--skip-rss]
 """
 
 from __future__ import annotations
@@ -54,6 +64,7 @@ SETTINGS = {"checkpoint": "best", "level": 0, "halo": None, "blending": "crop", 
             "output_units": "normalized", "device": "cpu", "amp": False,
             "amp_dtype": "bfloat16", "threads": None, "dask_workers": None, "shards": 1}
 THREADS = 2
+MONAI_ROI = 512  # sliding_window_inference's roi, as the issue fixes it
 
 
 def write_source(root: Path, size: int, name: str = "image") -> tuple[str, str]:
@@ -94,10 +105,18 @@ def tile_inputs(x: np.ndarray, tile: int, halo: int) -> list[np.ndarray]:
     return tiles
 
 
-def pure_forward_seconds(model: UNet, tiles: list[np.ndarray], workers: int,
-                         threads: int) -> float:
-    """Wall time of the forward passes alone, `workers` tiles at once."""
+def pure_forward_seconds(model: UNet, tiles: list[np.ndarray], workers: int, threads: int,
+                         device: torch.device | None = None, batch_size: int = 1,
+                         amp_dtype: torch.dtype | None = None) -> float:
+    """Wall time of the forward passes alone, `workers` tiles at once (CPU).
+
+    On CUDA: batches of `batch_size` equal-shaped tiles, copied host -> GPU -> host (pinned
+    memory), one after another: the ceiling for a pipeline that reads from and writes to
+    host memory.
+    """
     torch.set_num_threads(threads)
+    if device is not None and device.type == "cuda":
+        return _cuda_forward_seconds(model, tiles, device, batch_size, amp_dtype)
 
     def run(tile: np.ndarray) -> None:
         with torch.inference_mode():
@@ -110,43 +129,79 @@ def pure_forward_seconds(model: UNet, tiles: list[np.ndarray], workers: int,
     return time.perf_counter() - start
 
 
-def monai_seconds(model: UNet, x: np.ndarray, tile: int) -> tuple[float | None, np.ndarray | None]:
+def _cuda_forward_seconds(model: UNet, tiles: list[np.ndarray], device: torch.device,
+                          batch_size: int, amp_dtype: torch.dtype | None) -> float:
+    by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
+    for tile in tiles:
+        by_shape.setdefault(tile.shape, []).append(tile)
+    batches = [np.concatenate(group[i:i + batch_size])
+               for group in by_shape.values() for i in range(0, len(group), batch_size)]
+
+    def run(batch: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(batch).pin_memory().to(device, non_blocking=True)
+        with torch.inference_mode(), torch.autocast("cuda", dtype=amp_dtype or torch.float32,
+                                                    enabled=amp_dtype is not None):
+            return model(x).float().cpu().numpy()
+
+    run(batches[0])  # warm-up (cuDNN autotuning, allocator)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for batch in batches:
+        run(batch)
+    torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def monai_seconds(model: UNet, x: np.ndarray, tile: int, device: torch.device,
+                  batch_size: int, amp_dtype: torch.dtype | None,
+                  threads: int) -> tuple[float | None, np.ndarray | None]:
     try:
         from monai.inferers import sliding_window_inference
     except ImportError:
         return None, None
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
+    inputs = torch.from_numpy(x[None]).to(device)
     start = time.perf_counter()
-    with torch.inference_mode():
-        y = sliding_window_inference(torch.from_numpy(x[None]), roi_size=(tile, tile),
-                                     sw_batch_size=1, predictor=model, overlap=0.25,
-                                     mode="gaussian")
+    with torch.inference_mode(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                                enabled=amp_dtype is not None):
+        y = sliding_window_inference(inputs, roi_size=(tile, tile), sw_batch_size=batch_size,
+                                     predictor=model, overlap=0.25, mode="gaussian")
+    y = y.float().cpu()
     return time.perf_counter() - start, y[0].numpy()
 
 
-def throughput(root: Path, size: int, tile: int) -> dict[str, float]:
+def throughput(root: Path, size: int, tile: int, device: torch.device, amp: bool,
+               batch_size: int, threads: int) -> dict[str, float]:
+    """Pure forward, unetflow and MONAI on the same image, model and tiles, side by side."""
     image, stats = write_source(root, size)
-    model = build_model(4, 32, "batch")
+    model = build_model(4, 32, "batch").to(device)
     halo = halo_for(model)
     ckpt = save_checkpoint(model, root / "model.pt", "regression")
     data = np.asarray(open_image(image).data.compute(), dtype=np.float32)
     x = normalize_array(data, read_stats(stats), "percentile", False)
     tiles = tile_inputs(x, tile, halo)
     megapixels = size * size / 1e6
+    figures_setup = {"tile": tile, "monai_roi": MONAI_ROI}
+    amp_dtype = None
+    if amp and device.type == "cuda":
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     figures: dict[str, float] = {"image_megapixels": megapixels, "tiles": len(tiles),
-                                 "halo": halo}
+                                 "halo": halo, **figures_setup}
 
-    pure = pure_forward_seconds(model, tiles, THREADS, 1)
+    pure = pure_forward_seconds(model, tiles, threads, 1, device, batch_size, amp_dtype)
     out = root / "pred.ome.zarr"
+    settings = {**SETTINGS, "tile_shape": [tile, tile], "device": device.type, "amp": amp,
+                "batch_size": batch_size}
     start = time.perf_counter()
-    predict_to_ome_zarr(ckpt, image, stats, None, {**SETTINGS, "tile_shape": [tile, tile]},
-                        str(out), "bench", "image", threads=THREADS)
+    predict_to_ome_zarr(ckpt, image, stats, None, settings, str(out), "bench", "image",
+                        threads=threads)
     ours = time.perf_counter() - start
     figures["pure_forward_mpx_s"] = megapixels / pure
     figures["unetflow_mpx_s"] = megapixels / ours
     figures["vs_pure_forward_ratio"] = pure / ours
 
-    monai, blended = monai_seconds(model, x, tile)
+    monai, blended = monai_seconds(model, x, MONAI_ROI, device, batch_size, amp_dtype,
+                                   threads)
     if monai is not None:
         exact = np.asarray(open_image(out).data.compute())
         exact = exact if exact.ndim == 3 else exact[None]
@@ -154,10 +209,12 @@ def throughput(root: Path, size: int, tile: int) -> dict[str, float]:
         figures["vs_monai_ratio"] = monai / ours
         figures["monai_max_abs_diff_vs_exact"] = float(np.abs(blended - exact).max())
         figures["exact_output_std"] = float(exact.std())
+    shutil.rmtree(out, ignore_errors=True)
 
-    subset = tiles[:4]
-    figures["workers_2x1_vs_1x2_ratio"] = (pure_forward_seconds(model, subset, 1, 2)
-                                           / pure_forward_seconds(model, subset, 2, 1))
+    if device.type == "cpu":  # two 512 tiles with halo: enough to compare thread layouts
+        subset = tile_inputs(x[:, :512, :1024], 512, halo)
+        figures["workers_2x1_vs_1x2_ratio"] = (pure_forward_seconds(model, subset, 1, 2)
+                                               / pure_forward_seconds(model, subset, 2, 1))
     return figures
 
 
@@ -169,9 +226,21 @@ def rss_child(args: argparse.Namespace) -> None:
     summary = predict_to_ome_zarr(args.checkpoint, args.image, args.stats, None, settings,
                                   args.output, "bench", "image", threads=THREADS)
     seconds = time.perf_counter() - start
-    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    print(json.dumps({"peak_rss_mb": peak_mb, "seconds": seconds,
-                      "labels": summary.get("labels")}))
+    maxrss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(json.dumps({"peak_rss_mb": _vm_hwm_mb() or maxrss_mb, "ru_maxrss_mb": maxrss_mb,
+                      "seconds": seconds, "labels": summary.get("labels")}))
+
+
+def _vm_hwm_mb() -> float | None:
+    """This process's own peak RSS (Linux VmHWM). ru_maxrss of a child started by fork and
+    exec also counts the parent's memory at the fork, so it is reported beside it only."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
 
 
 def segmenting_model(model: UNet, image: str, stats: str, foreground: float = 0.3) -> UNet:
@@ -199,10 +268,34 @@ def peak_rss(root: Path, size: int, tile: int, task: str) -> dict[str, float]:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def rss_figures(root: Path, tile: int, tasks: list[str]) -> dict[str, float]:
+    """Peak RSS of 16384^2 against 2048^2, per task, each in a fresh subprocess."""
+    figures: dict[str, float] = {}
+    for task in tasks:
+        small = peak_rss(root, 2048, tile, task)
+        large = peak_rss(root, 16384, tile, task)
+        figures[f"rss_{task}_2048_mb"] = small["peak_rss_mb"]
+        figures[f"rss_{task}_16384_mb"] = large["peak_rss_mb"]
+        figures[f"rss_{task}_16384_s"] = large["seconds"]
+        figures[f"rss_{task}_16384_ru_maxrss_mb"] = large["ru_maxrss_mb"]
+        if large.get("labels") is not None:
+            figures[f"rss_{task}_16384_objects"] = large["labels"]
+        figures[f"rss_{task}_16384_vs_2048_ratio"] = large["peak_rss_mb"] / small["peak_rss_mb"]
+        for size in (2048, 16384):  # free the disk between tasks
+            shutil.rmtree(root / f"rss_{task}_{size}.ome.zarr", ignore_errors=True)
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=2048)
-    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--tile", type=int, default=1024)
+    parser.add_argument("--rss-tile", type=int, default=512)
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--amp", choices=["off", "on", "both"], default="off",
+                        help="CUDA autocast (bf16 where supported, else fp16)")
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=THREADS)
     parser.add_argument("--skip-rss", action="store_true")
     parser.add_argument("--rss-tasks", default="regression,segmentation")
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
@@ -212,25 +305,21 @@ def main() -> None:
     if args.rss_child:
         rss_child(args)
         return
-    figures: dict[str, float] = {}
+    device = torch.device(args.device)
+    figures: dict[str, float | str] = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     with tempfile.TemporaryDirectory(prefix="bench_predict_") as tmp:
         root = Path(tmp)
-        start = time.perf_counter()
-        figures.update(throughput(root, args.size, args.tile))
-        figures["throughput_part_s"] = time.perf_counter() - start
-        if not args.skip_rss:
-            for task in args.rss_tasks.split(","):
-                small = peak_rss(root, 2048, args.tile, task)
-                large = peak_rss(root, 16384, args.tile, task)
-                figures[f"rss_{task}_2048_mb"] = small["peak_rss_mb"]
-                figures[f"rss_{task}_16384_mb"] = large["peak_rss_mb"]
-                figures[f"rss_{task}_16384_s"] = large["seconds"]
-                if large.get("labels") is not None:
-                    figures[f"rss_{task}_16384_objects"] = large["labels"]
-                figures[f"rss_{task}_16384_vs_2048_ratio"] = (large["peak_rss_mb"]
-                                                              / small["peak_rss_mb"])
-                for size in (2048, 16384):  # free the disk between tasks
-                    shutil.rmtree(root / f"rss_{task}_{size}.ome.zarr", ignore_errors=True)
+        if not args.skip_rss:  # first, while this parent process is still small
+            figures.update(rss_figures(root, args.rss_tile, args.rss_tasks.split(",")))
+        amps = {"off": [False], "on": [True], "both": [False, True]}[args.amp]
+        for amp in amps:
+            start = time.perf_counter()
+            prefix = ("amp_" if amp else "fp32_") if len(amps) > 1 else ""
+            part = throughput(root, args.size, args.tile, device, amp, args.batch_size,
+                              args.threads)
+            figures.update({f"{prefix}{k}": v for k, v in part.items()})
+            figures[f"{prefix}throughput_part_s"] = time.perf_counter() - start
     for name, value in figures.items():
         print(f"{name}: {value:.4g}" if isinstance(value, float) else f"{name}: {value}")
 

@@ -284,6 +284,29 @@ def test_regression_in_input_units_maps_back_with_the_stored_statistics(tmp_path
     assert relative_error(got, want) < 1e-5
 
 
+def test_time_series_at_level_one_keeps_its_axes_and_geometry(tmp_path):
+    model = tiny_model()
+    data = np.stack([smooth_image((1, 90, 70), seed=s) for s in (1, 2)])  # t, c, y, x
+    path = tmp_path / "tc.ome.zarr"
+    write_image(path, data, ["t", "c", "y", "x"], scale={"t": 30.0, "c": 1.0, "y": 0.5,
+                                                        "x": 0.5},
+                pyramid_levels=2, translation={"t": 0.0, "y": 7.0, "x": -2.0})
+    stats = tmp_path / "tc.json"
+    write_stats(compute_dataset_stats(str(path), None, STATS_SETTINGS, "tc"), stats)
+    ckpt = write_checkpoint(tmp_path / "m.pt", model, "regression")
+    out = tmp_path / "pred.ome.zarr"
+    predict_to_ome_zarr(ckpt, str(path), str(stats), [0], predict_defaults(
+        tile_shape=[16, 16], level=1, output_units="normalized"), str(out), "m", "d")
+    pred, source = open_image(out), open_image(path, level=1)
+    assert pred.axes == ["t", "c", "y", "x"] and pred.data.shape == (2, 1, 45, 35)
+    assert pred.scale == source.scale and pred.translation == source.translation
+    x = normalize_array(np.asarray(source.data.compute()).transpose(1, 0, 2, 3),
+                        json.loads(stats.read_text()))
+    got = np.asarray(pred.data.compute())
+    for t in range(2):
+        assert relative_error(got[t], whole_image_pass(model, x[:, t], halo_for(model))) < 1e-5
+
+
 def test_segmentation_store_has_probabilities_and_instance_labels(tmp_path):
     model = tiny_model(channels_out=2, seed=3)
     image, stats = write_dataset(tmp_path, smooth_image((1, 2, 40, 52)), ["c", "z", "y", "x"])

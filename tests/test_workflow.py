@@ -15,6 +15,8 @@ from conftest import planned_jobs, snakemake, write_config
 pytestmark = pytest.mark.slow
 # Figures redrawn whenever a prediction changes: the montage of it and the comparison chart.
 REPORT_RULES = {"montage", "compare"}
+# A prediction is three rules: create the raw store, predict its shards, gather (predict.smk).
+PREDICT_RULES = {"predict_create", "predict_shard", "predict"}
 
 
 def dry_run(workdir, config) -> set[tuple[str, str]]:
@@ -57,7 +59,7 @@ def test_predictions_validate_as_ome_zarr(completed_tiny_run):
 def test_editing_predict_reruns_predict_and_evaluate_only(tiny_run_copy, tiny_config):
     tiny_config["predict"]["tile_shape"] = [32, 32]
     jobs = dry_run(tiny_run_copy, tiny_config)
-    assert rules_of(jobs) == {"predict", "evaluate", "summarize", "all"} | REPORT_RULES
+    assert rules_of(jobs) == PREDICT_RULES | {"evaluate", "summarize", "all"} | REPORT_RULES
     assert ("predict", "model=seg, dataset=te_seg") in jobs
     assert ("predict", "model=dn, dataset=te_dn") in jobs
 
@@ -65,14 +67,15 @@ def test_editing_predict_reruns_predict_and_evaluate_only(tiny_run_copy, tiny_co
 def test_editing_train_reruns_from_train_on(tiny_run_copy, tiny_config):
     tiny_config["train"]["steps"] = 5
     jobs = dry_run(tiny_run_copy, tiny_config)
-    assert rules_of(jobs) == {"train", "predict", "evaluate", "summarize", "all"} | REPORT_RULES
+    assert rules_of(jobs) == PREDICT_RULES | {"train", "evaluate", "summarize",
+                                              "all"} | REPORT_RULES
 
 
 def test_editing_patches_reruns_from_extract_patches_on(tiny_run_copy, tiny_config):
     tiny_config["patches"]["per_dataset"] = 12
     jobs = dry_run(tiny_run_copy, tiny_config)
-    assert rules_of(jobs) == {"extract_patches", "train", "predict", "evaluate", "summarize",
-                              "all"} | REPORT_RULES
+    assert rules_of(jobs) == PREDICT_RULES | {"extract_patches", "train", "evaluate",
+                                              "summarize", "all"} | REPORT_RULES
 
 
 def test_adding_a_prediction_dataset_runs_only_its_jobs(tiny_run_copy, tiny_config):
@@ -81,6 +84,8 @@ def test_adding_a_prediction_dataset_runs_only_its_jobs(tiny_run_copy, tiny_conf
     tiny_config["models"]["seg"]["predict_on"].append("extra_seg")
     jobs = dry_run(tiny_run_copy, tiny_config)
     assert jobs == {("normalize", "dataset=extra_seg"),
+                    ("predict_create", "model=seg, dataset=extra_seg"),
+                    ("predict_shard", "model=seg, dataset=extra_seg, shard=0"),
                     ("predict", "model=seg, dataset=extra_seg"),
                     ("evaluate", "model=seg, dataset=extra_seg"),
                     ("montage", "model=seg, dataset=extra_seg"), ("compare", ""),
@@ -90,5 +95,7 @@ def test_adding_a_prediction_dataset_runs_only_its_jobs(tiny_run_copy, tiny_conf
 def test_a_model_override_touches_only_that_model(tiny_run_copy, tiny_config):
     tiny_config["models"]["dn"]["train"] = {"steps": 5}
     jobs = dry_run(tiny_run_copy, tiny_config)
-    assert {w for _, w in jobs if w} == {"model=dn", "model=dn, dataset=te_dn"}
-    assert rules_of(jobs) == {"train", "predict", "evaluate", "summarize", "all"} | REPORT_RULES
+    assert {w for _, w in jobs if w} == {"model=dn", "model=dn, dataset=te_dn",
+                                         "model=dn, dataset=te_dn, shard=0"}
+    assert rules_of(jobs) == PREDICT_RULES | {"train", "evaluate", "summarize",
+                                              "all"} | REPORT_RULES

@@ -403,7 +403,8 @@ def _foreground_mask(settings: dict[str, Any], target_path: str | None,
     if not target_path:
         raise NormalizationError(f"dataset '{dataset}': normalize.mask is 'foreground' but "
                                  f"the dataset has no target to take the foreground from")
-    target = channel_first(open_image(target_path, level=settings["level"]))[0]
+    target = channel_first(open_image(target_path, level=settings["level"]),
+                           keep_time=True)[0]
     return target > 0
 
 
@@ -411,7 +412,7 @@ def compute_dataset_stats(image_path: str, channels: list | None, settings: dict
                           dataset: str, target_path: str | None = None) -> dict[str, Any]:
     """Statistics of one dataset at `settings['level']`, as a JSON-ready dict."""
     image = open_image(image_path, level=settings["level"])
-    data = channel_first(image, channels)
+    data = channel_first(image, channels, keep_time=True)
     mask = _foreground_mask(settings, target_path, dataset)
     if mask is not None and mask.shape != data.shape[1:]:
         raise NormalizationError(f"dataset '{dataset}': target {target_path} has spatial shape "

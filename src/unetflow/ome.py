@@ -158,13 +158,17 @@ def resolve_channels(image: OmeImage, channels: list[int | str] | None) -> list[
     return indices
 
 
-def channel_first(image: OmeImage, channels: list[int | str] | None = None) -> da.Array:
+def channel_first(image: OmeImage, channels: list[int | str] | None = None,
+                  keep_time: bool = False) -> da.Array:
     """The image as a dask array (C, *spatial) with the selected channels.
 
     An image without a `c` axis gets a channel axis of length 1. A `t` axis of length 1 is
-    dropped; longer time series are refused here (prediction handles them per time point).
+    dropped; longer time series are refused here (prediction handles them per time point),
+    or with `keep_time` kept as (C, T, *spatial) (statistics over all time points).
     """
     data, axes = image.data, list(image.axes)
+    if "t" in axes and keep_time and data.shape[axes.index("t")] > 1:
+        return channel_first_axes(image, channels)[0]
     if "t" in axes:
         t = axes.index("t")
         if data.shape[t] != 1:
@@ -262,15 +266,16 @@ def write_label_image(image_path: str | Path, name: str, labels: np.ndarray | da
                       units: dict[str, str] | None = None, chunks: tuple[int, ...] | None = None,
                       pyramid_levels: int = 1, downsample_z: bool = False,
                       translation: dict[str, float] | None = None,
-                      list_values: bool = True) -> None:
+                      streaming: bool = False) -> None:
     """Add an integer label image under `<image>/labels/<name>` with NGFF image-label metadata.
 
     It gets as many levels as the image (nearest-neighbour downsampling), and the `labels`
     group carries `ome.version`, both of which ome-zarr-models needs to validate the image.
     `translation` is added to every level's translation, as in `write_image`.
-    `list_values` lets ome-zarr-py list every label value (with a colour) in the metadata,
-    which reads the whole image and grows with the number of objects; with False the labels
-    stream chunk by chunk and image-label holds only the source and version.
+    By default this is ome-zarr-py's `write_labels`, which also inspects every label value
+    (`da.unique` over the whole image: memory grows with the number of objects). `streaming`
+    writes the same multiscales and image-label metadata (source, version) chunk by chunk,
+    for label images of any size.
     """
     from ome_zarr.scale import Methods
     from ome_zarr.writer import write_image as ome_write_image
@@ -279,7 +284,7 @@ def write_label_image(image_path: str | Path, name: str, labels: np.ndarray | da
     root = zarr.open_group(str(image_path), mode="r+")
     factors = _scale_factors(spatial_axes(axes), pyramid_levels, downsample_z)
     storage = {"chunks": tuple(chunks)} if chunks else None
-    if list_values:
+    if not streaming:
         write_labels(labels, root, name=name, scaler=None, scale_factors=factors,
                      method=Methods.NEAREST, axes="".join(axes), scale=scale or None,
                      axes_units=units or None, storage_options=storage,

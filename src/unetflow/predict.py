@@ -44,6 +44,7 @@ import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -357,9 +358,11 @@ def _autocast_dtype(device: torch.device, amp: bool, amp_dtype: str) -> torch.dt
 class TileRunner:
     """The model as a function of tiles (N, C, *spatial) -> (N, K, *spatial) float32.
 
-    With batch_size > 1, tiles submitted by concurrent dask tasks are gathered by one worker
-    thread into batches of up to batch_size tiles of equal shape (waiting at most max_wait_s
-    for a batch to fill), so the GPU gets full batches while dask threads read and write.
+    With batch_size > 1, tiles submitted by concurrent dask tasks are gathered into batches
+    of up to batch_size tiles of equal shape (waiting at most max_wait_s for a batch to
+    fill), so the GPU gets full batches while dask threads read and write. On CUDA two
+    server threads, each on its own stream, take turns: one copies a batch in and launches
+    it while the other waits for its results, so the GPU does not idle between batches.
     """
 
     def __init__(self, model: UNet, device: torch.device, softmax: bool = False,
@@ -370,7 +373,7 @@ class TileRunner:
         self.batch_size, self.max_wait_s = batch_size, max_wait_s
         self._pending: list[tuple[np.ndarray, Future]] = []
         self._cond = threading.Condition()
-        self._server: threading.Thread | None = None
+        self._servers: list[threading.Thread] = []
 
     def __dask_tokenize__(self) -> tuple[str, int]:
         """Name by identity: dask must not pickle the model to name each task."""
@@ -394,10 +397,11 @@ class TileRunner:
             return self.forward(tiles)
         future: Future = Future()
         with self._cond:
-            if self._server is None:
-                self._server = threading.Thread(target=self._serve, daemon=True,
-                                                name="unetflow-tile-batches")
-                self._server.start()
+            if not self._servers:
+                for i in range(2 if self.device.type == "cuda" else 1):
+                    self._servers.append(threading.Thread(target=self._serve, daemon=True,
+                                                          name=f"unetflow-batches-{i}"))
+                    self._servers[-1].start()
             self._pending.append((tiles, future))
             self._cond.notify_all()
         return future.result()
@@ -427,10 +431,12 @@ class TileRunner:
             return batch
 
     def _serve(self) -> None:
+        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         while True:
             batch = self._next_batch()
             try:
-                out = self.forward(np.concatenate([t for t, _ in batch]))
+                with torch.cuda.stream(stream) if stream is not None else nullcontext():
+                    out = self.forward(np.concatenate([t for t, _ in batch]))
             except BaseException as err:  # hand the error to every waiting dask task
                 for _, future in batch:
                     future.set_exception(err)
@@ -634,22 +640,28 @@ def _label_chunk(foreground: np.ndarray) -> np.ndarray:
     return labels.astype(np.uint32)
 
 
-def _face_pairs(local: zarr.Array, offsets: np.ndarray, chunk: tuple[int, ...],
-                index: tuple[int, ...], axis: int) -> np.ndarray:
-    """Global label pairs touching across the face between chunk `index` and its successor."""
-    nxt = index[:axis] + (index[axis] + 1,) + index[axis + 1:]
-    region = [slice(i * c, (i + 1) * c) for i, c in zip(index, chunk, strict=True)]
-    last = (index[axis] + 1) * chunk[axis]
-    a_sel = region.copy()
-    a_sel[axis] = slice(last - 1, last)
-    b_sel = region.copy()
-    b_sel[axis] = slice(last, last + 1)
-    a, b = np.asarray(local[tuple(a_sel)]), np.asarray(local[tuple(b_sel)])
-    both = (a > 0) & (b > 0)
+def _label_and_store(foreground: np.ndarray, local: zarr.Array,
+                     region: tuple[slice, ...]) -> tuple[int, list[tuple[np.ndarray, ...]]]:
+    """Label one chunk into the scratch array; return its label count and its faces.
+
+    The faces (first and last slice along each axis) are all that merging needs later, so
+    no chunk is read twice.
+    """
+    labels = _label_chunk(foreground)
+    local[region] = labels
+    faces = [(labels.take(0, axis).copy(), labels.take(-1, axis).copy())
+             for axis in range(labels.ndim)]
+    return int(labels.max(initial=0)), faces
+
+
+def _touching_pairs(last: np.ndarray, first: np.ndarray, offset_a: int,
+                    offset_b: int) -> np.ndarray:
+    """Global id pairs of labels facing each other across one chunk face."""
+    both = (last > 0) & (first > 0)
     if not both.any():
         return np.empty((0, 2), dtype=np.int64)
-    pairs = np.stack([a[both].astype(np.int64) + offsets[index],
-                      b[both].astype(np.int64) + offsets[nxt]], axis=1)
+    pairs = np.stack([last[both].astype(np.int64) + offset_a,
+                      first[both].astype(np.int64) + offset_b], axis=1)
     return np.unique(pairs, axis=0)
 
 
@@ -695,24 +707,34 @@ def connected_components(foreground: da.Array, scratch: str | Path,
     Each chunk is labelled on its own (scipy.ndimage.label) into a scratch Zarr array, with
     ids made unique by per-chunk offsets; labels that touch across chunk faces are merged by
     a union-find over the touching pairs and take the smallest id of their object. Ids are
-    unique per object but not consecutive. Memory holds a few chunks plus the labels that
-    touch chunk faces, never one entry per pixel or per object. Returns labels and count.
+    unique per object but not consecutive. Memory holds the chunks in flight, the chunk
+    faces (4 bytes per face pixel: 8 MB for 16384^2 in 512^2 chunks) and the labels that
+    touch a face; never one entry per pixel or per object. Returns labels and their count.
     """
     chunk = tuple(c[0] for c in foreground.chunks)
     local = zarr.open_array(str(scratch), mode="w", shape=foreground.shape, chunks=chunk,
                             dtype=np.uint32, fill_value=0)
-    labelled = foreground.map_blocks(_label_chunk, dtype=np.uint32)
-    with dask.config.set(scheduler="threads", num_workers=workers):
-        da.store(labelled, local, lock=False)
-    stored = da.from_zarr(local)
-    counts = stored.map_blocks(lambda b: np.full((1,) * b.ndim, b.max(initial=0)),
-                               chunks=(1,) * stored.ndim, dtype=np.int64)
-    counts = counts.compute(scheduler="threads", num_workers=workers).astype(np.int64)
-    offsets = (np.cumsum(counts.ravel()) - counts.ravel()).reshape(counts.shape)
-    faces = [(index, axis) for index in np.ndindex(*counts.shape)
-             for axis in range(len(chunk)) if index[axis] + 1 < counts.shape[axis]]
-    with ThreadPoolExecutor(workers) as pool:
-        pairs = list(pool.map(lambda f: _face_pairs(local, offsets, chunk, *f), faces))
+    blocks = foreground.to_delayed()
+    grid = blocks.shape
+    tasks = [dask.delayed(_label_and_store, pure=False)(
+        blocks[index], local, tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunk,
+                                                                             strict=True)))
+        for index in np.ndindex(*grid)]
+    results = dask.compute(*tasks, scheduler="threads", num_workers=workers)
+    counts = np.array([count for count, _ in results], dtype=np.int64).reshape(grid)
+    faces = np.empty(grid, dtype=object)
+    for index, (_, chunk_faces) in zip(np.ndindex(*grid), results, strict=True):
+        faces[index] = chunk_faces
+    del results
+    offsets = (np.cumsum(counts.ravel()) - counts.ravel()).reshape(grid)
+    pairs = []
+    for index in np.ndindex(*grid):
+        for axis in range(len(grid)):
+            if index[axis] + 1 < grid[axis]:
+                nxt = index[:axis] + (index[axis] + 1,) + index[axis + 1:]
+                pairs.append(_touching_pairs(faces[index][axis][1], faces[nxt][axis][0],
+                                             int(offsets[index]), int(offsets[nxt])))
+    del faces
     pairs = np.unique(np.concatenate(pairs), axis=0) if pairs else np.empty((0, 2), np.int64)
     ids, roots, merged_objects = _merge_face_labels(pairs)
     total = int(counts.sum())
@@ -722,7 +744,7 @@ def connected_components(foreground: da.Array, scratch: str | Path,
         offset = int(offsets[tuple(block_info[0]["chunk-location"])])
         return _relabel_chunk(block, offset, ids, roots, dtype)
 
-    return stored.map_blocks(relabel, dtype=dtype), total - ids.size + merged_objects
+    return da.from_zarr(local).map_blocks(relabel, dtype=dtype), total - ids.size + merged_objects
 
 
 # --- one prediction job: model, image, settings -------------------------------------------
@@ -773,12 +795,17 @@ def prepare_job(checkpoint_path: str, image_path: str, stats_path: str, channels
 def _threads(settings: dict[str, Any], threads: int) -> int:
     """Set torch's threads and return dask's workers.
 
-    Defaults: as many dask workers as job threads, one torch thread each (measured on a
-    2-core CPU: 2 workers x 1 thread beat 1 x 2 by about 15%).
+    batch_size 1: every dask worker runs the model, so by default as many workers as job
+    threads with one torch thread each (measured on a 2-core CPU: 2 workers x 1 thread beat
+    1 x 2 by about 15%). batch_size > 1: one thread runs the batches with all job threads,
+    and batch_size + 1 dask workers read and write around it, enough to fill each batch.
     """
     threads = max(1, threads)
-    workers = settings.get("dask_workers") or threads
-    torch.set_num_threads(settings.get("threads") or max(1, threads // workers))
+    batched = settings.get("batch_size", 1) > 1
+    workers = settings.get("dask_workers") or (settings["batch_size"] + 1 if batched
+                                               else threads)
+    torch.set_num_threads(settings.get("threads") or (threads if batched
+                                                      else max(1, threads // workers)))
     return workers
 
 
@@ -1010,7 +1037,7 @@ def _write_segmentation(job: PredictionJob, probabilities: da.Array, output: Pat
                           scale={a: geo["scale"][a] for a in label_axes}, units=geo["units"],
                           chunks=tuple(c for c, a in zip(chunks, axes, strict=True) if a != "c"),
                           pyramid_levels=levels, translation=geo["translation"],
-                          list_values=False)
+                          streaming=True)
     replace_directory(tmp, output)
     return count if count is not None else int(classes.max().compute())
 
