@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, FloatingPointError) as err:
         print(f"unetflow {args.command}: error: {err}", file=sys.stderr)
         sys.exit(1)
 
