@@ -373,9 +373,9 @@ def test_snakemake_reruns_only_the_shard_that_failed(tmp_path):
     config = {"datasets": {"d": {"image": image, "target": None}, "tr": {"image": image,
                                                                         "target": image}},
               "models": {"m": {"task": "regression", "train_on": ["tr"], "predict_on": ["d"]}},
-              "model": TINY, "predict": {"tile_shape": [32, 32], "shards": 3,
-                                          "pyramid_levels": 2, "device": "cpu",
-                                          "output_units": "normalized"}}
+              "model": TINY, "patches": {"shape": [32, 32]},
+              "predict": {"tile_shape": [32, 32], "shards": 3, "pyramid_levels": 2,
+                          "device": "cpu", "output_units": "normalized"}}
     write_config(tmp_path, config)
     shard = "results/m/predictions/d.shards/shard_{}.json"
     target = "results/m/predictions/d.ome.zarr"
