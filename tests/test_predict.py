@@ -194,6 +194,10 @@ def test_out_of_core_connected_components_match_whole_image_labelling(tmp_path):
     assert ((labels > 0) == foreground).all()
     pairs = np.unique(np.stack([labels[foreground], want[foreground]]), axis=1)
     assert pairs.shape[1] == want_count  # one-to-one: same partition into objects
+    movie = np.stack([foreground[:35], foreground[35:]])  # t, y, x: no objects across t
+    labels, count = connected_components(da.from_array(movie, chunks=(1, 16, 24)),
+                                         tmp_path / "movie.zarr", separate_axes=(0,))
+    assert count == sum(ndimage.label(frame)[1] for frame in movie)
 
 
 # --- the OME-Zarr store path -------------------------------------------------------------

@@ -700,8 +700,8 @@ def _relabel_chunk(block: np.ndarray, offset: int, ids: np.ndarray, roots: np.nd
     return table.astype(dtype)[block]
 
 
-def connected_components(foreground: da.Array, scratch: str | Path,
-                         workers: int = 1) -> tuple[da.Array, int]:
+def connected_components(foreground: da.Array, scratch: str | Path, workers: int = 1,
+                         separate_axes: tuple[int, ...] = ()) -> tuple[da.Array, int]:
     """Face-connected components of a chunked boolean array, without loading it whole.
 
     Each chunk is labelled on its own (scipy.ndimage.label) into a scratch Zarr array, with
@@ -709,7 +709,8 @@ def connected_components(foreground: da.Array, scratch: str | Path,
     a union-find over the touching pairs and take the smallest id of their object. Ids are
     unique per object but not consecutive. Memory holds the chunks in flight, the chunk
     faces (4 bytes per face pixel: 8 MB for 16384^2 in 512^2 chunks) and the labels that
-    touch a face; never one entry per pixel or per object. Returns labels and their count.
+    touch a face; never one entry per pixel or per object. Objects are not joined along
+    `separate_axes` (time), which must be chunked by 1. Returns labels and their count.
     """
     chunk = tuple(c[0] for c in foreground.chunks)
     local = zarr.open_array(str(scratch), mode="w", shape=foreground.shape, chunks=chunk,
@@ -730,7 +731,7 @@ def connected_components(foreground: da.Array, scratch: str | Path,
     pairs = []
     for index in np.ndindex(*grid):
         for axis in range(len(grid)):
-            if index[axis] + 1 < grid[axis]:
+            if index[axis] + 1 < grid[axis] and axis not in separate_axes:
                 nxt = index[:axis] + (index[axis] + 1,) + index[axis + 1:]
                 pairs.append(_touching_pairs(faces[index][axis][1], faces[nxt][axis][0],
                                              int(offsets[index]), int(offsets[nxt])))
@@ -1011,7 +1012,9 @@ def _write_segmentation(job: PredictionJob, probabilities: da.Array, output: Pat
     classes = probabilities.argmax(axis=0).astype(np.uint32)
     count = None
     if job.settings.get("instances", True):
-        labels, count = connected_components(classes > 0, work / "local_labels.zarr", workers)
+        per_time_point = tuple(i for i, a in enumerate(job.plan.axes) if a == "t")
+        labels, count = connected_components(classes > 0, work / "local_labels.zarr", workers,
+                                             separate_axes=per_time_point)
         stored = zarr.open_array(str(work / "labels.zarr"), mode="w", shape=labels.shape,
                                  chunks=labels.chunksize, dtype=labels.dtype)
         with dask.config.set(scheduler="threads", num_workers=workers):
