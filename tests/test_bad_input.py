@@ -581,7 +581,8 @@ def test_paths_with_quotes_and_command_substitution_reach_the_command_intact(tmp
                                                                             good):
     """A dataset path holding ', spaces, ; and $(...) runs rule normalize (image and the
     foreground --target) as a literal path: no code runs, and every planned command splits
-    back into the path as one argument."""
+    back into the path as one argument. (The run also shows that a config warning reaches
+    Snakemake's log file.)"""
     marker = tmp_path / "PWNED"  # where the jobs' shell would create it: the workdir
     folder = tmp_path / "it's a $(touch PWNED); `touch PWNED` \"dir\""
     folder.mkdir()
@@ -592,7 +593,7 @@ def test_paths_with_quotes_and_command_substitution_reach_the_command_intact(tmp
               "models": {"m": {"task": "segmentation", "train_on": ["d"],
                                "predict_on": ["d"]}},
               "normalize": {"mask": "foreground"}, "patches": {"shape": [32, 32]},
-              "model": ARCH, "predict": {"tile_shape": [32, 32]}}
+              "model": ARCH, "predict": {"tile_shape": [32, 32], "halo": 8}}
     write_config(tmp_path, config)
     dry = snakemake(tmp_path, "-n", "-p", "--cores", "1", "--configfile", "config.yaml")
     commands = [line.split("Shell command: ", 1)[1] for line in dry.stdout.splitlines()
@@ -614,3 +615,6 @@ def test_paths_with_quotes_and_command_substitution_reach_the_command_intact(tmp
               "config.yaml")
     assert read_stats(tmp_path / "results/normalization/d.json")["mask"] == "foreground"
     assert not marker.exists()
+    [log] = (tmp_path / ".snakemake" / "log").glob("*.snakemake.log")
+    assert "unetflow warning: config key 'predict.halo' (used by model 'm'): 8 is smaller " \
+        "than the exact halo 24" in log.read_text()
