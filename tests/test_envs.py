@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-import tomllib
+from importlib.metadata import requires
 from pathlib import Path
 
 import yaml
@@ -19,8 +19,8 @@ def _name(requirement: str) -> str:
 
 
 def _pyproject_names() -> set[str]:
-    with open(REPO / "pyproject.toml", "rb") as fh:
-        deps = tomllib.load(fh)["project"]["dependencies"]
+    """From the installed metadata (built from pyproject.toml; tomllib needs Python 3.11)."""
+    deps = [d for d in requires("unetflow") if "extra ==" not in d]
     return {_name(d) for d in deps}
 
 

@@ -10,6 +10,7 @@ import json
 
 import pytest
 import zarr
+
 from conftest import planned_jobs, snakemake, write_config
 
 pytestmark = pytest.mark.slow

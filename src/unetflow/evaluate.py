@@ -14,12 +14,12 @@ from __future__ import annotations
 import csv
 import json
 import math
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from unetflow.files import write_json_atomic
 from unetflow.metrics import (
     class_scores,
     connected_components,
@@ -199,11 +199,7 @@ def evaluate_regression(pred: np.ndarray, image: np.ndarray, target: np.ndarray,
 # --- the evaluate stage -------------------------------------------------------------------
 def write_json(record: dict[str, Any], output: str) -> None:
     """Write JSON atomically; +-inf and NaN become strings so the file stays standard JSON."""
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(_json_safe(record), indent=2))
-    tmp.replace(path)
+    write_json_atomic(_json_safe(record), output)
 
 
 def _json_safe(value: Any) -> Any:

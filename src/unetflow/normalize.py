@@ -24,7 +24,6 @@ integer path reproduces `np.percentile` bit for bit on small test arrays.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from unetflow.files import write_json_atomic
 from unetflow.ome import channel_first, open_image, resolve_channels
 
 __all__ = [
@@ -432,11 +432,7 @@ def compute_dataset_stats(image_path: str, channels: list | None, settings: dict
 
 def write_stats(stats: dict[str, Any], path: str | Path) -> None:
     """Write the statistics JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(stats, indent=2))
-    tmp.replace(path)
+    write_json_atomic(stats, path)
 
 
 def read_stats(path: str | Path) -> dict[str, Any]:

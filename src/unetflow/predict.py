@@ -35,7 +35,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import sys
 import threading
@@ -56,6 +55,7 @@ import torch
 import zarr
 
 import unetflow
+from unetflow.files import write_json_atomic
 from unetflow.model.unet import UNet, halo_for
 from unetflow.normalize import denormalize_array, normalize_array, read_stats
 from unetflow.ome import (
@@ -1096,11 +1096,7 @@ def predict_to_ome_zarr(checkpoint_path: str, image_path: str, stats_path: str,
 # --- command line (the sharded Snakemake rules call these) ---------------------------------
 def _write_json(record: dict[str, Any], path: str | Path) -> None:
     """Atomically: a shard's record appears only when its tiles are all written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(record, indent=2))
-    tmp.replace(path)
+    write_json_atomic(record, path)
 
 
 def _cmd_create(args: argparse.Namespace) -> None:
