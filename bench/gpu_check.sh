@@ -19,18 +19,8 @@ set -uo pipefail
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/gpu_check}
 WORKERS=${WORKERS:-8}
-mkdir -p "$OUT"
-if [ -d .whl ] && ! "$PY" -c "import zarr, jsonschema" 2>/dev/null; then
-    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-        --target /tmp/site .whl/*.whl || exit 1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-fi
-export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
-export PYTHONUNBUFFERED=1
-
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1 | tee "$OUT/gpu.txt"
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available(),
-'bf16', torch.cuda.is_available() and torch.cuda.is_bf16_supported())" | tee -a "$OUT/gpu.txt"
+NEEDS="zarr, jsonschema"
+. "$(dirname "$0")/gpu_setup.sh"
 
 status=0
 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_train.py 2>&1 \
