@@ -12,12 +12,21 @@ Ratios (higher is better):
   `predict_to_ome_zarr`: read, normalize, tile, forward, write the raw store, gather with a
   3-level pyramid and provenance) divided by the Mpx/s of a pure in-memory forward over the
   same tiles including their halo (numpy arrays prepared beforehand, same 2 workers x 1 torch
-  thread). Goal >= 0.9: the pipeline costs almost nothing beyond the network.
+  thread, the same network and call unetflow runs: `prepare_for_inference`, then
+  `forward_core`, which skips the decoder's work in the halo). Goal >= 0.9: the pipeline
+  costs almost nothing beyond the network.
+- core_vs_full_forward_ratio: seconds of plain forward passes over those tiles (output
+  cropped afterwards) divided by seconds of `forward_core` over them: what skipping the
+  decoder's halo saves.
 - vs_monai_ratio: unetflow Mpx/s divided by the Mpx/s of output of MONAI
   `sliding_window_inference` (roi 512, overlap 0.25, gaussian blending, sw_batch_size 1,
-  torch with 2 threads, image in memory), on the same model and image. Goal >= 1.2 while
-  staying exact; monai_max_abs_diff_vs_exact shows that MONAI's blended output is not the
+  torch with 2 threads, image in memory), on the same image and the same model as a MONAI
+  user runs it: the checkpoint's network loaded in eval mode. Goal >= 1.2 while staying
+  exact; monai_max_abs_diff_vs_exact shows that MONAI's blended output is not the
   whole-image pass (unetflow's crop output is: tests/test_predict.py proves it).
+- vs_monai_same_network_ratio: the same, but MONAI is handed the network unetflow runs
+  (`prepare_for_inference`: batch norms folded, channels-last), so that the ratio isolates
+  the tiling (exact halo against 25% overlap plus blending) from the faster network.
 - workers_2x1_vs_1x2_ratio: pure forward Mpx/s with 2 workers x 1 torch thread divided by 1
   worker x 2 torch threads (two 512 tiles with halo): the measurement behind the defaults.
 - rss_<task>_16384_vs_2048_ratio: peak RSS of predicting a 16384^2 image divided by that of
@@ -53,6 +62,7 @@ import numpy as np
 import torch
 
 from unetflow.demo import synthesize_nuclei
+from unetflow.model.inference import prepare_for_inference
 from unetflow.model.unet import UNet, halo_for
 from unetflow.normalize import compute_dataset_stats, normalize_array, read_stats, write_stats
 from unetflow.ome import open_image, write_image
@@ -107,8 +117,9 @@ def tile_inputs(x: np.ndarray, tile: int, halo: int) -> list[np.ndarray]:
 
 def pure_forward_seconds(model: UNet, tiles: list[np.ndarray], workers: int, threads: int,
                          device: torch.device | None = None, batch_size: int = 1,
-                         amp_dtype: torch.dtype | None = None) -> float:
-    """Wall time of the forward passes alone, `workers` tiles at once (CPU).
+                         amp_dtype: torch.dtype | None = None, halo: int = 0) -> float:
+    """Wall time of the forward passes alone, `workers` tiles at once (CPU). With `halo`,
+    the cores only (`forward_core`, what unetflow's crop blending runs).
 
     On CUDA: batches of `batch_size` equal-shaped tiles, copied host -> GPU -> host (pinned
     memory), one after another: the ceiling for a pipeline that reads from and writes to
@@ -116,11 +127,12 @@ def pure_forward_seconds(model: UNet, tiles: list[np.ndarray], workers: int, thr
     """
     torch.set_num_threads(threads)
     if device is not None and device.type == "cuda":
-        return _cuda_forward_seconds(model, tiles, device, batch_size, amp_dtype)
+        return _cuda_forward_seconds(model, tiles, device, batch_size, amp_dtype, halo)
 
     def run(tile: np.ndarray) -> None:
         with torch.inference_mode():
-            model(torch.from_numpy(tile))
+            x = torch.from_numpy(tile)
+            model.forward_core(x, halo) if halo else model(x)
 
     run(tiles[0])  # warm-up
     start = time.perf_counter()
@@ -130,7 +142,7 @@ def pure_forward_seconds(model: UNet, tiles: list[np.ndarray], workers: int, thr
 
 
 def _cuda_forward_seconds(model: UNet, tiles: list[np.ndarray], device: torch.device,
-                          batch_size: int, amp_dtype: torch.dtype | None) -> float:
+                          batch_size: int, amp_dtype: torch.dtype | None, halo: int) -> float:
     by_shape: dict[tuple[int, ...], list[np.ndarray]] = {}
     for tile in tiles:
         by_shape.setdefault(tile.shape, []).append(tile)
@@ -141,7 +153,8 @@ def _cuda_forward_seconds(model: UNet, tiles: list[np.ndarray], device: torch.de
         x = torch.from_numpy(batch).pin_memory().to(device, non_blocking=True)
         with torch.inference_mode(), torch.autocast("cuda", dtype=amp_dtype or torch.float32,
                                                     enabled=amp_dtype is not None):
-            return model(x).float().cpu().numpy()
+            y = model.forward_core(x, halo) if halo else model(x)
+            return y.float().cpu().numpy()
 
     run(batches[0])  # warm-up (cuDNN autotuning, allocator)
     torch.cuda.synchronize()
@@ -188,7 +201,10 @@ def throughput(root: Path, size: int, tile: int, device: torch.device, amp: bool
     figures: dict[str, float] = {"image_megapixels": megapixels, "tiles": len(tiles),
                                  "halo": halo, **figures_setup}
 
-    pure = pure_forward_seconds(model, tiles, threads, 1, device, batch_size, amp_dtype)
+    network = prepare_for_inference(model, device)  # what unetflow's TileRunner runs
+    pure = pure_forward_seconds(network, tiles, threads, 1, device, batch_size, amp_dtype,
+                                halo)
+    full = pure_forward_seconds(network, tiles, threads, 1, device, batch_size, amp_dtype)
     out = root / "pred.ome.zarr"
     settings = {**SETTINGS, "tile_shape": [tile, tile], "device": device.type, "amp": amp,
                 "batch_size": batch_size}
@@ -199,6 +215,8 @@ def throughput(root: Path, size: int, tile: int, device: torch.device, amp: bool
     figures["pure_forward_mpx_s"] = megapixels / pure
     figures["unetflow_mpx_s"] = megapixels / ours
     figures["vs_pure_forward_ratio"] = pure / ours
+    figures["full_forward_mpx_s"] = megapixels / full
+    figures["core_vs_full_forward_ratio"] = full / pure
 
     monai, blended = monai_seconds(model, x, MONAI_ROI, device, batch_size, amp_dtype,
                                    threads)
@@ -209,12 +227,15 @@ def throughput(root: Path, size: int, tile: int, device: torch.device, amp: bool
         figures["vs_monai_ratio"] = monai / ours
         figures["monai_max_abs_diff_vs_exact"] = float(np.abs(blended - exact).max())
         figures["exact_output_std"] = float(exact.std())
+        same, _ = monai_seconds(network, x, MONAI_ROI, device, batch_size, amp_dtype, threads)
+        figures["monai_same_network_mpx_s"] = megapixels / same
+        figures["vs_monai_same_network_ratio"] = same / ours
     shutil.rmtree(out, ignore_errors=True)
 
     if device.type == "cpu":  # two 512 tiles with halo: enough to compare thread layouts
         subset = tile_inputs(x[:, :512, :1024], 512, halo)
-        figures["workers_2x1_vs_1x2_ratio"] = (pure_forward_seconds(model, subset, 1, 2)
-                                               / pure_forward_seconds(model, subset, 2, 1))
+        figures["workers_2x1_vs_1x2_ratio"] = (pure_forward_seconds(network, subset, 1, 2)
+                                               / pure_forward_seconds(network, subset, 2, 1))
     return figures
 
 

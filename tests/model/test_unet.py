@@ -265,3 +265,31 @@ def test_tiny_model_overfits_one_batch():
         optimiser.step()
         losses.append(loss.item())
     assert min(losses[-5:]) < losses[0] / 10
+
+
+@pytest.mark.parametrize("spatial_dims,norm,downsample,upsample,residual", [
+    (2, "batch", "maxpool", "transpose", False), (2, "none", "conv", "interpolate", False),
+    (2, "batch", "maxpool", "interpolate", True), (2, "instance", "maxpool", "transpose", False),
+    (3, "batch", "maxpool", "transpose", False), (3, "none", "conv", "interpolate", True),
+])
+@pytest.mark.parametrize("halo", [0, 4, 8])
+def test_forward_core_equals_the_cropped_forward(spatial_dims, norm, downsample, upsample,
+                                                 residual, halo):
+    channels = 2 if residual else 3
+    model = tiny_unet(spatial_dims, 2, channels, norm=norm, downsample=downsample,
+                      upsample=upsample, residual=residual).eval()
+    shape = (37, 29) if spatial_dims == 2 else (21, 19, 26)  # cores off the 2**depth grid
+    x = torch.randn(2, 2, *shape)
+    core = (..., *(slice(halo, s - halo) for s in shape))
+    with torch.no_grad():
+        expected, got = model(x)[core], model.forward_core(x, halo)
+    assert got.shape == expected.shape
+    assert torch.allclose(got, expected, atol=1e-5)
+
+
+def test_forward_core_refuses_halos_off_the_grid_or_without_a_core():
+    model = tiny_unet().eval()
+    with pytest.raises(ValueError, match="halo 3 must be a multiple of 4"):
+        model.forward_core(torch.randn(1, 1, 32, 32), 3)
+    with pytest.raises(ValueError, match="halo 16 .* leaves a core"):
+        model.forward_core(torch.randn(1, 1, 32, 40), 16)

@@ -24,6 +24,7 @@ UPSAMPLES = ("transpose", "interpolate")
 
 KERNEL_SIZE = 3  # of every feature convolution; padding KERNEL_SIZE // 2 keeps the shape
 SCALE = 2  # of every down- and upsampling step
+BLOCK_REACH = 2 * (KERNEL_SIZE // 2)  # pixels one conv block (two convolutions) reads per side
 MAX_GROUPS = 8  # for group normalisation
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -127,6 +128,17 @@ def _through_downsampling(lo: int, hi: int) -> tuple[int, int]:
 def _through_upsampling(lo: int, hi: int) -> tuple[int, int]:
     """Positions a stride-2 transposed conv or nearest resize reads: fine v reads v // 2."""
     return lo // SCALE, hi // SCALE
+
+
+def _grow(box: list[tuple[int, int]], reach: int, sizes: list[int]) -> list[tuple[int, int]]:
+    """Intervals ``box`` widened by ``reach`` on each side, clipped to [0, size)."""
+    return [(max(0, lo - reach), min(size, hi + reach))
+            for (lo, hi), size in zip(box, sizes, strict=True)]
+
+
+def _crop(t: torch.Tensor, box: list[tuple[int, int]], origin: list[int]) -> torch.Tensor:
+    """The part of ``t`` (whose first pixel sits at ``origin``) inside intervals ``box``."""
+    return t[(..., *(slice(lo - o, hi - o) for (lo, hi), o in zip(box, origin, strict=True)))]
 
 
 def _hull(a: tuple[int, int], b: tuple[int, int]) -> tuple[int, int]:
@@ -263,6 +275,70 @@ class UNet(nn.Module):
             x = self.upsamplings[level](x)
             x = self.decoders[level](torch.cat([x, skips[level]], dim=1))
         return self.head(x)
+
+    def forward_core(self, x: torch.Tensor, halo: int) -> torch.Tensor:
+        """forward(x) without ``halo`` pixels on each side, at about 0.8x the work.
+
+        Tiled prediction keeps only a window's core, and every output pixel needs the
+        encoder's context (the halo), but the decoder, about two thirds of the arithmetic,
+        needs at each level only the core plus two pixels per convolution. So the encoder
+        runs on the whole window, each decoder level on the core's footprint plus that
+        margin. Inside the core the values are those of forward(x): a cropped convolution
+        is wrong only in the margins it discards, and where the crop meets the window's edge
+        it zero-pads exactly as the full pass does. Group and instance norms take statistics
+        over the whole tensor, so for them this is forward(x) cropped.
+        """
+        self._check_input(x)
+        spatial_shape = x.shape[2:]
+        core_shape = [s - 2 * halo for s in spatial_shape]
+        if halo < 0 or halo % self.size_multiple or min(core_shape) < 1:
+            raise ValueError(f"halo {halo} must be a multiple of {self.size_multiple} that "
+                             f"leaves a core inside the input of shape {tuple(x.shape)}")
+        core = (..., *(slice(halo, halo + c) for c in core_shape))
+        if self._config["norm"] in ("group", "instance") or halo == 0:
+            return self.forward(x)[core]
+        padded = F.pad(x, self._end_padding(spatial_shape))
+        skips, h = [], padded
+        for encoder, downsampling in zip(self.encoders, self.downsamplings, strict=True):
+            h = encoder(h)
+            skips.append(h)
+            h = downsampling(h)
+        bottom = self.bottleneck(h)
+        needs = self._decoder_needs([(halo, halo + c) for c in core_shape], padded.shape[2:])
+        y = self._decode_cropped(bottom, skips, needs)
+        y = y[(..., *(slice(0, c) for c in core_shape))]
+        return y + x[core] if self._config["residual"] else y
+
+    def _decoder_needs(self, core: list[tuple[int, int]], padded_shape: torch.Size
+                       ) -> list[list[tuple[int, int]]]:
+        """Per level 0..depth, the intervals (per axis) where the decoder's output is needed:
+        level 0 is the core; each coarser level covers what the finer one reads through
+        its two convolutions (and the upsampling's convolution), clipped to the tensor."""
+        reach = BLOCK_REACH + (self._config["upsample"] == "interpolate") * (KERNEL_SIZE // 2)
+        needs = [core]
+        for level in range(self.depth):
+            reads = _grow(needs[-1], reach, [s // SCALE**level for s in padded_shape])
+            needs.append([(lo // SCALE, -(-hi // SCALE)) for lo, hi in reads])
+        return needs
+
+    def _decode_cropped(self, bottom: torch.Tensor, skips: list[torch.Tensor],
+                        needs: list[list[tuple[int, int]]]) -> torch.Tensor:
+        """The decoder on the intervals of ``needs``, coarse to fine; returns level 0's."""
+        d = _crop(bottom, needs[self.depth], [0] * len(needs[0]))
+        for level in reversed(range(self.depth)):
+            sizes = skips[level].shape[2:]
+            reads = _grow(needs[level], BLOCK_REACH, sizes)
+            up_origin = [SCALE * lo for lo, _ in needs[level + 1]]
+            if self._config["upsample"] == "interpolate":
+                resize, conv = self.upsamplings[level]
+                wider = _grow(reads, KERNEL_SIZE // 2, sizes)
+                up = conv(_crop(resize(d), wider, up_origin))
+                up = _crop(up, reads, [lo for lo, _ in wider])
+            else:
+                up = _crop(self.upsamplings[level](d), reads, up_origin)
+            merged = torch.cat([up, _crop(skips[level], reads, [0] * len(reads))], dim=1)
+            d = _crop(self.decoders[level](merged), needs[level], [lo for lo, _ in reads])
+        return self.head(d)
 
     def input_interval(self, position: int) -> tuple[int, int]:
         """First and last input position (one axis) that the output at ``position`` reads.
