@@ -19,7 +19,9 @@ Ratios (higher is better, goal >= 0.5 for both headline ratios):
   with 4x the pixels (8192x8192, same chunks): it follows the chunks in flight, not the
   dataset, so it must grow far less than 4x.
 - store_write_only_s vs extract_s: writing the same number of patches (images and targets,
-  same layout and codec) into a fresh store, with nothing read: the floor under extraction.
+  same layout and codec, with `PatchChunks` as extraction does) into a fresh store, with
+  nothing read: the floor under extraction. store_write_zarr_setitem_s: the same through
+  zarr's `Array.__setitem__`, 16 patches per call (what `PatchChunks` replaces).
 """
 
 from __future__ import annotations
@@ -37,7 +39,13 @@ import zarr
 from unetflow.demo import synthesize_nuclei
 from unetflow.normalize import compute_dataset_stats, write_stats
 from unetflow.ome import write_image
-from unetflow.patches import CHUNK_KEYS, PATCH_CODEC, DatasetInput, extract_patches
+from unetflow.patches import (
+    CHUNK_KEYS,
+    PATCH_CODEC,
+    DatasetInput,
+    PatchChunks,
+    extract_patches,
+)
 
 REPEATS = 5
 TILE, TILES, CHUNK = 1024, 4, 1024
@@ -95,8 +103,8 @@ def extract(root: Path, dataset: DatasetInput, per_dataset: int, out: str) -> No
                     root / f"{out}.tsv")
 
 
-def write_only(root: Path, n: int) -> None:
-    """Write n random 128x128 image and label patches as extraction would, one call per 16."""
+def write_only(root: Path, n: int, through_zarr: bool = False) -> None:
+    """Write n random 128x128 image and label patches as extraction would, 16 per call."""
     group = zarr.open_group(str(root / "write_only.zarr"), mode="w", zarr_format=3)
     rng = np.random.default_rng(0)
     images = rng.random((n, 1, 128, 128), dtype=np.float32)
@@ -105,8 +113,12 @@ def write_only(root: Path, n: int) -> None:
         array = group.create_array(name, shape=data.shape, dtype=data.dtype,
                                    chunks=(1, *data.shape[1:]), compressors=[PATCH_CODEC],
                                    chunk_key_encoding=CHUNK_KEYS)
+        chunks = PatchChunks(array)
         for start in range(0, n, 16):
-            array[start:start + 16] = data[start:start + 16]
+            if through_zarr:
+                array[start:start + 16] = data[start:start + 16]
+            else:
+                chunks.write(start, data[start:start + 16])
 
 
 def main() -> None:
@@ -118,15 +130,17 @@ def main() -> None:
         source_bytes = raw_read([paths["float32"], paths["labels"]])
         figures: dict[str, float] = {"source_mb": source_bytes / 1e6}
 
-        t_raw, t_sparse, t_dense, t_write = [], [], [], []
+        t_raw, t_sparse, t_dense, t_write, t_zarr = [], [], [], [], []
         for _ in range(REPEATS):
             t_raw.append(best_time(lambda: raw_read([paths["float32"], paths["labels"]]), 1))
             t_sparse.append(best_time(lambda: extract(root, dataset, 256, "sparse"), 1))
             t_dense.append(best_time(lambda: extract(root, dataset, 1024, "dense"), 1))
             t_write.append(best_time(lambda: write_only(root, 256), 1))
+            t_zarr.append(best_time(lambda: write_only(root, 256, through_zarr=True), 1))
         figures["raw_read_s"] = min(t_raw)
         figures["extract_s"] = min(t_sparse)
         figures["store_write_only_s"] = min(t_write)
+        figures["store_write_zarr_setitem_s"] = min(t_zarr)
         raw_mbs = source_bytes / 1e6 / min(t_raw)
         figures["raw_read_mb_per_s"] = raw_mbs
         figures["extract_mb_per_s"] = source_bytes / 1e6 / min(t_sparse)

@@ -14,7 +14,10 @@ from unetflow.demo import synthesize_nuclei
 from unetflow.normalize import compute_dataset_stats, normalize_array, write_stats
 from unetflow.ome import write_image
 from unetflow.patches import (
+    CHUNK_KEYS,
+    PATCH_CODEC,
     DatasetInput,
+    PatchChunks,
     PatchError,
     extract_patches,
     prepare_target,
@@ -185,6 +188,11 @@ def test_per_megapixel_and_3d_patches(tmp_path):
     n = round(100.0 * 32 * 40 * 96 / 1e6)
     assert len(rows) == round(n * 0.75) + round(n * 0.25)
     assert group["train/images"].shape[1:] == (1, 16, 16, 16)
+    stats = group.attrs["unetflow"]["datasets"]["vol"]
+    for r in rows:  # patches copied piece by piece from up to 8 chunks
+        box = tuple(slice(o, o + s) for o, s in zip(r["origin"], r["shape"], strict=True))
+        np.testing.assert_array_equal(group[f"{r['split']}/images"][r["index"]],
+                                      normalize_array(demo.noisy[box][None], stats))
     val_x = min(r["origin"][2] for r in rows if r["split"] == "val")
     train_x = max(r["origin"][2] + 16 for r in rows if r["split"] == "train")
     assert val_x - train_x >= 8  # split across x, the axis with most room
@@ -220,3 +228,30 @@ def test_chunks_smaller_than_a_patch_and_unlike_the_target(tmp_path):
                                       normalize_array(demo.noisy[box][None], stats))
         np.testing.assert_array_equal(group[f"{r['split']}/targets"][r["index"]],
                                       (demo.labels[box] > 0).astype(np.int32))
+
+
+def test_patch_chunks_are_the_files_zarr_writes(tmp_path):
+    """PatchChunks writes chunk files itself, for speed: they must be Zarr's, byte for byte."""
+    rng = np.random.default_rng(0)
+    stacks = {"images": rng.normal(size=(6, 2, 8, 12)).astype(np.float32),
+              "targets": rng.integers(1, 4, size=(6, 8, 12)).astype(np.int32)}
+    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
+    for name, data in stacks.items():
+        ours, theirs = (group.create_array(f"{who}/{name}", shape=data.shape, dtype=data.dtype,
+                                           chunks=(1, *data.shape[1:]),
+                                           compressors=[PATCH_CODEC],
+                                           chunk_key_encoding=CHUNK_KEYS)
+                        for who in ("ours", "zarr"))
+        PatchChunks(ours).write(0, data[:4])
+        PatchChunks(ours).write(4, data[4:])
+        theirs[:] = data
+        ours_dir, theirs_dir = (tmp_path / "s.zarr" / who / name for who in ("ours", "zarr"))
+        chunks = [f for f in _files(theirs_dir) if f != "zarr.json"]
+        assert len(chunks) == 6 and _files(ours_dir) == _files(theirs_dir)
+        _, mismatch, errors = filecmp.cmpfiles(ours_dir, theirs_dir, chunks, shallow=False)
+        assert not mismatch and not errors
+        np.testing.assert_array_equal(zarr.open_array(str(ours_dir), mode="r")[:], data)
+    plain = group.create_array("plain", shape=(2, 4), dtype="float32", chunks=(1, 4),
+                               compressors=None)
+    with pytest.raises(ValueError, match="bytes \\+ blosc"):
+        PatchChunks(plain)

@@ -17,9 +17,11 @@ for byte.
 Reading. Labels are read once to index foreground (a count and a seeded sample of
 foreground pixels per chunk), once more only when `min_foreground` or `ignore_label` must be
 checked, and the image and target once when writing. Patches are grouped by the source chunk
-holding their origin and cut from dask arrays overlapped by one patch on the high side of each
-axis: each chunk is read once, chunks are processed in parallel by dask, and only the chunks in
-flight are in memory, never the whole dataset (bench/patches.py: 4x the data, +34% memory).
+holding their origin; a group's task depends on that chunk and on the neighbours its patches
+reach (one patch at most on the high side of each axis) and copies each patch from them
+piece by piece, so each chunk is read once for both splits, never concatenated with its
+neighbours, chunks are processed in parallel by dask, and only the chunks in flight are in
+memory, never the whole dataset (bench/patches.py: 4x the data, +34% memory).
 
 Normalization is applied at extraction, with each dataset's own statistics (so datasets of
 different intensity ranges pool on one scale): training reads every patch many times, so
@@ -29,9 +31,12 @@ stored in the store's attributes (and copied from there into every checkpoint).
 Store layout: `<split>/images` float32 (N, C, *patch) and `<split>/targets` (N, *patch)
 int32 class indices or (N, C, *patch) float32, one patch per chunk so training reads any
 patch alone, chunk keys `c.<i>.0.0` in one flat folder (zarr otherwise makes a folder per
-patch: writes were 1.5-2x slower). Not sharded: shards of 16-256 patches wrote 1.0-1.5
-ms/patch instead of 1.1-2.3, but random reads of 8 patches (a training batch) cost 2.5-5
-ms/patch instead of 1.0-1.5, and training reads each patch many times.
+patch: writes were 1.5-2x slower). Zarr creates the arrays; `PatchChunks` writes the chunk
+files (what Zarr would write, byte for byte) because zarr 3.1's `Array.__setitem__` spends
+about 1 ms of Python per chunk, which made writing 2-3x slower than reading the whole source.
+Not sharded: shards of 16-256 patches wrote 1.0-1.5 ms/patch through zarr instead of 1.1-2.3,
+but random reads of 8 patches (a training batch) cost 2.5-5 ms/patch instead of 1.0-1.5,
+and training reads each patch many times.
 
 Codec: Blosc LZ4 with byte shuffle, chosen by measurement on normalized demo patches of
 128x128 (single-thread numcodecs, this 2-core box; x = compression ratio):
@@ -45,14 +50,14 @@ Codec: Blosc LZ4 with byte shuffle, chosen by measurement on normalized demo pat
 
 Noisy float images barely compress with any codec, so decode speed decides: LZ4 decodes
 1.6-2.9x faster than zstd, compresses smooth targets better and labels 25x. Through zarr the
-difference shrinks (zarr's per-chunk overhead, about 0.7 ms CPU per chunk written, dominates
-64 KB chunks), and uncompressed chunks were no faster to read, so LZ4 costs nothing and saves
-10-96% of the disk.
+difference shrinks (zarr's per-chunk overhead dominates reading 64 KB chunks), and uncompressed
+chunks were no faster to read, so LZ4 costs nothing and saves 10-96% of the disk.
 """
 
 from __future__ import annotations
 
 import csv
+import itertools
 import shutil
 import uuid
 from collections import Counter, defaultdict
@@ -63,16 +68,20 @@ from typing import Any
 
 import dask
 import dask.array as da
+import numcodecs
 import numpy as np
 import zarr
 from dask.highlevelgraph import HighLevelGraph
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, BytesCodec
+from zarr.codecs.bytes import Endian
+from zarr.storage import LocalStore
 
 from unetflow.normalize import normalize_array, read_stats
 from unetflow.ome import channel_first, open_image
 
 __all__ = [
     "DatasetInput",
+    "PatchChunks",
     "PatchError",
     "Region",
     "extract_patches",
@@ -93,6 +102,7 @@ __all__ = [
 MANIFEST_FIELDS = ["index", "dataset", "split", "origin", "shape", "foreground_fraction", "kind"]
 PATCH_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 CHUNK_KEYS = {"name": "default", "separator": "."}  # one flat folder: no mkdir per patch
+BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}  # zarr v3 name -> numcodecs
 FOREGROUND_POINTS = 1 << 20  # sampled foreground pixels kept over all chunks (<= 24 MB)
 
 
@@ -162,16 +172,16 @@ def split_regions(spatial_shape: tuple[int, ...], patch_shape: tuple[int, ...], 
 
 def prepare_target(target: np.ndarray, task: str, num_classes: int,
                    ignore_label: int | None) -> np.ndarray:
-    """Segmentation targets as class indices; with 2 classes any nonzero label is foreground."""
+    """Segmentation targets as int32 class indices; with 2 classes any nonzero label is
+    foreground."""
     if task != "segmentation":
         return target.astype(np.float32)
-    out = target.astype(np.int64)
-    if num_classes == 2:
-        binary = (out != 0).astype(np.int64)
-        if ignore_label is not None:
-            binary[out == ignore_label] = ignore_label
-        out = binary
-    return out.astype(np.int32)
+    if num_classes != 2:
+        return target.astype(np.int32)
+    binary = (target != 0).astype(np.int32)
+    if ignore_label is not None:
+        binary[target == ignore_label] = ignore_label
+    return binary
 
 
 def _foreground(target: np.ndarray, ignore_label: int | None) -> np.ndarray:
@@ -241,15 +251,22 @@ def patch_source(arrays: list[da.Array], patch: tuple[int, ...]) -> PatchSource:
     return PatchSource(out, tuple(patch))
 
 
-def _cut_patches(blocks: list[np.ndarray], start: tuple[int, ...], origins: np.ndarray,
+def _cut_patches(blocks: list[list[np.ndarray]], starts: np.ndarray, origins: np.ndarray,
                  patch: tuple[int, ...]) -> list[np.ndarray]:
-    """Stacks (k, *lead, *patch) of the patches at `origins`, cut from each extended block."""
+    """Stacks (k, *lead, *patch) of the patches at `origins`, one per array, each patch copied
+    piece by piece from the source blocks (starting at `starts`) that it overlaps."""
+    d, size = len(patch), np.array(patch)
     out = []
-    for block in blocks:
-        lead = (slice(None),) * (block.ndim - len(patch))
-        out.append(np.stack([block[lead + tuple(slice(o - s, o - s + p) for o, s, p
-                                                  in zip(origin, start, patch, strict=True))]
-                             for origin in origins]))
+    for array_blocks in blocks:
+        lead = array_blocks[0].shape[:-d]
+        stack = np.empty((len(origins), *lead, *patch), dtype=array_blocks[0].dtype)
+        for block, start in zip(array_blocks, starts, strict=True):
+            low = np.maximum(origins, start)
+            high = np.minimum(origins + size, start + block.shape[-d:])
+            for k in np.flatnonzero((high > low).all(axis=1)):
+                stack[(k, Ellipsis, *map(slice, low[k] - origins[k], high[k] - origins[k]))] = \
+                    block[(Ellipsis, *map(slice, low[k] - start, high[k] - start))]
+        out.append(stack)
     return out
 
 
@@ -260,11 +277,18 @@ def _cell(value: Any, ndim: int = 1) -> np.ndarray:
     return cell
 
 
-def _apply_to_block(blocks: list[np.ndarray], start: tuple[int, ...], items: np.ndarray,
-                    origins: np.ndarray, patch: tuple[int, ...], fn: Callable,
-                    kwargs: dict) -> np.ndarray:
-    values = fn(items, _cut_patches(blocks, start, origins, patch), **kwargs)
+def _apply_to_blocks(blocks: list[list[np.ndarray]], starts: np.ndarray, items: np.ndarray,
+                     origins: np.ndarray, patch: tuple[int, ...], fn: Callable,
+                     kwargs: dict) -> np.ndarray:
+    values = fn(items, _cut_patches(blocks, starts, origins, patch), **kwargs)
     return _cell(list(zip(items.tolist(), values, strict=True)))
+
+
+def _blocks_reached(home: tuple[int, ...], last: np.ndarray) -> list[tuple[int, ...]]:
+    """Chunk indices from `home` to the furthest chunk any of its patches reaches (`last`
+    holds, per patch, the chunk of its last pixel): at most two per axis."""
+    ranges = [range(a, int(b) + 1) for a, b in zip(home, last.max(axis=0), strict=True)]
+    return list(itertools.product(*ranges))
 
 
 def patch_tasks(source: PatchSource, origins: np.ndarray, fn: Callable,
@@ -272,28 +296,29 @@ def patch_tasks(source: PatchSource, origins: np.ndarray, fn: Callable,
     """`fn(items, patch_stacks, **kwargs) -> one value per item` applied chunk by chunk.
 
     Returns a lazy 1-D object array with one cell per chunk holding origins (None when there
-    are no origins); a cell is that chunk's list of (item, value). The chunk and the patch of
-    overlap it needs from its neighbours are read once; chunks without origins are not read.
+    are no origins); a cell is that chunk's list of (item, value). A task depends on the
+    source chunk holding its origins and on the neighbours its patches reach, and copies each
+    patch from them piece by piece: every source chunk is read once (a chunk shared by tasks,
+    or by the splits computed together, is one dask key), never concatenated with its
+    neighbours, and chunks without patches are not read.
     """
     if len(origins) == 0:
         return None
     d = len(source.patch)
-    extended = []
-    for a in source.arrays:
-        depth = {i: 0 for i in range(a.ndim - d)}
-        depth.update({a.ndim - d + i: (0, p - 1) for i, p in enumerate(source.patch)})
-        extended.append(da.overlap.overlap(a, depth=depth, boundary="none",
-                                           allow_rechunk=False))
+    home = source.chunk_of(origins)
+    last = source.chunk_of(origins + np.array(source.patch) - 1)
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for item, index in enumerate(map(tuple, source.chunk_of(origins).tolist())):
+    for item, index in enumerate(map(tuple, home.tolist())):
         groups[index].append(item)
     name = f"patches-{fn.__name__}-{uuid.uuid4().hex}"
     layer = {}
     for t, (index, items) in enumerate(sorted(groups.items())):
-        keys = [(e.name, *(0,) * (e.ndim - d), *index) for e in extended]
-        layer[(name, t)] = (_apply_to_block, keys, source.chunk_start(index), np.array(items),
-                            origins[items], source.patch, fn, kwargs)
-    graph = HighLevelGraph.from_collections(name, layer, dependencies=extended)
+        reached = _blocks_reached(index, last[items])
+        keys = [[(a.name, *(0,) * (a.ndim - d), *b) for b in reached] for a in source.arrays]
+        starts = np.array([source.chunk_start(b) for b in reached])
+        layer[(name, t)] = (_apply_to_blocks, keys, starts, np.array(items), origins[items],
+                            source.patch, fn, kwargs)
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=list(source.arrays))
     return da.Array(graph, name, chunks=((1,) * len(layer),), dtype=object)
 
 
@@ -495,7 +520,7 @@ def _open_pair(ds: DatasetInput, task: str, level: int) -> tuple[da.Array, da.Ar
 
 
 def _write_block(items: np.ndarray, stacks: list[np.ndarray], *, indices: np.ndarray,
-                 images: zarr.Array, targets: zarr.Array, stats: dict, normalize: dict,
+                 images: PatchChunks, targets: PatchChunks, stats: dict, normalize: dict,
                  task: str, num_classes: int, ignore_label: int | None) -> list[Any]:
     """Normalize one chunk's patches and write them to consecutive store indices."""
     image, target = stacks
@@ -510,25 +535,62 @@ def _write_block(items: np.ndarray, stacks: list[np.ndarray], *, indices: np.nda
     first, last = int(where[order[0]]), int(where[order[-1]]) + 1
     if not np.array_equal(where[order], np.arange(first, last)):
         raise AssertionError("patches of one chunk must have consecutive store indices")
-    images[first:last] = image[order]
-    targets[first:last] = target[order]
+    images.write(first, image[order])
+    targets.write(first, target[order])
     if task != "segmentation":
         return [""] * len(items)
     axes = tuple(range(1, target.ndim))
     return _foreground(target, ignore_label).mean(axis=axes).tolist()
 
 
+class PatchChunks:
+    """Writes whole one-patch chunks of a local Zarr v3 array straight to their files.
+
+    Zarr 3.1 spends about 1 ms of Python per chunk in `Array.__setitem__` (asyncio tasks, two
+    thread hops, a temporary file renamed per chunk), 10-20x the cost of encoding the chunk
+    and writing its file, and a patch store is nothing but small chunks. Zarr still creates
+    the array, its metadata and codecs; this writes each chunk's bytes exactly as Zarr
+    would, under the key Zarr names it (tests/test_patches.py compares with Zarr's own
+    writes, byte for byte), so any Zarr reader reads the store.
+    """
+
+    def __init__(self, array: zarr.Array) -> None:
+        serializer, compressors = array.serializer, array.compressors
+        if not (isinstance(array.store, LocalStore) and isinstance(serializer, BytesCodec)
+                and serializer.endian in (None, Endian.little)
+                and len(compressors) == 1 and isinstance(compressors[0], BloscCodec)):
+            raise ValueError(f"PatchChunks writes local arrays with bytes + blosc codecs, "
+                             f"not {array.store} with {serializer}, {compressors}")
+        self.folder = Path(array.store.root) / array.path
+        self.metadata = array.metadata
+        self.dtype = np.dtype(array.dtype).newbyteorder("<")
+        blosc = compressors[0]
+        self.codec = numcodecs.Blosc.from_config({
+            "cname": blosc.cname.value, "clevel": blosc.clevel, "typesize": blosc.typesize,
+            "shuffle": BLOSC_SHUFFLE[blosc.shuffle.value], "blocksize": blosc.blocksize})
+
+    def write(self, first: int, stack: np.ndarray) -> None:
+        """Patches `stack` (k, ...) as chunks first .. first + k - 1."""
+        lead = (0,) * (stack.ndim - 1)
+        for i, patch in enumerate(stack):
+            key = self.metadata.encode_chunk_key((first + i, *lead))
+            data = np.ascontiguousarray(patch, dtype=self.dtype)
+            (self.folder / key).write_bytes(self.codec.encode(data))
+
+
 def _create_arrays(group: zarr.Group, split: str, n: int, channels: int,
                    target_lead: tuple[int, ...], patch: tuple[int, ...],
-                   target_dtype: str) -> tuple[zarr.Array, zarr.Array]:
+                   target_dtype: str) -> tuple[PatchChunks, PatchChunks]:
     sub = group.require_group(split)
-    images = sub.create_array("images", shape=(n, channels, *patch), dtype="float32",
-                              chunks=(1, channels, *patch), compressors=[PATCH_CODEC],
-                              chunk_key_encoding=CHUNK_KEYS)
-    targets = sub.create_array("targets", shape=(n, *target_lead, *patch), dtype=target_dtype,
-                               chunks=(1, *target_lead, *patch), compressors=[PATCH_CODEC],
-                               chunk_key_encoding=CHUNK_KEYS)
-    return images, targets
+    arrays = []
+    for name, lead, dtype in (("images", (channels,), "float32"),
+                              ("targets", target_lead, target_dtype)):
+        array = sub.create_array(name, shape=(n, *lead, *patch), dtype=dtype,
+                                 chunks=(1, *lead, *patch), compressors=[PATCH_CODEC],
+                                 chunk_key_encoding=CHUNK_KEYS,
+                                 config={"write_empty_chunks": True})
+        arrays.append(PatchChunks(array))
+    return arrays[0], arrays[1]
 
 
 def _assign_indices(records: list[dict], sources: dict[str, PatchSource]) -> None:
