@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import zarr
 
+from unetflow import patches
 from unetflow.demo import synthesize_nuclei
 from unetflow.normalize import compute_dataset_stats, normalize_array, write_stats
 from unetflow.ome import write_image
@@ -181,7 +182,8 @@ def test_patches_entirely_ignore_label_are_skipped(tmp_path):
     assert any(np.any(t == 9) for t in targets)  # partly ignored patches are kept
 
 
-def test_per_megapixel_and_3d_patches(tmp_path):
+def test_per_megapixel_and_3d_patches(tmp_path, monkeypatch):
+    monkeypatch.setattr(patches, "READ_CHUNK_BYTES", 1)  # read in the small chunks written
     demo = synthesize_nuclei((32, 40, 96), seed=6)
     ds = _write_dataset(tmp_path, "vol", demo.noisy, demo.labels, (16, 32, 32))
     records, rows, group = _extract(tmp_path, [ds], shape=[16, 16, 16], per_megapixel=100.0)
@@ -212,7 +214,10 @@ def test_pooled_datasets_need_the_same_channels(tmp_path, data):
     assert os.path.exists(data["a"].image)
 
 
-def test_chunks_smaller_than_a_patch_and_unlike_the_target(tmp_path):
+@pytest.mark.parametrize("merged", [False, True])
+def test_chunks_smaller_than_a_patch_and_unlike_the_target(tmp_path, monkeypatch, merged):
+    if not merged:  # read chunk by chunk: patches are copied from up to 4 chunks
+        monkeypatch.setattr(patches, "READ_CHUNK_BYTES", 1)
     demo = synthesize_nuclei((64, 96), seed=8)
     write_image(tmp_path / "i.ome.zarr", demo.noisy[None], ["c", "y", "x"], chunks=(1, 20, 24))
     write_image(tmp_path / "t.ome.zarr", demo.labels[None], ["c", "y", "x"], chunks=(1, 64, 40))

@@ -62,7 +62,7 @@ import shutil
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +77,7 @@ from zarr.codecs.bytes import Endian
 from zarr.storage import LocalStore
 
 from unetflow.normalize import normalize_array, read_stats
-from unetflow.ome import channel_first, open_image
+from unetflow.ome import OmeImage, channel_first, open_image
 
 __all__ = [
     "DatasetInput",
@@ -103,6 +103,7 @@ MANIFEST_FIELDS = ["index", "dataset", "split", "origin", "shape", "foreground_f
 PATCH_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 CHUNK_KEYS = {"name": "default", "separator": "."}  # one flat folder: no mkdir per patch
 BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}  # zarr v3 name -> numcodecs
+READ_CHUNK_BYTES = 16 << 20  # dask chunks of the source: several Zarr chunks each
 FOREGROUND_POINTS = 1 << 20  # sampled foreground pixels kept over all chunks (<= 24 MB)
 
 
@@ -504,9 +505,38 @@ def sample_patches(ctx: Sampler, spatial: tuple[int, ...], held_out: bool,
 
 
 # --- writing -------------------------------------------------------------------------------
+def _merged_spatial_chunks(image: OmeImage) -> dict[str, tuple[int, ...]]:
+    """Dask chunks along each spatial axis that merge neighbouring Zarr chunks, last axis
+    first, until a dask chunk holds READ_CHUNK_BYTES: one zarr call then decodes several
+    chunks concurrently, which read the bench source 20-25% faster than chunk by chunk."""
+    data = image.data
+    nbytes = data.dtype.itemsize * int(np.prod(data.chunksize))
+    out = {}
+    for axis in reversed(image.spatial_axes):
+        native = data.chunks[image.axes.index(axis)]
+        merge = min(len(native), max(1, -(-READ_CHUNK_BYTES // nbytes)))
+        out[axis] = _chunks_at_least(native, merge * native[0])
+        nbytes *= merge
+    return out
+
+
+def _open_source(path: str, level: int, channels: list | None,
+                 spatial_chunks: dict[str, tuple[int, ...]] | None = None
+                 ) -> tuple[da.Array, dict[str, tuple[int, ...]]]:
+    """The image (C, *spatial) read in merged chunks (`spatial_chunks`, by axis name, where
+    they fit, or its own), and those chunks, so that its target is read in the same ones."""
+    image = open_image(path, level=level)
+    spatial_chunks = spatial_chunks or _merged_spatial_chunks(image)
+    chunks = tuple(spatial_chunks[a] if sum(spatial_chunks.get(a, ())) == sum(c) else c
+                   for a, c in zip(image.axes, image.data.chunks, strict=True))
+    array = zarr.open_array(f"{path}/{image.level_path}", mode="r")
+    data = da.from_zarr(array, chunks=chunks)
+    return channel_first(replace(image, data=data), channels), spatial_chunks
+
+
 def _open_pair(ds: DatasetInput, task: str, level: int) -> tuple[da.Array, da.Array]:
-    image = channel_first(open_image(ds.image, level=level), ds.channels)
-    target = channel_first(open_image(ds.target, level=level))
+    image, spatial_chunks = _open_source(ds.image, level, ds.channels)
+    target, _ = _open_source(ds.target, level, None, spatial_chunks)
     if target.shape[1:] != image.shape[1:]:
         raise PatchError(f"dataset '{ds.name}': image {ds.image} has spatial shape "
                          f"{image.shape[1:]} but target {ds.target} has {target.shape[1:]}; "
