@@ -260,3 +260,17 @@ def test_patch_chunks_are_the_files_zarr_writes(tmp_path):
                                compressors=None)
     with pytest.raises(ValueError, match="bytes \\+ blosc"):
         PatchChunks(plain)
+
+
+@pytest.mark.parametrize("k", [3, 40])  # by rejection, and from the list of True pixels
+def test_foreground_pixels_are_sampled_uniformly_without_repeats(k):
+    mask = np.zeros((30, 40), bool)
+    mask[5:15, 10:30] = True  # 200 foreground pixels
+    hits = np.zeros(mask.size, int)
+    for seed in range(500):
+        chosen = patches._sample_flat(mask, 200, k, np.random.default_rng(seed))
+        assert len(chosen) == k == len(set(chosen.tolist())) and mask.reshape(-1)[chosen].all()
+        hits[chosen] += 1
+    expected = 500 * k / 200
+    assert np.abs(hits[mask.reshape(-1)] - expected).max() < 5 * np.sqrt(expected)
+    assert len(patches._sample_flat(mask, 200, 500, np.random.default_rng(0))) == 200

@@ -348,18 +348,38 @@ class ForegroundIndex:
         return np.stack([self.points[c][rng.integers(len(self.points[c]))] for c in chunks])
 
 
+def _sample_flat(mask: np.ndarray, count: int, k: int, rng: np.random.Generator) -> np.ndarray:
+    """`min(k, count)` distinct flat indices of the `count` True pixels of `mask`, uniformly.
+
+    With k at most count / 8 (so about k * size / count <= size / 8 draws find them), by
+    rejection: uniform pixels, the True ones kept, then k of the distinct ones at random (every
+    k-subset is equally likely); this spares listing every True pixel (np.flatnonzero), the
+    costliest step of indexing foreground. Otherwise from that list.
+    """
+    k = min(k, count)
+    flat = mask.reshape(-1)
+    if k == 0 or 8 * k > count:
+        return rng.choice(np.flatnonzero(flat), size=k, replace=False)
+    chosen = np.empty(0, np.int64)
+    while chosen.size < k:
+        draws = rng.integers(flat.size, size=2 * (k - chosen.size) * flat.size // count + 16)
+        chosen = np.union1d(chosen, draws[flat[draws]])
+    return rng.choice(chosen, size=k, replace=False)
+
+
 def _chunk_foreground(block: np.ndarray, k: int, base_seed: int, ignore_label: int | None,
                       block_info: dict | None = None) -> np.ndarray:
     """One chunk's foreground count and `k` of its foreground pixels, drawn with a generator
     seeded by the chunk's position (so the result does not depend on scheduling)."""
     info = block_info[0]
     flat = int(np.ravel_multi_index(info["chunk-location"], info["num-chunks"]))
-    where = np.flatnonzero(_foreground(block, ignore_label))
+    mask = _foreground(block, ignore_label)
+    count = int(np.count_nonzero(mask))
     rng = np.random.default_rng([base_seed, flat])
-    chosen = rng.choice(where, size=min(k, where.size), replace=False)
+    chosen = _sample_flat(mask, count, k, rng)
     start = np.array([a for a, _ in info["array-location"]])
     points = np.stack(np.unravel_index(np.sort(chosen), block.shape), 1) + start
-    return _cell((where.size, points), block.ndim)
+    return _cell((count, points), block.ndim)
 
 
 def _foreground_cells(labels: da.Array, region: Region, k: int, base_seed: int,
