@@ -647,13 +647,18 @@ def _assign_indices(records: list[dict], sources: dict[str, PatchSource]) -> Non
     """Number each split's patches by (dataset, chunk of origin): a chunk's patches are
     written with one call, and chunks are visited in storage order."""
     order = {name: i for i, name in enumerate(sources)}
+    home: list[tuple[int, ...]] = [()] * len(records)
+    for name, source in sources.items():
+        rows = [i for i, r in enumerate(records) if r["dataset"] == name]
+        if rows:
+            chunks = source.chunk_of(np.array([records[i]["origin"] for i in rows]))
+            for i, chunk in zip(rows, chunks.tolist(), strict=True):
+                home[i] = tuple(chunk)
     for split in ("train", "val"):
-        chosen = [r for r in records if r["split"] == split]
-        keys = [(order[r["dataset"]],
-                 *sources[r["dataset"]].chunk_of(np.array([r["origin"]]))[0].tolist(),
-                 r["origin"]) for r in chosen]
-        for index, i in enumerate(sorted(range(len(chosen)), key=keys.__getitem__)):
-            chosen[i]["index"] = index
+        rows = [i for i, r in enumerate(records) if r["split"] == split]
+        rows.sort(key=lambda i: (order[records[i]["dataset"]], home[i], records[i]["origin"]))
+        for index, i in enumerate(rows):
+            records[i]["index"] = index
 
 
 def _write_split(records: list[dict], split: str, sources: dict[str, PatchSource],
