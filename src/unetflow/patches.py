@@ -23,7 +23,7 @@ the neighbours its patches reach (one patch at most on the high side of each axi
 each patch from them piece by piece, so each chunk is read once for both splits, never
 concatenated with its neighbours, chunks are processed in parallel by dask, and only the
 chunks in flight are in memory, never the whole dataset (bench/patches.py: 4x the data,
-+20-26% traced peak memory, 191 -> 229-241 MB).
++20-37% traced peak memory, 191 -> 229-262 MB).
 
 Normalization is applied at extraction, with each dataset's own statistics (so datasets of
 different intensity ranges pool on one scale): training reads every patch many times, so
@@ -59,7 +59,7 @@ Noisy float images barely compress with any codec, so decode speed decides: LZ4 
 1.6-2.9x faster than zstd, compresses smooth targets better and labels 25x. Through zarr the
 difference shrinks (zarr's per-chunk overhead dominates reading 64 KB chunks), and uncompressed
 chunks were no faster to read, so LZ4 costs nothing and saves 10-96% of the disk. Encoding
-is cheap too: 0.04 s for the bench's 512 chunks, about a tenth of the extraction.
+is cheap too: 10 ms for the bench's 512 chunks (demo image and label patches, one thread).
 """
 
 from __future__ import annotations
