@@ -28,6 +28,7 @@ import torch
 import zarr
 
 from unetflow.losses import build_loss
+from unetflow.model.inference import memory_format_for
 from unetflow.model.unet import UNet, build_unet
 
 __all__ = [
@@ -92,11 +93,6 @@ def choose_device(requested: str) -> torch.device:
                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r});"
                            " use 'auto' to fall back to the CPU")
     return torch.device("cpu")
-
-
-def memory_format_for(spatial_dims: int) -> torch.memory_format:
-    """channels_last for 2D (4-D tensors), channels_last_3d for 3D (5-D tensors)."""
-    return torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
 
 
 def amp_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
