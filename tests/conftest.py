@@ -94,6 +94,18 @@ def completed_tiny_run(tmp_path_factory) -> Path:
     return workdir
 
 
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory) -> tuple[str, Path]:
+    """An uninterrupted deterministic CPU training run: the oracle of the resumption tests
+    in test_train.py and test_faults.py (trained once for both)."""
+    from test_train import sections, train_in_process, write_store
+
+    root = tmp_path_factory.mktemp("reference")
+    store = write_store(root / "patches.zarr")
+    train_in_process(store, root / "run", "segmentation", *sections())
+    return store, root / "run"
+
+
 @pytest.fixture
 def tiny_run_copy(completed_tiny_run, tmp_path) -> Path:
     """A private copy of the completed tiny run, with Snakemake's metadata, to modify freely."""

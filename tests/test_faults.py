@@ -37,7 +37,6 @@ from test_train import (
     sections,
     start_cli,
     train_in_process,
-    write_store,
 )
 from unetflow.cli import main as cli_main
 from unetflow.config import model_section, validate_config
@@ -102,15 +101,6 @@ def assert_same_store(got: Path, want: Path, arrays_only: bool = False) -> None:
 
 
 # --- training ------------------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[str, Path]:
-    """An uninterrupted deterministic CPU run (the same as tests/test_train.py's oracle)."""
-    root = tmp_path_factory.mktemp("reference")
-    store = write_store(root / "patches.zarr")
-    train_in_process(store, root / "run", "segmentation", *sections())
-    return store, root / "run"
-
-
 def saved_step(out_dir: Path) -> int:
     path = out_dir / "train_state" / "last.pt"
     return load_checkpoint(path)["step"] if path.exists() else 0

@@ -125,15 +125,6 @@ def assert_same_training(out_dir: Path, reference: Path) -> None:
         (reference / "training_log.csv").read_text()
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory) -> tuple[str, Path]:
-    """An uninterrupted deterministic CPU run: the oracle of the resumption tests."""
-    root = tmp_path_factory.mktemp("reference")
-    store = write_store(root / "patches.zarr")
-    train_in_process(store, root / "run", "segmentation", *sections())
-    return store, root / "run"
-
-
 # --- preemption and resumption -----------------------------------------------------------
 def test_sigterm_saves_state_and_rerun_reaches_the_uninterrupted_weights(reference, tmp_path):
     store, ref = reference
