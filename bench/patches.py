@@ -19,9 +19,9 @@ Ratios (higher is better, goal >= 0.5 for both headline ratios):
   with 4x the pixels (8192x8192, same chunks): it follows the chunks in flight, not the
   dataset, so it must grow far less than 4x.
 - store_write_only_s vs extract_s: writing the same number of patches (images and targets,
-  same layout and codec, with `PatchChunks` as extraction does) into a fresh store, with
+  same layout and codec, with `ShardedPatches` as extraction does) into a fresh store, with
   nothing read: the floor under extraction. store_write_zarr_setitem_s: the same through
-  zarr's `Array.__setitem__`, 16 patches per call (what `PatchChunks` replaces).
+  zarr's `Array.__setitem__`, 16 patches per call (what `ShardedPatches` replaces).
 """
 
 from __future__ import annotations
@@ -39,13 +39,8 @@ import zarr
 from unetflow.demo import synthesize_nuclei
 from unetflow.normalize import compute_dataset_stats, write_stats
 from unetflow.ome import write_image
-from unetflow.patches import (
-    CHUNK_KEYS,
-    PATCH_CODEC,
-    DatasetInput,
-    PatchChunks,
-    extract_patches,
-)
+from unetflow.patches import DatasetInput, extract_patches
+from unetflow.patchstore import ShardedPatches, create_patch_array, patches_per_shard
 
 REPEATS = 5
 TILE, TILES, CHUNK = 1024, 4, 1024
@@ -104,21 +99,23 @@ def extract(root: Path, dataset: DatasetInput, per_dataset: int, out: str) -> No
 
 
 def write_only(root: Path, n: int, through_zarr: bool = False) -> None:
-    """Write n random 128x128 image and label patches as extraction would, 16 per call."""
+    """Write n random 128x128 image and label patches in the store's layout, nothing read:
+    with ShardedPatches as extraction does, or through zarr's `Array.__setitem__` 16 per call."""
     group = zarr.open_group(str(root / "write_only.zarr"), mode="w", zarr_format=3)
     rng = np.random.default_rng(0)
     images = rng.random((n, 1, 128, 128), dtype=np.float32)
     targets = (images[:, 0] > 0.7).astype(np.int32)
+    per_shard = patches_per_shard(images.shape[1:], images.dtype, n)
     for name, data in (("images", images), ("targets", targets)):
-        array = group.create_array(name, shape=data.shape, dtype=data.dtype,
-                                   chunks=(1, *data.shape[1:]), compressors=[PATCH_CODEC],
-                                   chunk_key_encoding=CHUNK_KEYS)
-        chunks = PatchChunks(array)
-        for start in range(0, n, 16):
-            if through_zarr:
+        array = create_patch_array(group, name, n, data.shape[1:], data.dtype, per_shard)
+        if through_zarr:
+            for start in range(0, n, 16):
                 array[start:start + 16] = data[start:start + 16]
-            else:
-                chunks.write(start, data[start:start + 16])
+            continue
+        shards = ShardedPatches(array)
+        for shard in range(shards.n_shards):
+            wanted = shards.shard_range(shard)
+            shards.write_shard(shard, shards.encode(data[wanted.start:wanted.stop]))
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """Does the data loader keep up with training? Samples/s of each, measured side by side.
 
-A patch store in the layout extract_patches writes (Zarr v3, one chunk per patch, its
-PATCH_CODEC and CHUNK_KEYS; 128x128 patches cut from synthetic nuclei) is read through the same
+A patch store in the layout extract_patches writes (unetflow.patchstore: Zarr v3, one chunk
+per patch, shards of 16 MiB; 128x128 patches cut from synthetic nuclei) is read through the same
 DataLoader the trainer uses, with the same augmentation, alone (no training): that is what
 the loader can deliver. Training steps of the default demo model (depth 3, base 16,
 batch 8) on batches already in memory give what training consumes.
@@ -28,7 +28,7 @@ import zarr
 
 from unetflow.config import model_section, validate_config
 from unetflow.demo import synthesize_nuclei
-from unetflow.patches import CHUNK_KEYS, PATCH_CODEC
+from unetflow.patchstore import create_patch_array, patches_per_shard
 from unetflow.train import Trainer, make_loader
 
 
@@ -44,11 +44,11 @@ def write_patch_store(path: Path, n_train: int, n_val: int, patch: int, seed: in
                                "normalize": {"method": "zscore", "clip": False},
                                "datasets": {"bench": {}}}
     for split, n in (("train", n_train), ("val", n_val)):
-        layout = {"compressors": [PATCH_CODEC], "chunk_key_encoding": CHUNK_KEYS}
-        images = group.create_array(f"{split}/images", shape=(n, 1, patch, patch),
-                                    dtype="float32", chunks=(1, 1, patch, patch), **layout)
-        targets = group.create_array(f"{split}/targets", shape=(n, patch, patch),
-                                     dtype="int32", chunks=(1, patch, patch), **layout)
+        per_shard = patches_per_shard((1, patch, patch), "float32", n)
+        images = create_patch_array(group, f"{split}/images", n, (1, patch, patch), "float32",
+                                    per_shard)
+        targets = create_patch_array(group, f"{split}/targets", n, (patch, patch), "int32",
+                                     per_shard)
         origins = rng.integers(0, 1024 - patch, size=(n, 2))
         images[...] = np.stack([image[y:y + patch, x:x + patch] for y, x in origins])[:, None]
         targets[...] = np.stack([labels[y:y + patch, x:x + patch] for y, x in origins])

@@ -15,10 +15,7 @@ from unetflow.demo import synthesize_nuclei
 from unetflow.normalize import compute_dataset_stats, normalize_array, write_stats
 from unetflow.ome import write_image
 from unetflow.patches import (
-    CHUNK_KEYS,
-    PATCH_CODEC,
     DatasetInput,
-    PatchChunks,
     PatchError,
     extract_patches,
     prepare_target,
@@ -233,33 +230,6 @@ def test_chunks_smaller_than_a_patch_and_unlike_the_target(tmp_path, monkeypatch
                                       normalize_array(demo.noisy[box][None], stats))
         np.testing.assert_array_equal(group[f"{r['split']}/targets"][r["index"]],
                                       (demo.labels[box] > 0).astype(np.int32))
-
-
-def test_patch_chunks_are_the_files_zarr_writes(tmp_path):
-    """PatchChunks writes chunk files itself, for speed: they must be Zarr's, byte for byte."""
-    rng = np.random.default_rng(0)
-    stacks = {"images": rng.normal(size=(6, 2, 8, 12)).astype(np.float32),
-              "targets": rng.integers(1, 4, size=(6, 8, 12)).astype(np.int32)}
-    group = zarr.open_group(str(tmp_path / "s.zarr"), mode="w", zarr_format=3)
-    for name, data in stacks.items():
-        ours, theirs = (group.create_array(f"{who}/{name}", shape=data.shape, dtype=data.dtype,
-                                           chunks=(1, *data.shape[1:]),
-                                           compressors=[PATCH_CODEC],
-                                           chunk_key_encoding=CHUNK_KEYS)
-                        for who in ("ours", "zarr"))
-        PatchChunks(ours).write(0, data[:4])
-        PatchChunks(ours).write(4, data[4:])
-        theirs[:] = data
-        ours_dir, theirs_dir = (tmp_path / "s.zarr" / who / name for who in ("ours", "zarr"))
-        chunks = [f for f in _files(theirs_dir) if f != "zarr.json"]
-        assert len(chunks) == 6 and _files(ours_dir) == _files(theirs_dir)
-        _, mismatch, errors = filecmp.cmpfiles(ours_dir, theirs_dir, chunks, shallow=False)
-        assert not mismatch and not errors
-        np.testing.assert_array_equal(zarr.open_array(str(ours_dir), mode="r")[:], data)
-    plain = group.create_array("plain", shape=(2, 4), dtype="float32", chunks=(1, 4),
-                               compressors=None)
-    with pytest.raises(ValueError, match="bytes \\+ blosc"):
-        PatchChunks(plain)
 
 
 @pytest.mark.parametrize("k", [3, 40])  # by rejection, and from the list of True pixels

@@ -32,34 +32,13 @@ stored in the store's attributes (and copied from there into every checkpoint). 
 raw dtype instead (uint16: half the bytes) would not make extraction faster: its write cost
 is creating the chunk files, not their bytes.
 
-Store layout: `<split>/images` float32 (N, C, *patch) and `<split>/targets` (N, *patch)
-int32 class indices or (N, C, *patch) float32, one patch per chunk so training reads any
-patch alone, chunk keys `c.<i>.0.0` in one flat folder (zarr otherwise makes a folder per
-patch: writes were 1.5-2x slower). Zarr creates the arrays; `PatchChunks` writes the chunk
-files (what Zarr would write, byte for byte) because zarr 3.1's `Array.__setitem__` spends
-about 1 ms of Python per chunk: writing the bench's 256 patches through it took 0.41 s,
-PatchChunks 0.09 s, reading the whole 100 MB source 0.09 s. What remains is mostly creating
-one file per chunk: 0.04-0.5 ms of kernel time each on this box, varying with its load, while
-writing the 64 KB costs 0.02 ms.
-Not sharded: shards of 16-256 patches wrote 1.0-1.5 ms/patch through zarr instead of 1.1-2.3,
-but random reads of 8 patches (a training batch) cost 2.5-5 ms/patch instead of 1.0-1.5,
-and training reads each patch many times.
-
-Codec: Blosc LZ4 with byte shuffle, chosen by measurement on normalized demo patches of
-128x128 (single-thread numcodecs, this 2-core box; x = compression ratio):
-
-    codec              image          labels (0/1 int32)   clean target
-                       dec MB/s  x    dec MB/s  x          dec MB/s  x
-    zstd 1 (~ zarr's)     641  1.12     1461  65           587  1.19
-    zstd 3                462  1.12      934  65           486  1.19
-    blosc lz4 shuffle    1067  1.11     1327  25          1710  1.47
-    blosc zstd1 shuffle   643  1.20      674  84           620  1.55
-
-Noisy float images barely compress with any codec, so decode speed decides: LZ4 decodes
-1.6-2.9x faster than zstd, compresses smooth targets better and labels 25x. Through zarr the
-difference shrinks (zarr's per-chunk overhead dominates reading 64 KB chunks), and uncompressed
-chunks were no faster to read, so LZ4 costs nothing and saves 10-96% of the disk. Encoding
-is cheap too: 10 ms for the bench's 512 chunks (demo image and label patches, one thread).
+Store layout (unetflow.patchstore): `<split>/images` float32 (N, C, *patch) and
+`<split>/targets` (N, *patch) int32 class indices or (N, C, *patch) float32, one patch per
+Zarr chunk so training reads any patch alone, consecutive patches grouped in shard files.
+Writing is two-level: a task per source chunk cuts, normalizes and encodes its patches, and a
+task per shard gathers the encoded patches of its index range (they come from a few
+neighbouring source chunks, as store indices follow the source chunks) and writes the shard
+file of images and of targets.
 """
 
 from __future__ import annotations
@@ -76,20 +55,16 @@ from typing import Any
 
 import dask
 import dask.array as da
-import numcodecs
 import numpy as np
 import zarr
 from dask.highlevelgraph import HighLevelGraph
-from zarr.codecs import BloscCodec, BytesCodec
-from zarr.codecs.bytes import Endian
-from zarr.storage import LocalStore
 
 from unetflow.normalize import normalize_array, read_stats
 from unetflow.ome import OmeImage, channel_first, open_image
+from unetflow.patchstore import ShardedPatches, create_patch_array, patches_per_shard
 
 __all__ = [
     "DatasetInput",
-    "PatchChunks",
     "PatchError",
     "Region",
     "extract_patches",
@@ -108,9 +83,6 @@ __all__ = [
 ]
 
 MANIFEST_FIELDS = ["index", "dataset", "split", "origin", "shape", "foreground_fraction", "kind"]
-PATCH_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
-CHUNK_KEYS = {"name": "default", "separator": "."}  # one flat folder: no mkdir per patch
-BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}  # zarr v3 name -> numcodecs
 READ_CHUNK_BYTES = 16 << 20  # dask chunks of the source: several Zarr chunks each
 FOREGROUND_POINTS = 1 << 20  # sampled foreground pixels kept over all chunks (<= 24 MB)
 
@@ -300,6 +272,16 @@ def _blocks_reached(home: tuple[int, ...], last: np.ndarray) -> list[tuple[int, 
     return list(itertools.product(*ranges))
 
 
+def _home_groups(source: PatchSource, origins: np.ndarray
+                 ) -> list[tuple[tuple[int, ...], list[int]]]:
+    """Items (rows of `origins`) grouped by the chunk holding their origin, in chunk order:
+    task t of `patch_tasks` handles group t."""
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for item, index in enumerate(map(tuple, source.chunk_of(origins).tolist())):
+        groups[index].append(item)
+    return sorted(groups.items())
+
+
 def patch_tasks(source: PatchSource, origins: np.ndarray, fn: Callable,
                 **kwargs) -> da.Array | None:
     """`fn(items, patch_stacks, **kwargs) -> one value per item` applied chunk by chunk.
@@ -314,14 +296,10 @@ def patch_tasks(source: PatchSource, origins: np.ndarray, fn: Callable,
     if len(origins) == 0:
         return None
     d = len(source.patch)
-    home = source.chunk_of(origins)
     last = source.chunk_of(origins + np.array(source.patch) - 1)
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for item, index in enumerate(map(tuple, home.tolist())):
-        groups[index].append(item)
     name = f"patches-{fn.__name__}-{uuid.uuid4().hex}"
     layer = {}
-    for t, (index, items) in enumerate(sorted(groups.items())):
+    for t, (index, items) in enumerate(_home_groups(source, origins)):
         reached = _blocks_reached(index, last[items])
         keys = [[(a.name, *(0,) * (a.ndim - d), *b) for b in reached] for a in source.arrays]
         starts = np.array([source.chunk_start(b) for b in reached])
@@ -577,78 +555,61 @@ def _open_pair(ds: DatasetInput, task: str, level: int) -> tuple[da.Array, da.Ar
     return image, target
 
 
-def _write_block(items: np.ndarray, stacks: list[np.ndarray], *, indices: np.ndarray,
-                 images: PatchChunks, targets: PatchChunks, stats: dict, normalize: dict,
-                 task: str, num_classes: int, ignore_label: int | None) -> list[Any]:
-    """Normalize one chunk's patches and write them to consecutive store indices."""
+def _normalize_stack(stack: np.ndarray, stats: dict, normalize: dict) -> np.ndarray:
+    """Patches (k, C, *patch) normalized with one call (normalize_array takes C first)."""
+    out = normalize_array(np.moveaxis(stack, 1, 0), stats, normalize["method"],
+                          normalize["clip"])
+    return np.ascontiguousarray(np.moveaxis(out, 0, 1))
+
+
+def _encode_block(items: np.ndarray, stacks: list[np.ndarray], *, indices: np.ndarray,
+                  images: ShardedPatches, targets: ShardedPatches, stats: dict,
+                  normalize: dict, task: str, num_classes: int,
+                  ignore_label: int | None) -> list[tuple]:
+    """Normalize one source chunk's patches and encode them as store chunks: per item its
+    (store index, foreground fraction or "", image chunk, target chunk)."""
     image, target = stacks
-    image = np.stack([normalize_array(x, stats, normalize["method"], normalize["clip"])
-                      for x in image])
+    image = _normalize_stack(image, stats, normalize)
     target = prepare_target(target, task, num_classes, ignore_label)
-    if task != "segmentation":
-        target = np.stack([normalize_array(y, stats, normalize["method"], normalize["clip"])
-                           for y in target])
-    where = indices[items]
-    order = np.argsort(where)
-    first, last = int(where[order[0]]), int(where[order[-1]]) + 1
-    if not np.array_equal(where[order], np.arange(first, last)):
-        raise AssertionError("patches of one chunk must have consecutive store indices")
-    images.write(first, image[order])
-    targets.write(first, target[order])
-    if task != "segmentation":
-        return [""] * len(items)
-    axes = tuple(range(1, target.ndim))
-    return _foreground(target, ignore_label).mean(axis=axes).tolist()
+    if task == "segmentation":
+        axes = tuple(range(1, target.ndim))
+        fractions = _foreground(target, ignore_label).mean(axis=axes).tolist()
+    else:
+        target = _normalize_stack(target, stats, normalize)
+        fractions = [""] * len(items)
+    return list(zip(indices[items].tolist(), fractions, images.encode(image),
+                    targets.encode(target), strict=True))
 
 
-class PatchChunks:
-    """Writes whole one-patch chunks of a local Zarr v3 array straight to their files.
-
-    Zarr 3.1 spends about 1 ms of Python per chunk in `Array.__setitem__` (asyncio tasks, two
-    thread hops, a temporary file renamed per chunk), 10-20x the cost of encoding the chunk
-    and writing its file, and a patch store is nothing but small chunks. Zarr still creates
-    the array, its metadata and codecs; this writes each chunk's bytes exactly as Zarr
-    would, under the key Zarr names it (tests/test_patches.py compares with Zarr's own
-    writes, byte for byte), so any Zarr reader reads the store.
-    """
-
-    def __init__(self, array: zarr.Array) -> None:
-        serializer, compressors = array.serializer, array.compressors
-        if not (isinstance(array.store, LocalStore) and isinstance(serializer, BytesCodec)
-                and serializer.endian in (None, Endian.little)
-                and len(compressors) == 1 and isinstance(compressors[0], BloscCodec)):
-            raise ValueError(f"PatchChunks writes local arrays with bytes + blosc codecs, "
-                             f"not {array.store} with {serializer}, {compressors}")
-        self.folder = Path(array.store.root) / array.path
-        self.metadata = array.metadata
-        self.dtype = np.dtype(array.dtype).newbyteorder("<")
-        blosc = compressors[0]
-        self.codec = numcodecs.Blosc.from_config({
-            "cname": blosc.cname.value, "clevel": blosc.clevel, "typesize": blosc.typesize,
-            "shuffle": BLOSC_SHUFFLE[blosc.shuffle.value], "blocksize": blosc.blocksize})
-
-    def write(self, first: int, stack: np.ndarray) -> None:
-        """Patches `stack` (k, ...) as chunks first .. first + k - 1."""
-        lead = (0,) * (stack.ndim - 1)
-        for i, patch in enumerate(stack):
-            key = self.metadata.encode_chunk_key((first + i, *lead))
-            data = np.ascontiguousarray(patch, dtype=self.dtype)
-            (self.folder / key).write_bytes(self.codec.encode(data))
+def _write_shard(cells: list[np.ndarray], shard: int, images: ShardedPatches,
+                 targets: ShardedPatches) -> np.ndarray:
+    """Write shard `shard` of both arrays from the encoded patches in `cells` (those of the
+    chunk tasks that hold its patches); returns its (store index, foreground fraction)."""
+    wanted = images.shard_range(shard)
+    found = {}
+    for cell in cells:
+        for _item, (index, fraction, image, target) in cell.flat[0]:
+            if index in wanted:
+                found[index] = (fraction, image, target)
+    if sorted(found) != list(wanted):
+        raise AssertionError(f"shard {shard}: patches {sorted(set(wanted) - set(found))} "
+                             f"were not encoded")
+    images.write_shard(shard, [found[i][1] for i in wanted])
+    targets.write_shard(shard, [found[i][2] for i in wanted])
+    return _cell([(i, found[i][0]) for i in wanted])
 
 
 def _create_arrays(group: zarr.Group, split: str, n: int, channels: int,
                    target_lead: tuple[int, ...], patch: tuple[int, ...],
-                   target_dtype: str) -> tuple[PatchChunks, PatchChunks]:
+                   target_dtype: str) -> tuple[ShardedPatches, ShardedPatches]:
+    """Images and targets arrays of one split, sharded alike (shard k of both holds the same
+    patches), the shard size set by the image patches."""
     sub = group.require_group(split)
-    arrays = []
-    for name, lead, dtype in (("images", (channels,), "float32"),
-                              ("targets", target_lead, target_dtype)):
-        array = sub.create_array(name, shape=(n, *lead, *patch), dtype=dtype,
-                                 chunks=(1, *lead, *patch), compressors=[PATCH_CODEC],
-                                 chunk_key_encoding=CHUNK_KEYS,
-                                 config={"write_empty_chunks": True})
-        arrays.append(PatchChunks(array))
-    return arrays[0], arrays[1]
+    per_shard = patches_per_shard((channels, *patch), "float32", n)
+    images = create_patch_array(sub, "images", n, (channels, *patch), "float32", per_shard)
+    targets = create_patch_array(sub, "targets", n, (*target_lead, *patch), target_dtype,
+                                 per_shard)
+    return ShardedPatches(images), ShardedPatches(targets)
 
 
 def _assign_indices(records: list[dict], sources: dict[str, PatchSource]) -> None:
@@ -671,28 +632,41 @@ def _assign_indices(records: list[dict], sources: dict[str, PatchSource]) -> Non
 
 def _write_split(records: list[dict], split: str, sources: dict[str, PatchSource],
                  stats: dict[str, dict], group: zarr.Group, task: str, normalize: dict,
-                 num_classes: int, ignore_label: int | None) -> list:
+                 num_classes: int, ignore_label: int | None) -> da.Array | None:
+    """Lazy writes of one split: chunk tasks normalize and encode the patches of each source
+    chunk, shard tasks gather the encoded patches of their index range and write the shard
+    files. One cell per shard: its (store index, foreground fraction)."""
     chosen = [r for r in records if r["split"] == split]
     if not chosen:
-        return []
+        return None
     first = sources[chosen[0]["dataset"]]
     image0, target0 = first.arrays
     lead = () if task == "segmentation" else (target0.shape[0],)
     images, targets = _create_arrays(group, split, len(chosen), image0.shape[0], lead,
                                      first.patch,
                                      "int32" if task == "segmentation" else "float32")
-    pending = []
+    chunk_tasks, spans = [], []  # spans: (task key, lowest and highest store index)
     for name, source in sources.items():
         mine = [r for r in chosen if r["dataset"] == name]
         if not mine:
             continue
         origins = np.array([r["origin"] for r in mine])
         indices = np.array([r["index"] for r in mine])
-        pending.append((mine, patch_tasks(
-            source, origins, _write_block, indices=indices, images=images, targets=targets,
-            stats=stats[name], normalize=normalize, task=task, num_classes=num_classes,
-            ignore_label=ignore_label)))
-    return pending
+        cells = patch_tasks(source, origins, _encode_block, indices=indices, images=images,
+                            targets=targets, stats=stats[name], normalize=normalize,
+                            task=task, num_classes=num_classes, ignore_label=ignore_label)
+        chunk_tasks.append(cells)
+        for t, (_, items) in enumerate(_home_groups(source, origins)):
+            spans.append(((cells.name, t), int(indices[items].min()),
+                          int(indices[items].max())))
+    name = f"patch-shards-{split}-{uuid.uuid4().hex}"
+    layer = {}
+    for shard in range(images.n_shards):
+        wanted = images.shard_range(shard)
+        keys = [key for key, low, high in spans if low < wanted.stop and high >= wanted.start]
+        layer[(name, shard)] = (_write_shard, keys, shard, images, targets)
+    graph = HighLevelGraph.from_collections(name, layer, dependencies=chunk_tasks)
+    return da.Array(graph, name, chunks=((1,) * len(layer),), dtype=object)
 
 
 def _write_store(records: list[dict], sources: dict[str, PatchSource], stats: dict[str, dict],
@@ -701,14 +675,14 @@ def _write_store(records: list[dict], sources: dict[str, PatchSource], stats: di
     """Write both splits in one parallel dask computation (source chunks shared by the
     splits are read once); fill in the foreground fractions."""
     _assign_indices(records, sources)
-    pending = []
-    for split in ("train", "val"):
-        pending += _write_split(records, split, sources, stats, group, task, normalize,
-                                num_classes, ignore_label)
-    results = dask.compute(*[cells for _, cells in pending])
-    for (mine, _), cells in zip(pending, results, strict=True):
-        for item, fraction in enumerate(_gather(cells, len(mine))):
-            mine[item]["foreground_fraction"] = fraction
+    pending = {split: _write_split(records, split, sources, stats, group, task, normalize,
+                                   num_classes, ignore_label) for split in ("train", "val")}
+    pending = {split: cells for split, cells in pending.items() if cells is not None}
+    results = dask.compute(*pending.values())
+    fractions = {split: dict(pair for cell in cells for pair in cell)
+                 for split, cells in zip(pending, results, strict=True)}
+    for record in records:
+        record["foreground_fraction"] = fractions[record["split"]][record["index"]]
 
 
 # --- manifest and summary ------------------------------------------------------------------

@@ -30,6 +30,7 @@ import zarr
 from unetflow.losses import build_loss
 from unetflow.model.inference import memory_format_for
 from unetflow.model.unet import UNet, build_unet
+from unetflow.patchstore import PatchArray
 
 __all__ = [
     "EXECUTION_KEYS",
@@ -119,28 +120,25 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> np.ndarray:
     return np.sort(order[position * batch_size:(position + 1) * batch_size])
 
 
-def _read_patches(array: zarr.Array, index: np.ndarray) -> np.ndarray:
-    unique, inverse = np.unique(index, return_inverse=True)
-    return np.asarray(array.get_orthogonal_selection((unique,)))[inverse]
-
-
 class PatchBatches(torch.utils.data.Dataset):
     """Item `step` is the (augmented) batch of that training step, read lazily from the store.
 
-    The Zarr arrays are opened on first use in each process (a DataLoader worker re-opens
-    them), so nothing but the patches of the current batches is ever in memory.
+    The arrays are opened on first use in each process (a DataLoader worker re-opens them)
+    and read patch by patch (unetflow.patchstore), so nothing but the patches of the current
+    batches is ever in memory.
     """
 
     def __init__(self, store: str, split: str, batch_size: int, seed: int,
                  augment: dict[str, Any] | None, task: str) -> None:
         self.store, self.split, self.batch_size, self.seed = store, split, batch_size, seed
         self.augment, self.task = augment, task
-        self._arrays: tuple[zarr.Array, zarr.Array] | None = None
+        self._arrays: tuple[PatchArray, PatchArray] | None = None
 
-    def arrays(self) -> tuple[zarr.Array, zarr.Array]:
+    def arrays(self) -> tuple[PatchArray, PatchArray]:
         if self._arrays is None:
             group = zarr.open_group(self.store, mode="r")
-            self._arrays = (group[f"{self.split}/images"], group[f"{self.split}/targets"])
+            self._arrays = (PatchArray(group[f"{self.split}/images"]),
+                            PatchArray(group[f"{self.split}/targets"]))
         return self._arrays
 
     def reopen(self) -> None:
@@ -157,7 +155,7 @@ class PatchBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = self.arrays()
         index = batch_indices(images.shape[0], self.batch_size, self.seed, step)
-        x, y = _read_patches(images, index), _read_patches(targets, index)
+        x, y = images.read(index), targets.read(index)
         if self.augment:
             rng = np.random.default_rng([self.seed % 2**63, step, 1])
             x, y = augment_batch(x, y, self.augment, rng, self.task)
@@ -166,7 +164,8 @@ class PatchBatches(torch.utils.data.Dataset):
     def patches(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Patches [start, stop) as stored, never augmented (validation)."""
         images, targets = self.arrays()
-        return torch.from_numpy(images[start:stop]), torch.from_numpy(targets[start:stop])
+        return (torch.from_numpy(images.read_range(start, stop)),
+                torch.from_numpy(targets.read_range(start, stop)))
 
 
 def _worker_init(worker_id: int) -> None:
@@ -299,7 +298,7 @@ def store_identity(store: str) -> dict[str, Any]:
         identity[key] = [list(array.shape), str(array.dtype)]
         picks = np.unique(np.linspace(0, array.shape[0] - 1,
                                       min(array.shape[0], FINGERPRINT_SAMPLES)).astype(int))
-        digest.update(np.ascontiguousarray(_read_patches(array, picks)).tobytes())
+        digest.update(np.ascontiguousarray(PatchArray(array).read(picks)).tobytes())
     identity["samples_sha256"] = digest.hexdigest()
     return identity
 
