@@ -7,6 +7,7 @@ scales are interpreted in one place.
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,9 +99,12 @@ def _transforms(dataset: dict, ndim: int) -> tuple[list[float], list[float]]:
     return scale, translation
 
 
-def open_image(path: str | Path, level: int = 0) -> OmeImage:
+def open_image(path: str | Path, level: int = 0,
+               dask_array: Callable[[zarr.Array, list[str]], da.Array] | None = None
+               ) -> OmeImage:
     """Open resolution level `level` of the first multiscales entry of an OME-Zarr image.
 
+    `dask_array(zarr_array, axes)` makes its data (default `da.from_zarr`, the Zarr chunks).
     Raises OmeZarrError naming the path when it is missing, not OME-Zarr, lacks axes,
     or has no such level.
     """
@@ -129,9 +133,10 @@ def open_image(path: str | Path, level: int = 0) -> OmeImage:
         raise OmeZarrError(f"{path}: resolution level {level} does not exist "
                            f"(the image has {len(datasets)} levels)")
     level_path = datasets[level]["path"]
-    array = da.from_zarr(zarr.open_array(f"{path}/{level_path}", mode="r"))
+    array = zarr.open_array(f"{path}/{level_path}", mode="r")
     if array.ndim != len(axes):
         raise OmeZarrError(f"{path}: axes {axes} do not match the array's {array.ndim} dimensions")
+    array = dask_array(array, axes) if dask_array else da.from_zarr(array)
     scale, translation = _transforms(datasets[level], len(axes))
     units = {a["name"]: a["unit"] for a in ms["axes"] if isinstance(a, dict) and a.get("unit")}
     n_channels = array.shape[axes.index("c")] if "c" in axes else 1
