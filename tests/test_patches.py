@@ -151,6 +151,24 @@ def test_same_seed_gives_the_same_store(tmp_path, data):
         tmp_path / "one.tsv")]
 
 
+def test_reading_through_zarr_gives_the_same_store_as_reading_chunk_files(tmp_path, data,
+                                                                           monkeypatch):
+    """Sources chunkfiles cannot read directly (remote, sharded) go through Zarr: same
+    store, byte for byte, and the same with the labels decoded twice (no memo)."""
+    _extract(tmp_path, [data["a"], data["b"]], out="direct", min_foreground=0.05)
+    monkeypatch.setattr(patches, "direct_dask_array", lambda array, chunks, memo: None)
+    _extract(tmp_path, [data["a"], data["b"]], out="zarr", min_foreground=0.05)
+    monkeypatch.undo()
+    monkeypatch.setattr(patches, "LABEL_MEMO_BYTES", 0)
+    _extract(tmp_path, [data["a"], data["b"]], out="no_memo", min_foreground=0.05)
+    direct = tmp_path / "direct.zarr"
+    for other in ("zarr", "no_memo"):
+        assert _files(direct) == _files(tmp_path / f"{other}.zarr")
+        _, mismatch, errors = filecmp.cmpfiles(direct, tmp_path / f"{other}.zarr",
+                                               _files(direct), shallow=False)
+        assert not mismatch and not errors
+
+
 def test_label_image_without_foreground_raises_naming_the_dataset(tmp_path, data):
     with pytest.raises(PatchError, match="dataset 'empty'.*no foreground"):
         _extract(tmp_path, [data["a"], data["empty"]])

@@ -56,11 +56,12 @@ def chunk_codec(array: zarr.Array) -> tuple[numcodecs.abc.Codec | None, np.dtype
     meta = array.metadata
     dtype = np.dtype(array.dtype)
     if meta.zarr_format == 3:
-        serializer, compressors = array.serializer, array.compressors
+        # the codecs as stored: array.serializer/compressors would be a shard's inner ones
+        serializer, compressors = meta.codecs[0], meta.codecs[1:]
         little = isinstance(serializer, BytesCodec) and (
             serializer.endian == Endian.little or (serializer.endian is None
                                                    and dtype.itemsize == 1))
-        if array.filters or not little or len(compressors) > 1:
+        if not little or len(compressors) > 1:
             return None
         codec = _v3_codec(compressors[0]) if compressors else None
         if compressors and codec is None:
@@ -83,7 +84,9 @@ def _read_chunk(path: Path, codec: numcodecs.abc.Codec | None, dtype: np.dtype,
         return np.full(shape, fill_value, dtype=dtype)
     data = codec.decode(raw) if codec is not None else raw
     chunk = np.frombuffer(data, dtype=dtype).reshape(chunk_shape)
-    return chunk[tuple(slice(0, s) for s in shape)]
+    if shape == chunk_shape:
+        return chunk
+    return chunk[tuple(slice(0, s) for s in shape)].copy()  # frees the rest of the chunk
 
 
 class BlockMemo:
