@@ -9,7 +9,6 @@ import dask
 import numpy as np
 import pytest
 import zarr
-from ome_zarr.format import FormatV04
 
 from unetflow.chunkfiles import BlockMemo, direct_dask_array
 from unetflow.ome import open_image, write_image
@@ -85,9 +84,9 @@ def test_a_memo_keeps_blocks_for_the_next_computation_within_its_budget(tmp_path
     with dask.config.set(scheduler="sync"):
         kept = [key for key in memo.blocks]
         for key in kept:  # the kept blocks are still served
-            np.testing.assert_array_equal(
-                first.blocks[key].compute(),
-                DATA[tuple(slice(k * c, (k + 1) * c) for k, c in zip(key, (1, 32, 48)))])
+            where = tuple(slice(k * c, (k + 1) * c)
+                          for k, c in zip(key, (1, 32, 48), strict=True))
+            np.testing.assert_array_equal(first.blocks[key].compute(), DATA[where])
 
 
 def test_open_image_builds_its_data_with_the_given_factory(tmp_path):

@@ -16,21 +16,20 @@ for byte.
 
 Reading. Labels are read once to index foreground (a count and a seeded sample of
 foreground pixels per chunk), once more only when `min_foreground` or `ignore_label` must be
-checked, and the image and target once when writing. The source is read in dask chunks of
-several Zarr chunks (READ_CHUNK_BYTES), so one zarr call decodes them concurrently. Patches
+checked, and the image and target once when writing; the decoded label blocks are kept
+between these passes up to LABEL_MEMO_BYTES (chunkfiles.BlockMemo), so labels that fit are
+decoded once. Local sources are read from their chunk files directly (unetflow.chunkfiles),
+others through Zarr, in dask chunks of several Zarr chunks (READ_CHUNK_BYTES). Patches
 are grouped by the chunk holding their origin; a group's task depends on that chunk and on
 the neighbours its patches reach (one patch at most on the high side of each axis) and copies
 each patch from them piece by piece, so each chunk is read once for both splits, never
 concatenated with its neighbours, chunks are processed in parallel by dask, and only the
-chunks in flight are in memory, never the whole dataset (bench/patches.py: 4x the data,
-+20-37% traced peak memory, 191 -> 229-262 MB).
+chunks in flight (and the kept labels) are in memory, never the whole dataset.
 
 Normalization is applied at extraction, with each dataset's own statistics (so datasets of
 different intensity ranges pool on one scale): training reads every patch many times, so
 normalizing once costs less than normalizing on every load, and the statistics used are
-stored in the store's attributes (and copied from there into every checkpoint). Storing the
-raw dtype instead (uint16: half the bytes) would not make extraction faster: its write cost
-is creating the chunk files, not their bytes.
+stored in the store's attributes (and copied from there into every checkpoint).
 
 Store layout (unetflow.patchstore): `<split>/images` float32 (N, C, *patch) and
 `<split>/targets` (N, *patch) int32 class indices or (N, C, *patch) float32, one patch per
