@@ -11,6 +11,9 @@ Ratios:
                                     / training-step samples/s. Goal >= 10.
   loader_workers_to_training_ratio  the same with --workers DataLoader worker processes
                                     (default 2; a GPU node has cores for more).
+  patch_read_vs_zarr_ratio          patches/s of reading random batches of 8 (images and
+                                    targets, no augmentation) with PatchArray, as the loader
+                                    does / the same through zarr's get_orthogonal_selection.
 
 Usage: .venv/bin/python bench/train.py [--device auto|cpu|cuda] [--amp true|false|bf16|fp16]
 """
@@ -28,7 +31,7 @@ import zarr
 
 from unetflow.config import model_section, validate_config
 from unetflow.demo import synthesize_nuclei
-from unetflow.patchstore import create_patch_array, patches_per_shard
+from unetflow.patchstore import PatchArray, create_patch_array, patches_per_shard
 from unetflow.train import Trainer, make_loader
 
 
@@ -90,6 +93,24 @@ def training_samples_per_s(trainer: Trainer, steps: int) -> float:
     return sum(len(x) for x, _ in batches[2:]) / (time.perf_counter() - start)
 
 
+def patch_reads_per_s(store: str, batches: int, through_zarr: bool) -> float:
+    """Patches/s of reading random batches of 8 images and targets (no augmentation), with
+    PatchArray as the loader does or through zarr's `get_orthogonal_selection`."""
+    group = zarr.open_group(store, mode="r")
+    arrays = [group["train/images"], group["train/targets"]]
+    readers = [PatchArray(a) for a in arrays]
+    rng = np.random.default_rng(0)
+    picks = [np.sort(rng.choice(arrays[0].shape[0], 8, replace=False)) for _ in range(batches)]
+    start = time.perf_counter()
+    for index in picks:
+        for array, reader in zip(arrays, readers, strict=True):
+            if through_zarr:
+                array.get_orthogonal_selection((index,))
+            else:
+                reader.read(index)
+    return 8 * batches / (time.perf_counter() - start)
+
+
 def parse_amp(text: str) -> bool | str:
     return {"true": True, "false": False}.get(text, text)
 
@@ -113,11 +134,16 @@ def main() -> None:
         print(f"device {trainer.device}, AMP {trainer.amp_dtype}, torch threads "
               f"{torch.get_num_threads()}, model {trainer.model.parameter_count()} parameters, "
               f"batch 8 of {args.patch}x{args.patch}", flush=True)
+        reads = {way: max(patch_reads_per_s(store, 100, way == "zarr") for _ in range(3))
+                 for way in ("patcharray", "zarr")}
         loader0 = loader_samples_per_s(trainer, args.loader_steps, 0)
         loader_n = loader_samples_per_s(trainer, args.loader_steps, args.workers)
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         training = training_samples_per_s(trainer, steps)
+    print(f"patch_reads_per_s: {reads['patcharray']:.0f}")
+    print(f"patch_reads_zarr_per_s: {reads['zarr']:.0f}")
+    print(f"patch_read_vs_zarr_ratio: {reads['patcharray'] / reads['zarr']:.1f}")
     print(f"loader_samples_per_s: {loader0:.1f}")
     print(f"loader_workers: {args.workers}")
     print(f"loader_workers_samples_per_s: {loader_n:.1f}")

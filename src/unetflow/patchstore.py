@@ -167,7 +167,7 @@ class ShardedPatches:
         index_bytes = index.tobytes()
         crc = np.uint32(google_crc32c.value(index_bytes)).astype("<u4").tobytes()
         with open(self.shard_path(shard), "wb") as fh:
-            fh.write(b"".join([*chunks, index_bytes, crc]))
+            fh.writelines([*chunks, index_bytes, crc])  # no joined copy of the shard
 
     # --- reading ------------------------------------------------------------------------
     def _index(self, shard: int, fd: int) -> np.ndarray:
