@@ -5,7 +5,7 @@ written as OME-Zarr in a temporary folder, float32 and uint16 versions, with its
 labels, chunks of 1024x1024 (zstd, ome-zarr-py's default). Each timing is the best of
 REPEATS runs, the runs of the things compared interleaved.
 
-Ratios (higher is better, goal >= 0.5 for both headline ratios):
+Ratios (higher is better, goal >= 0.5 for both headline ratios, printed last):
 - extract_vs_raw_read_ratio: MB/s of source read by `extract_patches` (image + labels, the
   schema's default 256 patches of 128x128, foreground fraction 0.33, block validation; every
   chunk is touched, so the whole source counts as read) divided by MB/s of reading the same
@@ -16,7 +16,8 @@ Ratios (higher is better, goal >= 0.5 for both headline ratios):
   array with the same threads.
 - extract_peak_traced_mb / extract_peak_traced_mb_4x: peak of memory allocated during one
   extraction of 1024 patches (tracemalloc sees numpy's buffers) from this source and from one
-  with 4x the pixels (8192x8192, same chunks): it follows the chunks in flight, not the
+  with 4x the pixels (8192x8192, same chunks): it follows the chunks in flight and the
+  decoded labels kept between passes (at most patches.LABEL_MEMO_BYTES, 64 MiB), not the
   dataset, so it must grow far less than 4x.
 - store_write_only_s vs extract_s: writing the same number of patches (images and targets,
   same layout and codec, with `ShardedPatches` as extraction does) into a fresh store, with
@@ -98,24 +99,29 @@ def extract(root: Path, dataset: DatasetInput, per_dataset: int, out: str) -> No
                     root / f"{out}.tsv")
 
 
-def write_only(root: Path, n: int, through_zarr: bool = False) -> None:
-    """Write n random 128x128 image and label patches in the store's layout, nothing read:
-    with ShardedPatches as extraction does, or through zarr's `Array.__setitem__` 16 per call."""
+def write_only_data(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """n random 128x128 image patches and their 0/1 labels, as extraction would write."""
+    images = np.random.default_rng(0).random((n, 1, 128, 128), dtype=np.float32)
+    return images, (images[:, 0] > 0.7).astype(np.int32)
+
+
+def write_only(root: Path, data: tuple[np.ndarray, np.ndarray],
+               through_zarr: bool = False) -> None:
+    """Write the patches `data` in the store's layout, nothing read: with ShardedPatches as
+    extraction does, or through zarr's `Array.__setitem__` 16 per call."""
     group = zarr.open_group(str(root / "write_only.zarr"), mode="w", zarr_format=3)
-    rng = np.random.default_rng(0)
-    images = rng.random((n, 1, 128, 128), dtype=np.float32)
-    targets = (images[:, 0] > 0.7).astype(np.int32)
-    per_shard = patches_per_shard(images.shape[1:], images.dtype, n)
-    for name, data in (("images", images), ("targets", targets)):
-        array = create_patch_array(group, name, n, data.shape[1:], data.dtype, per_shard)
+    n = len(data[0])
+    per_shard = patches_per_shard(data[0].shape[1:], data[0].dtype, n)
+    for name, stack in zip(("images", "targets"), data, strict=True):
+        array = create_patch_array(group, name, n, stack.shape[1:], stack.dtype, per_shard)
         if through_zarr:
             for start in range(0, n, 16):
-                array[start:start + 16] = data[start:start + 16]
+                array[start:start + 16] = stack[start:start + 16]
             continue
         shards = ShardedPatches(array)
         for shard in range(shards.n_shards):
             wanted = shards.shard_range(shard)
-            shards.write_shard(shard, shards.encode(data[wanted.start:wanted.stop]))
+            shards.write_shard(shard, shards.encode(stack[wanted.start:wanted.stop]))
 
 
 def main() -> None:
@@ -128,12 +134,13 @@ def main() -> None:
         figures: dict[str, float] = {"source_mb": source_bytes / 1e6}
 
         t_raw, t_sparse, t_dense, t_write, t_zarr = [], [], [], [], []
+        written = write_only_data(256)
         for _ in range(REPEATS):
             t_raw.append(best_time(lambda: raw_read([paths["float32"], paths["labels"]]), 1))
             t_sparse.append(best_time(lambda: extract(root, dataset, 256, "sparse"), 1))
             t_dense.append(best_time(lambda: extract(root, dataset, 1024, "dense"), 1))
-            t_write.append(best_time(lambda: write_only(root, 256), 1))
-            t_zarr.append(best_time(lambda: write_only(root, 256, through_zarr=True), 1))
+            t_write.append(best_time(lambda: write_only(root, written), 1))
+            t_zarr.append(best_time(lambda: write_only(root, written, through_zarr=True), 1))
         figures["raw_read_s"] = min(t_raw)
         figures["extract_s"] = min(t_sparse)
         figures["store_write_only_s"] = min(t_write)
@@ -165,8 +172,10 @@ def main() -> None:
             figures[f"stats_vs_dask_mean_ratio_{dtype}"] = min(t_mean) / min(t_stats)
             figures[f"stats_passes_{dtype}"] = compute_dataset_stats(
                 str(paths[dtype]), None, STATS, dtype)["passes"]
-    for name, value in figures.items():
-        print(f"{name}: {value:.3g}")
+    headline = ["extract_vs_raw_read_ratio", "stats_vs_dask_mean_ratio_float32",
+                "stats_vs_dask_mean_ratio_uint16"]
+    for name in [n for n in figures if n not in headline] + headline:
+        print(f"{name}: {figures[name]:.3g}")
 
 
 if __name__ == "__main__":
