@@ -151,16 +151,20 @@ def test_same_seed_gives_the_same_store(tmp_path, data):
         tmp_path / "one.tsv")]
 
 
+@pytest.mark.parametrize("read_bytes", [patches.READ_CHUNK_BYTES, 1])  # merged, chunk by chunk
 def test_reading_through_zarr_gives_the_same_store_as_reading_chunk_files(tmp_path, data,
-                                                                           monkeypatch):
+                                                                           monkeypatch,
+                                                                           read_bytes):
     """Sources chunkfiles cannot read directly (remote, sharded) go through Zarr: same
     store, byte for byte, and the same with the labels decoded twice (no memo)."""
+    monkeypatch.setattr(patches, "READ_CHUNK_BYTES", read_bytes)
     _extract(tmp_path, [data["a"], data["b"]], out="direct", min_foreground=0.05)
-    monkeypatch.setattr(patches, "direct_dask_array", lambda array, chunks, memo: None)
-    _extract(tmp_path, [data["a"], data["b"]], out="zarr", min_foreground=0.05)
-    monkeypatch.undo()
-    monkeypatch.setattr(patches, "LABEL_MEMO_BYTES", 0)
-    _extract(tmp_path, [data["a"], data["b"]], out="no_memo", min_foreground=0.05)
+    with monkeypatch.context() as patched:
+        patched.setattr(patches, "direct_dask_array", lambda array, chunks, memo: None)
+        _extract(tmp_path, [data["a"], data["b"]], out="zarr", min_foreground=0.05)
+    with monkeypatch.context() as patched:
+        patched.setattr(patches, "LABEL_MEMO_BYTES", 0)
+        _extract(tmp_path, [data["a"], data["b"]], out="no_memo", min_foreground=0.05)
     direct = tmp_path / "direct.zarr"
     for other in ("zarr", "no_memo"):
         assert _files(direct) == _files(tmp_path / f"{other}.zarr")

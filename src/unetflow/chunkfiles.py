@@ -113,13 +113,15 @@ class BlockMemo:
                 self.used += block.nbytes
 
 
-def _read_block(key: tuple, paths: list[Path], offsets: list[tuple[int, ...]],
+def _read_block(paths: list[Path], offsets: list[tuple[int, ...]],
                 shapes: list[tuple[int, ...]], block_shape: tuple[int, ...],
                 codec: numcodecs.abc.Codec | None, dtype: np.dtype,
                 chunk_shape: tuple[int, ...], fill_value: Any,
                 memo: BlockMemo | None) -> np.ndarray:
     """A dask block made of whole chunks: one chunk is returned as decoded, several are
-    copied into place; from and into `memo` when there is one."""
+    copied into place; from and into `memo` when there is one, under its first chunk's file
+    and its shape (which name the same data in any array and graph)."""
+    key = (paths[0], block_shape)
     if memo is not None and (kept := memo.get(key)) is not None:
         return kept
     if len(paths) == 1:
@@ -171,6 +173,6 @@ def direct_dask_array(array: zarr.Array, chunks: Sequence[Sequence[int]] | None 
             offsets.append(tuple(s - o for s, o in zip(start, lo, strict=True)))
             shapes.append(tuple(min(c, n - s) for c, n, s in
                                 zip(chunk_shape, shape, start, strict=True)))
-        layer[(name, *block)] = (_read_block, block, paths, offsets, shapes, block_shape,
-                                 codec, dtype, chunk_shape, fill_value, memo)
+        layer[(name, *block)] = (_read_block, paths, offsets, shapes, block_shape, codec,
+                                 dtype, chunk_shape, fill_value, memo)
     return da.Array(layer, name, chunks=chunks, dtype=dtype)

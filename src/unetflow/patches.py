@@ -84,7 +84,7 @@ __all__ = [
 
 MANIFEST_FIELDS = ["index", "dataset", "split", "origin", "shape", "foreground_fraction", "kind"]
 READ_CHUNK_BYTES = 16 << 20  # dask chunks of the source: several Zarr chunks each
-LABEL_MEMO_BYTES = 64 << 20  # labels decoded once when they fit, e.g. a 5792^2 uint16 image
+LABEL_MEMO_BYTES = 64 << 20  # labels of all datasets decoded once while they fit in this
 FOREGROUND_POINTS = 1 << 20  # sampled foreground pixels kept over all chunks (<= 24 MB)
 
 
@@ -550,12 +550,12 @@ def _open_source(path: str, level: int, channels: list | None,
     return channel_first(image, channels), chosen
 
 
-def _open_pair(ds: DatasetInput, task: str, level: int) -> tuple[da.Array, da.Array]:
-    """Image and target, the target's decoded blocks kept (LABEL_MEMO_BYTES) for the second
-    pass over it: foreground indexing reads it, then patch writing."""
+def _open_pair(ds: DatasetInput, task: str, level: int,
+               memo: BlockMemo | None = None) -> tuple[da.Array, da.Array]:
+    """Image and target, the target's decoded blocks kept in `memo` for the second pass over
+    it (foreground indexing reads it, then patch writing)."""
     image, spatial_chunks = _open_source(ds.image, level, ds.channels)
-    target, _ = _open_source(ds.target, level, None, spatial_chunks,
-                             BlockMemo(LABEL_MEMO_BYTES) if task == "segmentation" else None)
+    target, _ = _open_source(ds.target, level, None, spatial_chunks, memo)
     if target.shape[1:] != image.shape[1:]:
         raise PatchError(f"dataset '{ds.name}': image {ds.image} has spatial shape "
                          f"{image.shape[1:]} but target {ds.target} has {target.shape[1:]}; "
@@ -760,9 +760,11 @@ def _prepare_sources(datasets: list[DatasetInput], task: str, patch: tuple[int, 
                      ) -> tuple[dict[str, PatchSource], dict[str, dict]]:
     sources, stats = {}, {}
     channels = None
+    # one budget for all datasets: labels decoded by the foreground pass, kept for writing
+    memo = BlockMemo(LABEL_MEMO_BYTES) if task == "segmentation" else None
     for ds in datasets:
         stats[ds.name] = read_stats(ds.stats)
-        image, target = _open_pair(ds, task, stats[ds.name]["level"])
+        image, target = _open_pair(ds, task, stats[ds.name]["level"], memo)
         spatial = image.shape[1:]
         if len(patch) != len(spatial) or any(p > s for p, s in zip(patch, spatial, strict=True)):
             raise PatchError(f"dataset '{ds.name}': patch shape {patch} does not fit the image "
