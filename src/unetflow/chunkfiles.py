@@ -31,12 +31,14 @@ from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ZstdCodec
 from zarr.codecs.bytes import Endian
 from zarr.storage import LocalStore
 
-__all__ = ["BlockMemo", "chunk_codec", "direct_dask_array"]
+__all__ = ["BlockMemo", "chunk_codec", "direct_dask_array", "numcodecs_codec"]
 
 BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}  # zarr v3 name -> numcodecs
 
 
-def _v3_codec(codec: Any) -> numcodecs.abc.Codec | None:
+def numcodecs_codec(codec: Any) -> numcodecs.abc.Codec | None:
+    """The numcodecs codec that decodes what a Zarr v3 zstd, blosc or gzip codec wrote (None
+    for others)."""
     if isinstance(codec, ZstdCodec):
         return numcodecs.Zstd(level=codec.level, checksum=codec.checksum)
     if isinstance(codec, BloscCodec):
@@ -63,7 +65,7 @@ def chunk_codec(array: zarr.Array) -> tuple[numcodecs.abc.Codec | None, np.dtype
                                                    and dtype.itemsize == 1))
         if not little or len(compressors) > 1:
             return None
-        codec = _v3_codec(compressors[0]) if compressors else None
+        codec = numcodecs_codec(compressors[0]) if compressors else None
         if compressors and codec is None:
             return None
         return codec, dtype.newbyteorder("<")

@@ -44,13 +44,14 @@ from pathlib import Path
 from typing import Any
 
 import google_crc32c
-import numcodecs
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.bytes import Endian
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
+
+from unetflow.chunkfiles import numcodecs_codec
 
 __all__ = [
     "CHUNK_KEYS",
@@ -65,7 +66,6 @@ __all__ = [
 PATCH_CODEC = BloscCodec(cname="lz4", clevel=5, shuffle="shuffle")
 CHUNK_KEYS = {"name": "default", "separator": "."}  # one flat folder of shard files
 SHARD_BYTES = 16 << 20  # uncompressed image bytes per shard file
-BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}  # zarr v3 name -> numcodecs
 EMPTY = 2**64 - 1  # a shard index entry of a chunk that is not stored
 INDEX_ENTRY = 16  # bytes per chunk in a shard index: offset and length, uint64 each
 CRC_BYTES = 4
@@ -130,10 +130,7 @@ class ShardedPatches:
         self.per_shard = int(array.shards[0])
         self.dtype = np.dtype(array.dtype).newbyteorder("<")
         self.fill_value = array.fill_value
-        blosc = sharding.codecs[1]
-        self.codec = numcodecs.Blosc.from_config({
-            "cname": blosc.cname.value, "clevel": blosc.clevel, "typesize": blosc.typesize,
-            "shuffle": BLOSC_SHUFFLE[blosc.shuffle.value], "blocksize": blosc.blocksize})
+        self.codec = numcodecs_codec(sharding.codecs[1])
         self._indexes: dict[int, np.ndarray | None] = {}
 
     @property
