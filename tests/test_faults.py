@@ -205,6 +205,37 @@ def start_snakemake(workdir: Path, *args: str) -> subprocess.Popen:
                             stderr=subprocess.DEVNULL, start_new_session=True)
 
 
+def _wait_for_orphans(proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + TIMEOUT
+    while _session_alive(proc.pid):
+        assert time.monotonic() < deadline, "orphaned jobs still running"
+        time.sleep(0.05)
+
+
+def _kill_during_gather(work: Path, targets: tuple[str, ...], options: tuple[str, ...],
+                        store: Path, scratch: Path, whole_run: bool) -> subprocess.Popen:
+    """Run Snakemake and SIGKILL it (its whole session, or Snakemake alone) once te_seg's
+    gather has begun writing, while the store does not exist yet. The tiny image is gathered
+    in milliseconds, so the kill can come after the store is complete: then the run is
+    repeated (at most 5 times) until the kill lands during the gather."""
+    for _attempt in range(5):
+        for leftover in (scratch, store):
+            if leftover.exists():
+                shutil.rmtree(leftover)
+        proc = start_snakemake(work, *targets, *options)
+        wait_until(scratch.exists, proc, "te_seg's gather")
+        if whole_run:
+            os.killpg(proc.pid, signal.SIGKILL)
+        else:
+            proc.kill()  # Snakemake only: its jobs go on as orphans
+        proc.wait()
+        if not store.exists():
+            return proc
+        _wait_for_orphans(proc)  # too late: the gather had finished; run it again
+        snakemake(work, "--unlock", *options)
+    pytest.fail("te_seg's gather finished before every one of 5 kills")
+
+
 def test_snakemake_never_takes_a_killed_prediction_for_complete(
         tiny_run_copy, tiny_config, completed_tiny_run, predicted_alone):
     """Two datasets predicted by concurrent jobs (--cores 2, one thread each). (1) The whole
@@ -223,24 +254,14 @@ def test_snakemake_never_takes_a_killed_prediction_for_complete(
                "predict_shard=1", "predict=1")
     targets = (str(store.relative_to(work)), str(other.relative_to(work)))
 
-    proc = start_snakemake(work, *targets, *options)
-    wait_until(scratch.exists, proc, "te_seg's gather")
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait()
+    _kill_during_gather(work, targets, options, store, scratch, whole_run=True)
     assert not store.exists()
     dry = snakemake(work, "-n", *options)
     assert ("predict", "model=seg, dataset=te_seg") in planned_jobs(dry.stdout + dry.stderr)
 
     snakemake(work, "--unlock", *options)
-    shutil.rmtree(scratch)  # the killed gather's; the next gather would remove it too
-    proc = start_snakemake(work, *targets, *options)
-    wait_until(scratch.exists, proc, "te_seg's gather")
-    proc.kill()  # Snakemake only: its jobs go on as orphans
-    proc.wait()
-    deadline = time.monotonic() + TIMEOUT
-    while _session_alive(proc.pid):
-        assert time.monotonic() < deadline, "orphaned jobs still running"
-        time.sleep(0.05)
+    proc = _kill_during_gather(work, targets, options, store, scratch, whole_run=False)
+    _wait_for_orphans(proc)
     assert store.exists() and not scratch.exists()  # the orphan finished it
     dry = snakemake(work, "-n", *options, check=False)
     assert dry.returncode != 0
