@@ -29,11 +29,14 @@ def _array(tmp_path: Path, fmt=None, **kwargs) -> zarr.Array:
 
 
 @pytest.mark.parametrize("layout", ["v3 zstd (ome-zarr)", "v2 blosc", "v2 uncompressed",
-                                    "v3 gzip", "v3 uncompressed"])
+                                    "v2 nested (NGFF 0.4)", "v3 gzip", "v3 uncompressed"])
 def test_blocks_equal_zarr_with_edge_chunks_and_merged_blocks(tmp_path, layout):
     if layout.startswith("v2"):
         compressors = None if "uncompressed" in layout else "auto"
-        array = _array(tmp_path, fmt=2, compressors=compressors)
+        keys = {"name": "v2", "separator": "/" if "nested" in layout else "."}
+        array = _array(tmp_path, fmt=2, compressors=compressors, chunk_key_encoding=keys)
+        assert (Path(array.store.root) / "s0" / ("0/1/1" if "nested" in layout
+                                                  else "0.1.1")).exists()
     elif layout == "v3 zstd (ome-zarr)":
         array = _array(tmp_path)
         assert "Zstd" in type(array.compressors[0]).__name__

@@ -173,6 +173,28 @@ def test_reading_through_zarr_gives_the_same_store_as_reading_chunk_files(tmp_pa
         assert not mismatch and not errors
 
 
+def test_ngff_04_sources_give_the_same_patches(tmp_path, data):
+    """NGFF 0.4 (Zarr v2, nested chunk keys, blosc) is read from its chunk files too."""
+    from ome_zarr.format import FormatV04
+    from ome_zarr.writer import write_image as ome_write_image
+
+    demo = synthesize_nuclei((96, 160), seed=11)  # dataset 'a' of the fixture
+    old = {}
+    for kind, values in (("image", demo.noisy), ("target", demo.labels)):
+        old[kind] = tmp_path / f"a04_{kind}.ome.zarr"
+        ome_write_image(values[None], str(old[kind]), axes="cyx", fmt=FormatV04(),
+                        scale_factors=(), storage_options={"chunks": (1, 40, 48)})
+    assert zarr.open_group(str(old["image"]), mode="r").metadata.zarr_format == 2
+    assert patches.direct_dask_array(zarr.open_array(str(old["target"] / "s0")), None,
+                                     None) is not None
+    v04 = DatasetInput("a", str(old["image"]), str(old["target"]), data["a"].stats)
+    _, rows, group = _extract(tmp_path, [v04], out="v04")
+    _, rows_05, group_05 = _extract(tmp_path, [data["a"]], out="v05")
+    assert rows == rows_05
+    for key in ("train/images", "train/targets", "val/images", "val/targets"):
+        np.testing.assert_array_equal(group[key][...], group_05[key][...])
+
+
 def test_label_image_without_foreground_raises_naming_the_dataset(tmp_path, data):
     with pytest.raises(PatchError, match="dataset 'empty'.*no foreground"):
         _extract(tmp_path, [data["a"], data["empty"]])
