@@ -67,7 +67,8 @@ from unetflow.model.inference import prepare_for_inference
 from unetflow.model.unet import UNet, halo_for
 from unetflow.normalize import compute_dataset_stats, normalize_array, read_stats, write_stats
 from unetflow.ome import open_image, write_image
-from unetflow.predict import predict_to_ome_zarr, reflect_indices
+from unetflow.predict import predict_to_ome_zarr
+from unetflow.tiling import reflect_indices
 
 STATS = {"level": 0, "percentiles": [1.0, 99.8], "histogram_bins": 4096, "mask": None}
 SETTINGS = {"checkpoint": "best", "level": 0, "halo": None, "blending": "crop", "batch_size": 1,

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import dask.array as da
 import numpy as np
 import pytest
 import torch
@@ -20,17 +19,12 @@ from unetflow.normalize import compute_dataset_stats, normalize_array, write_sta
 from unetflow.ome import open_image, write_image
 from unetflow.predict import (
     TileRunner,
-    connected_components,
     create_raw_store,
     gather_prediction,
-    plan_tiles,
     predict_array,
     predict_shard,
     predict_to_ome_zarr,
     prepare_job,
-    reflect_indices,
-    shard_boxes,
-    work_units,
 )
 
 TINY = dict(depth=2, base_features=4)
@@ -123,31 +117,6 @@ def test_batches_across_dask_workers_equal_single_tiles():
     assert relative_error(batched, single) < 1e-5
 
 
-def test_off_grid_halo_and_tiles_are_refused_naming_the_key():
-    model = tiny_model()  # depth 2: grid of 4
-    with pytest.raises(ValueError, match="predict.halo 10"):
-        plan_tiles(["y", "x"], (64, 64), model, (32, 32), halo=10)
-    with pytest.raises(ValueError, match="predict.tile_shape"):
-        plan_tiles(["y", "x"], (64, 64), model, (30, 32))
-    with pytest.raises(ValueError, match="needs 3 spatial axes"):
-        plan_tiles(["y", "x"], (64, 64), tiny_model(3), (32, 32, 32))
-
-
-def test_tiles_smaller_than_the_halo_are_enlarged_on_the_grid():
-    model = tiny_model()  # halo 24
-    with pytest.warns(UserWarning, match="smaller than the halo"):
-        plan = plan_tiles(["y", "x"], (64, 64), model, (16, 32))
-    assert plan.tile == (32, 32)
-
-
-def test_reflect_indices_match_numpy_reflect_even_beyond_the_axis():
-    x = np.arange(5)
-    for pad in (3, 4, 13):
-        want = np.pad(x, pad, mode="reflect")
-        assert np.array_equal(x[reflect_indices(-pad, 5 + pad, 5)], want)
-    assert np.array_equal(reflect_indices(-2, 3, 1), np.zeros(5))
-
-
 # --- gaussian blending: no seams --------------------------------------------------------
 def border_gradient_ratio(y: np.ndarray, tile: int) -> float:
     """Mean |difference| across tile borders (along x) / mean |difference| elsewhere."""
@@ -167,37 +136,6 @@ def test_gaussian_blending_has_no_seams_where_untiled_crop_has():
     assert border_gradient_ratio(seams, 32) > 2.0  # the check can fail: no halo gives seams
     # gaussian windows of an exact halo stay close to the whole-image pass
     assert relative_error(gaussian, whole_image_pass(model, x, halo_for(model))) < 0.05
-
-
-# --- work units and shards ---------------------------------------------------------------
-def test_shards_partition_the_tiles_into_chunk_aligned_boxes():
-    plan = plan_tiles(["t", "z", "y", "x"], (2, 3, 75, 101), tiny_model(), (32, 32))
-    for shards in (1, 3, 7, 100):
-        covered = np.zeros(plan.grid, dtype=int)
-        for index in range(shards):
-            for box in shard_boxes(plan, shards, index):
-                covered[tuple(slice(a, b) for a, b in box)] += 1
-        assert (covered == 1).all()
-    counts = [plan.tile_count(shard_boxes(plan, 3, i)) for i in range(3)]
-    assert max(counts) - min(counts) <= plan.tile_count(work_units(plan, 1)[:1]) * 3
-    assert sum(counts) == plan.tile_count()
-
-
-def test_out_of_core_connected_components_match_whole_image_labelling(tmp_path):
-    rng = np.random.default_rng(0)
-    foreground = ndimage.gaussian_filter(rng.normal(size=(70, 90)), 2) > 0.05
-    labels, count = connected_components(da.from_array(foreground, chunks=(16, 24)),
-                                         tmp_path / "scratch.zarr")
-    labels = labels.compute()
-    want, want_count = ndimage.label(foreground)
-    assert count == want_count
-    assert ((labels > 0) == foreground).all()
-    pairs = np.unique(np.stack([labels[foreground], want[foreground]]), axis=1)
-    assert pairs.shape[1] == want_count  # one-to-one: same partition into objects
-    movie = np.stack([foreground[:35], foreground[35:]])  # t, y, x: no objects across t
-    labels, count = connected_components(da.from_array(movie, chunks=(1, 16, 24)),
-                                         tmp_path / "movie.zarr", separate_axes=(0,))
-    assert count == sum(ndimage.label(frame)[1] for frame in movie)
 
 
 # --- the OME-Zarr store path -------------------------------------------------------------

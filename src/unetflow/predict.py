@@ -1,22 +1,11 @@
 """Tiled prediction over OME-Zarr: exact or Gaussian-blended, out of core, sharded across jobs.
 
-Geometry. The output is cut into tiles of `predict.tile_shape` along the axes the model sees
-(y, x or z, y, x); a tile is also the chunk of the raw output store. Every tile is predicted
-from its input extended by `predict.halo` on each side: neighbours' pixels inside the image,
-reflection (numpy's "reflect", edge not repeated) outside it. A U-Net with pooling is
-shift-equivariant only for shifts that are multiples of 2**depth, so tile origins and the halo
-lie on that grid; with a halo of at least `halo_for(model)` (the default), `crop` blending
-(keep each tile's core, drop its halo) equals one whole-image pass over the reflect-padded
-image. `gaussian` blending keeps each tile's whole window (tile + 2 halo), weights it with a
-Gaussian importance map (sigma 1/8 of the window, as nnU-Net does) and divides the summed
-weighted windows by the summed weights, so neighbouring windows fade into each other.
-
-Other axes. Axes the model does not see (t, and z for a 2D model) are predicted one index at a
-time (tile size 1): a 2D model runs per z-slice and per time point.
+Geometry: unetflow.tiling (tiles on the 2**depth grid, exact halo, reflection at the
+image border). Instance labels: unetflow.components.
 
 Execution. The work is a dask expression per *work unit* (a box of whole tiles of about
-UNIT_MEGAPIXELS): read the unit with its halo chunk by chunk, overlap the chunks by the halo
-(`da.overlap.overlap`), `map_blocks` each tile through the model, store the tile's output
+tiling.UNIT_MEGAPIXELS): read the unit with its halo chunk by chunk, overlap the chunks by
+the halo (`da.overlap.overlap`), `map_blocks` each tile through the model, store the tile's output
 into its own chunk. Units run one after another with one unit of look-ahead on a shared
 thread pool, so memory and graph size do not grow with the image. Tiles from concurrent dask
 tasks are gathered into batches of `predict.batch_size` by `TileRunner` (useful on a GPU,
@@ -44,7 +33,7 @@ from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +44,7 @@ import torch
 import zarr
 
 import unetflow
+from unetflow.components import connected_components
 from unetflow.files import write_json_atomic
 from unetflow.model.inference import memory_format_for, prepare_for_inference
 from unetflow.model.unet import UNet, halo_for
@@ -64,31 +54,30 @@ from unetflow.ome import (
     channel_first_axes,
     open_image,
     replace_directory,
-    spatial_axes,
     write_image,
     write_label_image,
+)
+from unetflow.tiling import (
+    Box,
+    TilePlan,
+    plan_tiles,
+    read_box,
+    shard_boxes,
+    work_units,
 )
 from unetflow.train import choose_device, load_checkpoint
 
 __all__ = [
-    "BLENDINGS",
     "OUTPUT_KEYS",
-    "UNIT_MEGAPIXELS",
-    "TilePlan",
     "TileRunner",
     "PredictionJob",
     "file_sha256",
     "load_model",
     "default_halo",
-    "plan_tiles",
-    "work_units",
-    "shard_boxes",
-    "reflect_indices",
     "gaussian_importance",
     "predict_box",
     "fold_windows",
     "predict_array",
-    "connected_components",
     "prepare_job",
     "create_raw_store",
     "predict_shard",
@@ -99,14 +88,9 @@ __all__ = [
 
 LOG = logging.getLogger(__name__)
 
-BLENDINGS = ("crop", "gaussian")
 # predict keys that only change how the gather writes the output, not the raw prediction
 OUTPUT_KEYS = ("pyramid_levels", "chunks", "probabilities", "instances", "output_units")
-# pixels per work unit: bounds memory (a unit and its look-ahead are in flight) and graph size
-UNIT_MEGAPIXELS = 4.0
 RAW_FORMAT = "unetflow-raw-prediction-1"
-
-Box = tuple[tuple[int, int], ...]  # per plan axis: first tile, stop tile
 
 
 # --- small helpers ------------------------------------------------------------------------
@@ -129,219 +113,6 @@ def load_model(checkpoint: dict[str, Any], device: torch.device) -> UNet:
 def default_halo(model: UNet) -> int:
     """The smallest exact halo: the model's edge reach rounded up to the 2**depth grid."""
     return halo_for(model)
-
-
-# --- tile geometry ------------------------------------------------------------------------
-@dataclass(frozen=True)
-class TilePlan:
-    """How one image is cut into tiles: the geometry that every shard and the gather share.
-
-    Attributes:
-        axes: the image's non-channel axes in storage order, e.g. ("t", "z", "y", "x").
-        shape: their sizes.
-        tile: the tile (= raw chunk) size per axis; 1 on the axes the model does not see.
-        halo: input pixels added on each side of a tile along the model's axes.
-        model_dims: 2 or 3; the model sees the last `model_dims` axes.
-        blending: "crop" or "gaussian".
-        channels_out: the model's output channels (classes for segmentation).
-    """
-
-    axes: tuple[str, ...]
-    shape: tuple[int, ...]
-    tile: tuple[int, ...]
-    halo: int
-    model_dims: int
-    blending: str
-    channels_out: int
-
-    @property
-    def model_axes(self) -> tuple[int, ...]:
-        """Indices (into `axes`) of the axes the model sees."""
-        return tuple(range(len(self.axes) - self.model_dims, len(self.axes)))
-
-    @property
-    def grid(self) -> tuple[int, ...]:
-        """Number of tiles along each axis."""
-        return tuple(math.ceil(s / t) for s, t in zip(self.shape, self.tile, strict=True))
-
-    @property
-    def window(self) -> tuple[int, ...]:
-        """A full tile's input (and Gaussian window) size: tile + 2 halo on the model's axes."""
-        return tuple(t + 2 * self.halo if a in self.model_axes else t
-                     for a, t in enumerate(self.tile))
-
-    def core_sizes(self, axis: int, first: int, stop: int) -> tuple[int, ...]:
-        """Output sizes of tiles first..stop-1 along `axis` (the last one may be shorter)."""
-        t, n = self.tile[axis], self.shape[axis]
-        return tuple(min(t, n - i * t) for i in range(first, stop))
-
-    def box_slices(self, box: Box) -> tuple[slice, ...]:
-        """Pixel slices (per plan axis) covered by a box of tiles."""
-        return tuple(slice(a * t, min(b * t, n))
-                     for (a, b), t, n in zip(box, self.tile, self.shape, strict=True))
-
-    def tile_count(self, boxes: list[Box] | None = None) -> int:
-        """Tiles in `boxes` (all tiles when None)."""
-        if boxes is None:
-            return math.prod(self.grid)
-        return sum(math.prod(b - a for a, b in box) for box in boxes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TilePlan:
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
-
-    def fingerprint(self) -> str:
-        """Identifies the geometry, so a shard never joins a store planned differently."""
-        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
-
-
-def _check_tile_shape(tile_shape: tuple[int, ...], dims: int, multiple: int) -> None:
-    if len(tile_shape) != dims:
-        raise ValueError(f"predict.tile_shape {list(tile_shape)} has {len(tile_shape)} "
-                         f"dimensions but the model is {dims}D")
-    if any(t < 1 or t % multiple for t in tile_shape):
-        raise ValueError(f"predict.tile_shape {list(tile_shape)} must hold multiples of "
-                         f"2**depth = {multiple}: tile origins must lie on the pooling grid")
-
-
-def _resolve_halo(model: UNet, halo: int | None, blending: str) -> int:
-    """The configured halo, checked against the pooling grid; warns when crop is not exact."""
-    exact, multiple = halo_for(model), model.size_multiple
-    halo = exact if halo is None else int(halo)
-    if halo < 0 or halo % multiple:
-        raise ValueError(f"predict.halo {halo} must be a non-negative multiple of 2**depth = "
-                         f"{multiple} (the exact halo of this model is {exact})")
-    if blending == "crop" and halo < exact:
-        warnings.warn(f"predict.halo {halo} is smaller than this model's exact halo {exact}: "
-                      f"crop blending will differ from a whole-image pass near tile borders "
-                      f"(seams); leave predict.halo unset for {exact}", stacklevel=3)
-    if model.config()["norm"] in ("group", "instance"):
-        warnings.warn(f"model.norm is {model.config()['norm']!r}: its statistics are taken per "
-                      f"tile, so tiled output is not equal to a whole-image pass", stacklevel=3)
-    return halo
-
-
-def _enlarge_small_tiles(tile_shape: tuple[int, ...], halo: int) -> tuple[int, ...]:
-    """Tiles at least as large as the halo: dask overlap needs depth <= chunk."""
-    tiles = tuple(t * math.ceil(halo / t) if t < halo else t for t in tile_shape)
-    if tiles != tuple(tile_shape):
-        warnings.warn(f"predict.tile_shape {list(tile_shape)} is smaller than the halo {halo} "
-                      f"along some axis; using tiles {list(tiles)}", stacklevel=3)
-    return tiles
-
-
-def plan_tiles(axes: list[str], shape: tuple[int, ...], model: UNet,
-               tile_shape: tuple[int, ...], halo: int | None = None,
-               blending: str = "crop") -> TilePlan:
-    """The tile plan for an image with non-channel `axes` of `shape` and this model.
-
-    Raises ValueError naming predict.tile_shape, predict.halo or predict.blending when the
-    tiles or the halo are off the 2**depth grid, or the image lacks the model's axes.
-    """
-    dims = model.spatial_dims
-    if blending not in BLENDINGS:
-        raise ValueError(f"predict.blending {blending!r} is not one of {list(BLENDINGS)}")
-    if spatial_axes(list(axes))[-dims:] != list(axes)[-dims:] or len(spatial_axes(axes)) < dims:
-        raise ValueError(f"the image has axes {list(axes)} but the {dims}D model needs "
-                         f"{dims} spatial axes last")
-    _check_tile_shape(tuple(tile_shape), dims, model.size_multiple)
-    halo = _resolve_halo(model, halo, blending)
-    tiles = _enlarge_small_tiles(tuple(tile_shape), halo)
-    extra = len(axes) - dims
-    return TilePlan(axes=tuple(axes), shape=tuple(int(s) for s in shape),
-                    tile=(1,) * extra + tiles, halo=halo, model_dims=dims, blending=blending,
-                    channels_out=model.config()["out_channels"])
-
-
-# --- work units and shards ----------------------------------------------------------------
-def work_units(plan: TilePlan, max_tiles: int | None = None) -> list[Box]:
-    """Chunk-aligned boxes of whole tiles covering the image, in C order.
-
-    A unit spans one tile along all but the last two axes, a band of rows along the
-    second-to-last and a run of tiles along the last, with at most `max_tiles` tiles
-    (default: about UNIT_MEGAPIXELS of output).
-    """
-    if max_tiles is None:
-        max_tiles = max(1, int(UNIT_MEGAPIXELS * 1e6 // math.prod(plan.tile)))
-    grid = plan.grid
-    run = min(grid[-1], max_tiles)
-    band = max(1, min(grid[-2], max_tiles // run))
-    units = []
-    for prefix in np.ndindex(*grid[:-2]):
-        for row in range(0, grid[-2], band):
-            for col in range(0, grid[-1], run):
-                units.append(tuple((i, i + 1) for i in prefix)
-                             + ((row, min(row + band, grid[-2])), (col, min(col + run, grid[-1]))))
-    return units
-
-
-def shard_boxes(plan: TilePlan, shards: int, index: int) -> list[Box]:
-    """The units of shard `index` of `shards`: contiguous, about equal tile counts.
-
-    Units are made small enough that every shard can get some; with more shards than tiles
-    the surplus shards are empty.
-    """
-    if not 0 <= index < shards:
-        raise ValueError(f"shard {index} does not exist; predict.shards is {shards}")
-    total = plan.tile_count()
-    default = max(1, int(UNIT_MEGAPIXELS * 1e6 // math.prod(plan.tile)))
-    units = work_units(plan, min(default, max(1, total // shards)))
-    mine, done = [], 0
-    for box in units:
-        if done * shards // total == index:
-            mine.append(box)
-        done += plan.tile_count([box])
-    return mine
-
-
-# --- reading a box with its halo ----------------------------------------------------------
-def reflect_indices(start: int, stop: int, size: int) -> np.ndarray:
-    """Source indices for positions start..stop-1 of an axis of `size`, mirrored at its ends.
-
-    numpy's "reflect" (d c b | a b c d | c b a), repeated for halos longer than the axis.
-    """
-    positions = np.arange(start, stop)
-    if size == 1:
-        return np.zeros_like(positions)
-    period = 2 * (size - 1)
-    folded = np.mod(positions, period)
-    return np.where(folded < size, folded, period - folded)
-
-
-def _take_reflected(x: da.Array, axis: int, start: int, stop: int) -> da.Array:
-    """x[start:stop] along `axis`, mirrored where the range leaves the array."""
-    size = x.shape[axis]
-    inside = slice(max(start, 0), min(stop, size))
-    pieces = []
-    if start < 0:
-        pieces.append(da.take(x, reflect_indices(start, 0, size), axis=axis))
-    pieces.append(x[(slice(None),) * axis + (inside,)])
-    if stop > size:
-        pieces.append(da.take(x, reflect_indices(size, stop, size), axis=axis))
-    return pieces[0] if len(pieces) == 1 else da.concatenate(pieces, axis=axis)
-
-
-def _read_box(source: da.Array, plan: TilePlan, box: Box) -> da.Array:
-    """(C, *box + halo) chunked as [halo + tile, tile, ..., last tile + halo] on model axes.
-
-    The first and last chunks carry the halo, so that after `da.overlap.overlap` every block
-    is exactly one tile with its halo, whatever the size of the last tile.
-    """
-    x, chunks = source, [source.shape[0]]
-    for axis, ((first, stop), sl) in enumerate(zip(box, plan.box_slices(box), strict=True)):
-        cores = plan.core_sizes(axis, first, stop)
-        if axis in plan.model_axes:
-            h = plan.halo
-            x = _take_reflected(x, axis + 1, sl.start - h, sl.stop + h)
-            cores = tuple(c + h * ((i == 0) + (i == len(cores) - 1))
-                          for i, c in enumerate(cores))
-        else:
-            x = x[(slice(None),) * (axis + 1) + (sl,)]
-        chunks.append(cores)
-    return x.rechunk(tuple(chunks))
 
 
 # --- running the model on tiles -----------------------------------------------------------
@@ -542,7 +313,7 @@ def predict_box(source: da.Array, plan: TilePlan, box: Box, runner: TileRunner,
     crop: (K, *box pixels). gaussian: (K + 1, ...) weighted windows, window i of an axis at
     i * plan.window (fold them with `fold_windows`).
     """
-    x = _read_box(source, plan, box)
+    x = read_box(source, plan, box)
     depth = {1 + a: (plan.halo if a in plan.model_axes else 0) for a in range(len(plan.axes))}
     blocks = da.overlap.overlap(x, depth=depth, boundary="none") if plan.halo else x
     meta = np.empty((0,) * x.ndim, dtype=np.float32)
@@ -644,122 +415,6 @@ def predict_array(model: UNet, data: da.Array | np.ndarray, halo: int | None = N
     box = tuple((0, g) for g in plan.grid)
     out = predict_box(data, plan, box, runner)
     return out if blending == "crop" else fold_windows(out, plan, box)
-
-
-# --- out-of-core connected components -----------------------------------------------------
-def _label_chunk(foreground: np.ndarray) -> np.ndarray:
-    from scipy import ndimage
-
-    labels, _ = ndimage.label(foreground)
-    return labels.astype(np.uint32)
-
-
-def _label_and_store(foreground: np.ndarray, local: zarr.Array,
-                     region: tuple[slice, ...]) -> tuple[int, list[tuple[np.ndarray, ...]]]:
-    """Label one chunk into the scratch array; return its label count and its faces.
-
-    The faces (first and last slice along each axis) are all that merging needs later, so
-    no chunk is read twice.
-    """
-    labels = _label_chunk(foreground)
-    local[region] = labels
-    faces = [(labels.take(0, axis).copy(), labels.take(-1, axis).copy())
-             for axis in range(labels.ndim)]
-    return int(labels.max(initial=0)), faces
-
-
-def _touching_pairs(last: np.ndarray, first: np.ndarray, offset_a: int,
-                    offset_b: int) -> np.ndarray:
-    """Global id pairs of labels facing each other across one chunk face."""
-    both = (last > 0) & (first > 0)
-    if not both.any():
-        return np.empty((0, 2), dtype=np.int64)
-    pairs = np.stack([last[both].astype(np.int64) + offset_a,
-                      first[both].astype(np.int64) + offset_b], axis=1)
-    return np.unique(pairs, axis=0)
-
-
-def _merge_face_labels(pairs: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
-    """Union-find over labels touching across chunk faces.
-
-    Returns the sorted ids that touch another chunk's label, the id each is replaced by
-    (the smallest id of its object), and the number of objects they form.
-    """
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components as components
-
-    ids = np.unique(pairs)
-    if ids.size == 0:
-        return ids, ids, 0
-    edges = np.searchsorted(ids, pairs)
-    graph = coo_matrix((np.ones(len(edges), dtype=np.int8), (edges[:, 0], edges[:, 1])),
-                       shape=(len(ids), len(ids)))
-    count, component = components(graph, directed=False)
-    smallest = np.full(count, np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(smallest, component, ids)
-    return ids, smallest[component], count
-
-
-def _relabel_chunk(block: np.ndarray, offset: int, ids: np.ndarray, roots: np.ndarray,
-                   dtype: np.dtype) -> np.ndarray:
-    """Chunk-local labels -> global ids; labels merged across faces -> their object's id.
-
-    A lookup table over this chunk's labels only: O(pixels + labels in the chunk).
-    """
-    count = int(block.max(initial=0))
-    table = np.arange(offset, offset + count + 1, dtype=np.int64)
-    table[0] = 0
-    first, stop = np.searchsorted(ids, [offset + 1, offset + count + 1])
-    table[ids[first:stop] - offset] = roots[first:stop]
-    return table.astype(dtype)[block]
-
-
-def connected_components(foreground: da.Array, scratch: str | Path, workers: int = 1,
-                         separate_axes: tuple[int, ...] = ()) -> tuple[da.Array, int]:
-    """Face-connected components of a chunked boolean array, without loading it whole.
-
-    Each chunk is labelled on its own (scipy.ndimage.label) into a scratch Zarr array, with
-    ids made unique by per-chunk offsets; labels that touch across chunk faces are merged by
-    a union-find over the touching pairs and take the smallest id of their object. Ids are
-    unique per object but not consecutive. Memory holds the chunks in flight, the chunk
-    faces (4 bytes per face pixel: 8 MB for 16384^2 in 512^2 chunks) and the labels that
-    touch a face; never one entry per pixel or per object. Objects are not joined along
-    `separate_axes` (time), which must be chunked by 1. Returns labels and their count.
-    """
-    chunk = tuple(c[0] for c in foreground.chunks)
-    local = zarr.open_array(str(scratch), mode="w", shape=foreground.shape, chunks=chunk,
-                            dtype=np.uint32, fill_value=0)
-    blocks = foreground.to_delayed()
-    grid = blocks.shape
-    tasks = [dask.delayed(_label_and_store, pure=False)(
-        blocks[index], local, tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunk,
-                                                                             strict=True)))
-        for index in np.ndindex(*grid)]
-    results = dask.compute(*tasks, scheduler="threads", num_workers=workers)
-    counts = np.array([count for count, _ in results], dtype=np.int64).reshape(grid)
-    faces = np.empty(grid, dtype=object)
-    for index, (_, chunk_faces) in zip(np.ndindex(*grid), results, strict=True):
-        faces[index] = chunk_faces
-    del results
-    offsets = (np.cumsum(counts.ravel()) - counts.ravel()).reshape(grid)
-    pairs = []
-    for index in np.ndindex(*grid):
-        for axis in range(len(grid)):
-            if index[axis] + 1 < grid[axis] and axis not in separate_axes:
-                nxt = index[:axis] + (index[axis] + 1,) + index[axis + 1:]
-                pairs.append(_touching_pairs(faces[index][axis][1], faces[nxt][axis][0],
-                                             int(offsets[index]), int(offsets[nxt])))
-    del faces
-    pairs = np.unique(np.concatenate(pairs), axis=0) if pairs else np.empty((0, 2), np.int64)
-    ids, roots, merged_objects = _merge_face_labels(pairs)
-    total = int(counts.sum())
-    dtype = np.dtype(np.uint32 if total < 2**32 else np.uint64)
-
-    def relabel(block: np.ndarray, block_info: dict | None = None) -> np.ndarray:
-        offset = int(offsets[tuple(block_info[0]["chunk-location"])])
-        return _relabel_chunk(block, offset, ids, roots, dtype)
-
-    return da.from_zarr(local).map_blocks(relabel, dtype=dtype), total - ids.size + merged_objects
 
 
 # --- one prediction job: model, image, settings -------------------------------------------

@@ -1,6 +1,6 @@
 # Tiled prediction, sharded: create the raw store, predict its shards (separate jobs, each
 # writing only its own tiles' chunks), gather into the NGFF 0.5 output. predict.shards: 1
-# gives one shard job. See src/unetflow/predict.py for the tiling.
+# gives one shard job. See src/unetflow/tiling.py for the tiling.
 
 
 rule predict_create:
