@@ -8,10 +8,10 @@ through Zarr, 0.18-0.19 s this way). Here a task opens the chunk file, decodes i
 array's numcodecs codec (which releases the GIL) and hands the numpy array to its dependents.
 
 What is handled: local (folder) stores; Zarr v3 arrays whose codecs are `bytes` (little
-endian) plus at most one zstd, blosc or gzip compressor; Zarr v2 arrays in C order with one
-numcodecs compressor and no filters; chunks that are missing read as the fill value, chunks at
-the array's edge are cropped. Anything else (sharded sources, transposes, remote stores) gets
-None from `direct_dask_array`, and the caller reads through Zarr.
+endian) plus at most one zstd, blosc or gzip compressor; Zarr v2 arrays in C order with at
+most one numcodecs compressor and no filters; chunks that are missing read as the fill value,
+chunks at the array's edge are cropped. Anything else (sharded sources, transposes, remote
+stores) gets None from `direct_dask_array`, and the caller reads through Zarr.
 """
 
 from __future__ import annotations
