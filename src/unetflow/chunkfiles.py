@@ -31,7 +31,8 @@ from zarr.codecs import BloscCodec, BytesCodec, GzipCodec, ZstdCodec
 from zarr.codecs.bytes import Endian
 from zarr.storage import LocalStore
 
-__all__ = ["BlockMemo", "chunk_codec", "direct_dask_array", "numcodecs_codec"]
+__all__ = ["BlockMemo", "chunk_codec", "direct_dask_array", "little_endian_bytes",
+           "numcodecs_codec"]
 
 BLOSC_SHUFFLE = {"noshuffle": 0, "shuffle": 1, "bitshuffle": 2}  # zarr v3 name -> numcodecs
 
@@ -50,6 +51,12 @@ def numcodecs_codec(codec: Any) -> numcodecs.abc.Codec | None:
     return None
 
 
+def little_endian_bytes(codec: Any, itemsize: int) -> bool:
+    """A Zarr v3 `bytes` codec that stores little-endian values (no endianness for 1 byte)."""
+    return isinstance(codec, BytesCodec) and (
+        codec.endian == Endian.little or (codec.endian is None and itemsize == 1))
+
+
 def chunk_codec(array: zarr.Array) -> tuple[numcodecs.abc.Codec | None, np.dtype] | None:
     """(decompressor or None for raw bytes, stored dtype) of a local array whose chunk files
     this module can decode, or None."""
@@ -60,10 +67,7 @@ def chunk_codec(array: zarr.Array) -> tuple[numcodecs.abc.Codec | None, np.dtype
     if meta.zarr_format == 3:
         # the codecs as stored: array.serializer/compressors would be a shard's inner ones
         serializer, compressors = meta.codecs[0], meta.codecs[1:]
-        little = isinstance(serializer, BytesCodec) and (
-            serializer.endian == Endian.little or (serializer.endian is None
-                                                   and dtype.itemsize == 1))
-        if not little or len(compressors) > 1:
+        if not little_endian_bytes(serializer, dtype.itemsize) or len(compressors) > 1:
             return None
         codec = numcodecs_codec(compressors[0]) if compressors else None
         if compressors and codec is None:

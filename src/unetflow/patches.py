@@ -283,7 +283,8 @@ def _home_groups(source: PatchSource, origins: np.ndarray
     return sorted(groups.items())
 
 
-def patch_tasks(source: PatchSource, origins: np.ndarray, fn: Callable,
+def patch_tasks(source: PatchSource, origins: np.ndarray, fn: Callable, *,
+                groups: list[tuple[tuple[int, ...], list[int]]] | None = None,
                 **kwargs) -> da.Array | None:
     """`fn(items, patch_stacks, **kwargs) -> one value per item` applied chunk by chunk.
 
@@ -292,7 +293,8 @@ def patch_tasks(source: PatchSource, origins: np.ndarray, fn: Callable,
     source chunk holding its origins and on the neighbours its patches reach, and copies each
     patch from them piece by piece: every source chunk is read once (a chunk shared by tasks,
     or by the splits computed together, is one dask key), never concatenated with its
-    neighbours, and chunks without patches are not read.
+    neighbours, and chunks without patches are not read. `groups`: `_home_groups(source,
+    origins)` when the caller has it already.
     """
     if len(origins) == 0:
         return None
@@ -300,7 +302,7 @@ def patch_tasks(source: PatchSource, origins: np.ndarray, fn: Callable,
     last = source.chunk_of(origins + np.array(source.patch) - 1)
     name = f"patches-{fn.__name__}-{uuid.uuid4().hex}"
     layer = {}
-    for t, (index, items) in enumerate(_home_groups(source, origins)):
+    for t, (index, items) in enumerate(groups or _home_groups(source, origins)):
         reached = _blocks_reached(index, last[items])
         keys = [[(a.name, *(0,) * (a.ndim - d), *b) for b in reached] for a in source.arrays]
         starts = np.array([source.chunk_start(b) for b in reached])
@@ -569,10 +571,11 @@ def _open_pair(ds: DatasetInput, task: str, level: int,
 
 
 def _normalize_stack(stack: np.ndarray, stats: dict, normalize: dict) -> np.ndarray:
-    """Patches (k, C, *patch) normalized with one call (normalize_array takes C first)."""
+    """Patches (k, C, *patch) normalized with one call (normalize_array takes C first); a
+    view, which encoding copies patch by patch anyway."""
     out = normalize_array(np.moveaxis(stack, 1, 0), stats, normalize["method"],
                           normalize["clip"])
-    return np.ascontiguousarray(np.moveaxis(out, 0, 1))
+    return np.moveaxis(out, 0, 1)
 
 
 def _encode_block(items: np.ndarray, stacks: list[np.ndarray], *, indices: np.ndarray,
@@ -665,11 +668,13 @@ def _write_split(records: list[dict], split: str, sources: dict[str, PatchSource
             continue
         origins = np.array([r["origin"] for r in mine])
         indices = np.array([r["index"] for r in mine])
-        cells = patch_tasks(source, origins, _encode_block, indices=indices, images=images,
-                            targets=targets, stats=stats[name], normalize=normalize,
-                            task=task, num_classes=num_classes, ignore_label=ignore_label)
+        groups = _home_groups(source, origins)
+        cells = patch_tasks(source, origins, _encode_block, groups=groups, indices=indices,
+                            images=images, targets=targets, stats=stats[name],
+                            normalize=normalize, task=task, num_classes=num_classes,
+                            ignore_label=ignore_label)
         chunk_tasks.append(cells)
-        for t, (_, items) in enumerate(_home_groups(source, origins)):
+        for t, (_, items) in enumerate(groups):
             spans.append(((cells.name, t), int(indices[items].min()),
                           int(indices[items].max())))
     name = f"patch-shards-{split}-{uuid.uuid4().hex}"

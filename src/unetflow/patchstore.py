@@ -46,12 +46,11 @@ from typing import Any
 import google_crc32c
 import numpy as np
 import zarr
-from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, ShardingCodec
-from zarr.codecs.bytes import Endian
+from zarr.codecs import BloscCodec, Crc32cCodec, ShardingCodec
 from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
-from unetflow.chunkfiles import numcodecs_codec
+from unetflow.chunkfiles import little_endian_bytes, numcodecs_codec
 
 __all__ = [
     "CHUNK_KEYS",
@@ -92,10 +91,6 @@ def create_patch_array(group: zarr.Group, name: str, n: int, patch_shape: tuple[
                               config={"write_empty_chunks": True})
 
 
-def _little_bytes(codec: Any) -> bool:
-    return isinstance(codec, BytesCodec) and codec.endian in (None, Endian.little)
-
-
 def _layout_problem(array: zarr.Array) -> str | None:
     """Why `ShardedPatches` cannot handle `array` directly, or None when it can."""
     if not isinstance(array.store, LocalStore):
@@ -107,9 +102,11 @@ def _layout_problem(array: zarr.Array) -> str | None:
     inner, index = sharding.codecs, sharding.index_codecs
     if tuple(sharding.chunk_shape) != (1, *array.shape[1:]):
         return f"its chunks {sharding.chunk_shape} are not one patch each"
-    if not (len(inner) == 2 and _little_bytes(inner[0]) and isinstance(inner[1], BloscCodec)):
+    if not (len(inner) == 2 and little_endian_bytes(inner[0], array.dtype.itemsize)
+            and isinstance(inner[1], BloscCodec)):
         return f"its chunk codecs {inner} are not bytes + blosc"
-    if not (len(index) == 2 and _little_bytes(index[0]) and isinstance(index[1], Crc32cCodec)
+    if not (len(index) == 2 and little_endian_bytes(index[0], INDEX_ENTRY // 2)
+            and isinstance(index[1], Crc32cCodec)
             and sharding.index_location == ShardingCodecIndexLocation.end):
         return f"its shard index ({index}, at {sharding.index_location}) is not Zarr's default"
     return None
