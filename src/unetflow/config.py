@@ -28,11 +28,36 @@ __all__ = [
     "normalization_stats_settings",
     "config_warnings",
     "exact_halo",
+    "EXECUTION_KEYS",
+    "PREDICT_OUTPUT_KEYS",
+    "section_settings",
+    "execution_settings",
+    "result_settings",
 ]
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
-STAGE_SECTIONS = ("normalize", "patches", "model", "train", "predict", "evaluate")
+# the sections a stage of the CLI takes (config.section_settings)
+STAGE_SECTIONS = ("demo", "normalize", "patches", "model", "train", "predict", "evaluate")
 STATS_KEYS = ("level", "percentiles", "histogram_bins", "mask")
+# Settings of how a stage runs, not of what it computes: editing them reruns nothing
+# (rules pass them as resources, which Snakemake does not compare; README "Reruns").
+# train: the trainer leaves them out of its fingerprint too, so a job moved to another node
+# or given more workers resumes. device, compile and deterministic change floating-point
+# rounding only; amp (bf16/fp16 on CUDA) changes the trajectory more than rounding, but a
+# rerun would resume the saved state at its last step and rewrite the same checkpoint.
+# predict: per-tile results do not depend on threads, workers or shards; batch_size and
+# device change rounding only (about 1e-7 of the output range on the CPU). predict.amp is
+# on the results side: on a GPU it changes outputs by bf16/fp16 rounding (about 1e-2),
+# which a user switching it off to check accuracy must see.
+EXECUTION_KEYS = {
+    "train": ("device", "amp", "compile", "num_workers", "threads", "deterministic"),
+    "predict": ("device", "threads", "dask_workers", "batch_size", "shards"),
+}
+# keys of earlier versions, with what replaces them (said when a config still has one)
+RETIRED_KEYS = {"amp_dtype": "It was merged into amp: use amp: bf16 or amp: fp16"}
+# predict keys that only change how the gather writes the output, not the raw tiles:
+# editing them reruns the gather, not the shards
+PREDICT_OUTPUT_KEYS = ("pyramid_levels", "chunks", "probabilities", "instances", "output_units")
 
 
 class ConfigError(ValueError):
@@ -107,12 +132,14 @@ def _describe_value_error(error: jsonschema.ValidationError, key: str) -> str | 
     return None
 
 
-def _describe(error: jsonschema.ValidationError, schema: dict) -> str:
-    key = _key_path(error.absolute_path)
+def _describe(error: jsonschema.ValidationError, schema: dict, prefix: tuple = ()) -> str:
+    key = _key_path((*prefix, *error.absolute_path))
     if error.validator == "additionalProperties":
         allowed = _subschema_properties(error, schema)
         extra = [k for k in error.instance if k not in allowed]
         hint = _did_you_mean(extra[0], allowed) if extra else ""
+        if extra and extra[0] in RETIRED_KEYS:
+            hint = f" {RETIRED_KEYS[extra[0]]}."
         return (f"config key '{key}': unknown key '{extra[0] if extra else '?'}'.{hint} "
                 f"Allowed keys: {', '.join(sorted(allowed))}")
     if error.validator == "pattern" or (error.validator == "propertyNames"):
@@ -235,6 +262,42 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
     _check_references(config)
     _check_shapes(config)
     return config
+
+
+def section_settings(section: str, values: dict[str, Any],
+                     schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One stage section (e.g. `predict`) validated against the schema, defaults filled.
+
+    What the CLI runs on: a stage called by hand, by a rule or by a benchmark gets exactly
+    the schema's defaults for what it is not given, and an unknown or bad key is refused
+    with its name (``predict.tile_shape``...).
+    """
+    schema = schema or load_schema()
+    definition = schema["$defs"].get(section) or schema["properties"].get(section)
+    if section not in STAGE_SECTIONS or definition is None:
+        raise ConfigError(f"unknown config section {section!r}")
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key '{section}': {values!r} is not a mapping of keys")
+    section_schema = {**definition, "$defs": schema["$defs"]}
+    values = copy.deepcopy(values)
+    validator = jsonschema.Draft202012Validator(section_schema)
+    errors = sorted(validator.iter_errors(values), key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError(_describe(errors[0], schema, (section,)))
+    _fill_defaults(section_schema, values, schema)
+    return values
+
+
+def execution_settings(section: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The keys of a section that say how a stage runs (EXECUTION_KEYS), not what it makes."""
+    return {k: v for k, v in values.items() if k in EXECUTION_KEYS.get(section, ())}
+
+
+def result_settings(section: str, values: dict[str, Any],
+                    leave_out: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The keys of a section that decide its results (all but EXECUTION_KEYS, `leave_out`)."""
+    skip = set(EXECUTION_KEYS.get(section, ())) | set(leave_out)
+    return {k: v for k, v in values.items() if k not in skip}
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
