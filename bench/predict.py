@@ -63,6 +63,9 @@ import numpy as np
 import torch
 
 from unetflow.demo import synthesize_nuclei
+from unetflow.config import section_settings
+from unetflow.model.checkpoint import new_checkpoint
+from unetflow.model.checkpoint import save_checkpoint as save_checkpoint_file
 from unetflow.model.inference import prepare_for_inference
 from unetflow.model.unet import UNet, halo_for
 from unetflow.normalize import compute_dataset_stats, normalize_array, read_stats, write_stats
@@ -71,10 +74,9 @@ from unetflow.predict import predict_to_ome_zarr
 from unetflow.tiling import reflect_indices
 
 STATS = {"level": 0, "percentiles": [1.0, 99.8], "histogram_bins": 4096, "mask": None}
-SETTINGS = {"checkpoint": "best", "level": 0, "halo": None, "blending": "crop", "batch_size": 1,
-            "pyramid_levels": 3, "chunks": None, "probabilities": False, "instances": True,
-            "output_units": "normalized", "device": "cpu", "amp": False,
-            "amp_dtype": "bfloat16", "threads": None, "dask_workers": None, "shards": 1}
+# the schema's predict defaults, except: outputs in normalized units (the model is random, so
+# mapping back to input units means nothing) and the device chosen on the command line
+SETTINGS = section_settings("predict", {"output_units": "normalized"})
 THREADS = 2
 MONAI_ROI = 512  # sliding_window_inference's roi, as the issue fixes it
 
@@ -99,9 +101,8 @@ def build_model(depth: int, base: int, norm: str, channels_out: int = 1, seed: i
 
 
 def save_checkpoint(model: UNet, path: Path, task: str) -> str:
-    torch.save({"format": "unetflow-checkpoint-1", "task": task, "step": 0,
-                "model_config": model.config(), "model_state": model.state_dict(),
-                "normalize": {"method": "percentile", "clip": False}}, path)
+    normalization = {"method": "percentile", "clip": False, "datasets": {}}
+    save_checkpoint_file(path, new_checkpoint(model, task, normalization))
     return str(path)
 
 
@@ -261,8 +262,7 @@ def throughput(root: Path, size: int, tile: int, device: torch.device, amp: bool
 
 def rss_child(args: argparse.Namespace) -> None:
     """Predict one prepared image in this fresh process and print the peak RSS (MB)."""
-    settings = {**SETTINGS, "tile_shape": [args.tile, args.tile],
-                "output_units": "normalized", "pyramid_levels": 3}
+    settings = {**SETTINGS, "tile_shape": [args.tile, args.tile], "device": "cpu"}
     start = time.perf_counter()
     summary = predict_to_ome_zarr(args.checkpoint, args.image, args.stats, None, settings,
                                   args.output, "bench", "image", threads=THREADS)

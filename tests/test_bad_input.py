@@ -32,6 +32,7 @@ from unetflow.checks import dataset_problems
 from unetflow.cli import main as cli_main
 from unetflow.config import ConfigError, config_warnings, load_config, validate_config
 from unetflow.demo import synthesize_nuclei
+from unetflow.model.checkpoint import new_checkpoint, save_checkpoint
 from unetflow.model.unet import build_unet
 from unetflow.normalize import compute_dataset_stats, normalize_array, read_stats, write_stats
 from unetflow.ome import write_image
@@ -425,9 +426,8 @@ def write_patch_store(path: Path) -> str:
 def save_unet_checkpoint(path: Path, **arch) -> Path:
     """A checkpoint as the trainer writes it (the keys that fine-tuning and prediction read)."""
     model = build_unet({**ARCH, **arch}, 2, 1, 2)
-    torch.save({"format": "unetflow-checkpoint-1", "task": "segmentation",
-                "model_config": model.config(), "model_state": model.state_dict(), "step": 1,
-                "normalize": {"method": "percentile", "clip": False}}, path)
+    normalization = {"method": "percentile", "clip": False, "datasets": {}}
+    save_checkpoint(path, new_checkpoint(model, "segmentation", normalization, step=1))
     return path
 
 
@@ -449,7 +449,7 @@ def train_cli(tmp_path: Path, init_from: str) -> tuple[subprocess.CompletedProce
 
 def predict_cli(tmp_path: Path, checkpoint: Path, good: dict[str, str]):
     out = tmp_path / "prediction.ome.zarr"
-    result = run_cli("predict", "--checkpoint", str(checkpoint), "--image", good["image"],
+    result = run_cli("predict", "run", "--checkpoint", str(checkpoint), "--image", good["image"],
                      "--stats", good["stats"], "--output", str(out), "--model", "m",
                      "--dataset", "d", "--settings", json.dumps({"tile_shape": [32, 32]}))
     return result, out
@@ -476,7 +476,7 @@ def test_a_corrupted_checkpoint_file(tmp_path, good, entry):
         assert list(out.iterdir()) == []
     else:
         result, out = predict_cli(tmp_path, broken, good)
-        assert_cli_error(result, "predict", str(broken), "not a readable unetflow checkpoint")
+        assert_cli_error(result, "predict run", str(broken), "not a readable unetflow checkpoint")
         assert not list(tmp_path.glob("prediction.ome.zarr*"))
 
 
@@ -506,7 +506,7 @@ def test_a_crafted_pickle_checkpoint_is_refused_and_its_payload_never_runs(tmp_p
         assert list(out.iterdir()) == []
     else:
         result, out = predict_cli(tmp_path, evil, good)
-        assert_cli_error(result, "predict", str(evil), "not a readable unetflow checkpoint",
+        assert_cli_error(result, "predict run", str(evil), "not a readable unetflow checkpoint",
                          "refused, since loading it could run code")
         assert not list(tmp_path.glob("prediction.ome.zarr*"))
     assert not marker.exists()
@@ -536,7 +536,7 @@ def test_every_torch_load_uses_weights_only_and_every_yaml_read_is_safe():
                 flags["weights_only"].value is True, f"{path}:{call.lineno}"
         assert not _calls(tree, "yaml", {"load", "full_load", "unsafe_load", "load_all"}), path
         assert not _calls(tree, "pickle", {"load", "loads"}), path
-    assert loads >= 1  # the guard looked at the real loader (unetflow.train.load_checkpoint)
+    assert loads >= 1  # the guard looked at the real loader (model.checkpoint._load)
 
 
 def test_a_yaml_config_with_python_tags_is_refused_without_running_them(tmp_path):

@@ -17,6 +17,7 @@ import contextlib
 import io
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -39,9 +40,9 @@ from test_train import (
     train_in_process,
 )
 from unetflow.cli import main as cli_main
-from unetflow.config import model_section, validate_config
+from unetflow.config import execution_settings, model_section, result_settings, validate_config
+from unetflow.model.checkpoint import load_checkpoint
 from unetflow.ome import write_image
-from unetflow.train import load_checkpoint
 
 UNETFLOW = Path(sys.executable).with_name("unetflow")
 TIMEOUT = 300
@@ -136,13 +137,37 @@ PREDICT_SETTINGS = model_section(CONFIG, "seg", "predict")  # what rule predict 
 
 
 def predict_args(run: Path, dataset: str, output: Path) -> list[str]:
-    """`unetflow predict` of the tiny run's segmentation model on `dataset`."""
+    """`unetflow predict run` (create, shard, gather in one process): the oracle's form."""
     image = {"te_seg": "test_2d", "tr_seg": "train_2d"}[dataset]
-    return ["predict", "--checkpoint", str(run / "results/seg/checkpoint_best.pt"),
+    return ["predict", "run", "--checkpoint", str(run / "results/seg/checkpoint_best.pt"),
             "--image", str(run / f"data/demo/{image}/image.ome.zarr"),
             "--stats", str(run / f"results/normalization/{dataset}.json"),
             "--settings", json.dumps(PREDICT_SETTINGS), "--output", str(output),
             "--model", "seg", "--dataset", dataset, "--threads", "1"]
+
+
+def predict_steps(run: Path, dataset: str, output: Path) -> dict[str, list[str]]:
+    """The three commands rules predict_create, predict_shard and predict run for `dataset`
+    (one shard), with the settings they pass (result settings apart from execution ones)."""
+    image = {"te_seg": "test_2d", "tr_seg": "train_2d"}[dataset]
+    common = ["--checkpoint", str(run / "results/seg/checkpoint_best.pt"),
+              "--image", str(run / f"data/demo/{image}/image.ome.zarr"),
+              "--settings", json.dumps(result_settings("predict", PREDICT_SETTINGS)),
+              "--execution", json.dumps(execution_settings("predict", PREDICT_SETTINGS))]
+    stats = ["--stats", str(run / f"results/normalization/{dataset}.json")]
+    raw, record = scratch_of(output)
+    return {"create": ["predict", "create", *common, "--output", str(raw)],
+            "shard": ["predict", "shard", *common, *stats, "--raw", str(raw), "--shard", "0",
+                      "--threads", "1", "--output", str(record)],
+            "gather": ["predict", "gather", *common, *stats, "--raw", str(raw),
+                       "--model", "seg", "--dataset", dataset, "--threads", "1",
+                       "--output", str(output), str(record)]}
+
+
+def scratch_of(output: Path) -> tuple[Path, Path]:
+    """The raw store and the shard record the steps write next to `output`."""
+    return (output.with_name(output.name + ".raw.zarr"),
+            output.with_name(output.name + ".shard_0.json"))
 
 
 @pytest.fixture(scope="module")
@@ -155,38 +180,51 @@ def predicted_alone(completed_tiny_run, tmp_path_factory) -> dict[str, Path]:
 
 
 def _raw_chunks(output: Path) -> list[Path]:
-    chunks = output.with_name(output.name + ".raw.zarr") / "output" / "c"
+    chunks = scratch_of(output)[0] / "output" / "c"
     return [p for p in chunks.rglob("*") if p.is_file()] if chunks.exists() else []
 
 
 @pytest.mark.parametrize("moment", ["predicting tiles", "writing the output"])
 def test_prediction_killed_mid_way_reruns_to_the_uninterrupted_store(
         completed_tiny_run, predicted_alone, tmp_path, moment):
+    """The commands the rules run, SIGKILLed: the shard while it predicts tiles (no record
+    appears), or the gather while it writes (no store appears); each rerun gives the store
+    of an uninterrupted prediction."""
     output = tmp_path / "te_seg.ome.zarr"
-    args = predict_args(completed_tiny_run, "te_seg", output)
-    proc = start(str(UNETFLOW), *args, cwd=tmp_path)
+    steps = predict_steps(completed_tiny_run, "te_seg", output)
+    raw, record = scratch_of(output)
+    run_cli_here(*steps["create"])
     if moment == "predicting tiles":
+        proc = start(str(UNETFLOW), *steps["shard"], cwd=tmp_path)
         wait_until(lambda: bool(_raw_chunks(output)), proc, "a predicted tile")
-    else:
-        wait_until(output.with_name(output.name + ".work").exists, proc, "the gather")
-    kill(proc)
-    assert not output.exists()  # the store appears only when complete
-    if moment == "predicting tiles":
+        kill(proc)
+        assert not record.exists()  # the shard's record appears only when it is complete
         assert 0 < len(_raw_chunks(output)) < 9  # killed with some of the 3 x 3 tiles done
-    run_cli_here(*args)
+        run_cli_here(*steps["shard"])
+    else:
+        run_cli_here(*steps["shard"])
+        proc = start(str(UNETFLOW), *steps["gather"], cwd=tmp_path)
+        wait_until(output.with_name(output.name + ".work").exists, proc, "the gather")
+        kill(proc)
+        assert not output.exists()  # the store appears only when complete
+    run_cli_here(*steps["gather"])
     assert_same_store(output, predicted_alone["te_seg"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == [output.name]  # no scratch left
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == sorted([output.name, raw.name, record.name])  # no scratch left
 
 
 def test_two_datasets_predicted_at_once_into_one_folder_do_not_interfere(
         completed_tiny_run, predicted_alone, tmp_path):
     outputs = {d: tmp_path / f"{d}.ome.zarr" for d in ("te_seg", "tr_seg")}
-    procs = [start(str(UNETFLOW), *predict_args(completed_tiny_run, d, out), cwd=tmp_path)
-             for d, out in outputs.items()]
+    chains = [" && ".join(shlex.join([str(UNETFLOW), *step]) for step in
+                          predict_steps(completed_tiny_run, d, out).values())
+              for d, out in outputs.items()]
+    procs = [start("bash", "-c", chain, cwd=tmp_path) for chain in chains]
     assert [p.wait(TIMEOUT) for p in procs] == [0, 0]
     for dataset, output in outputs.items():
         assert_same_store(output, predicted_alone[dataset])
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(o.name for o in outputs.values())
+    expected = [p.name for out in outputs.values() for p in (out, *scratch_of(out))]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(expected)
 
 
 def _session_alive(pgid: int) -> bool:

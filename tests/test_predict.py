@@ -13,7 +13,8 @@ import zarr
 from scipy import ndimage
 
 from conftest import planned_jobs, snakemake, write_config
-from unetflow.config import load_schema
+from unetflow.config import section_settings
+from unetflow.model.checkpoint import new_checkpoint, save_checkpoint
 from unetflow.model.unet import UNet, halo_for
 from unetflow.normalize import compute_dataset_stats, normalize_array, write_stats
 from unetflow.ome import open_image, write_image
@@ -53,9 +54,7 @@ def tiny_model(dims: int = 2, channels_out: int = 1, seed: int = 0, **kwargs) ->
 
 def predict_defaults(**overrides) -> dict:
     """The predict section with the schema's defaults, as the workflow passes it."""
-    props = load_schema()["$defs"]["predict"]["properties"]
-    settings = {k: v["default"] for k, v in props.items() if "default" in v}
-    return {**settings, "device": "cpu", "pyramid_levels": 2, **overrides}
+    return section_settings("predict", {"device": "cpu", "pyramid_levels": 2, **overrides})
 
 
 def smooth_image(shape: tuple[int, ...], seed: int = 0) -> np.ndarray:
@@ -85,7 +84,7 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
 def test_crop_with_default_halo_equals_whole_image_pass(dims, shape, tile):
     model = tiny_model(dims, channels_out=2)
     x = smooth_image((1, *shape))
-    tiled = predict_array(model, x, tile_shape=tile).compute()
+    tiled = predict_array(model, x, predict_defaults(tile_shape=list(tile))).compute()
     assert tiled.shape == (2, *shape)
     assert relative_error(tiled, whole_image_pass(model, x, halo_for(model))) < 1e-5
 
@@ -94,14 +93,15 @@ def test_halo_below_the_exact_one_is_not_exact_and_warns():
     model = tiny_model()
     x = smooth_image((1, 75, 101))
     with pytest.warns(UserWarning, match="smaller than this model's exact halo"):
-        tiled = predict_array(model, x, halo=8, tile_shape=(32, 32)).compute()
+        tiled = predict_array(model, x, predict_defaults(halo=8, tile_shape=[32, 32])).compute()
     assert relative_error(tiled, whole_image_pass(model, x, 8)) > 1e-3
 
 
 def test_2d_model_runs_per_z_slice_and_time_point():
     model = tiny_model(2)
     x = smooth_image((1, 2, 3, 45, 37))  # c, t, z, y, x
-    tiled = predict_array(model, x, tile_shape=(32, 32), axes=["t", "z", "y", "x"]).compute()
+    tiled = predict_array(model, x, predict_defaults(tile_shape=[32, 32]),
+                          axes=["t", "z", "y", "x"]).compute()
     halo = halo_for(model)
     for t in range(2):
         for z in range(3):
@@ -112,8 +112,9 @@ def test_2d_model_runs_per_z_slice_and_time_point():
 def test_batches_across_dask_workers_equal_single_tiles():
     model = tiny_model()
     x = smooth_image((1, 75, 101))
-    single = predict_array(model, x, tile_shape=(32, 32)).compute(num_workers=1)
-    batched = predict_array(model, x, tile_shape=(32, 32), batch_size=3).compute(num_workers=4)
+    single = predict_array(model, x, predict_defaults(tile_shape=[32, 32])).compute(num_workers=1)
+    batched = predict_array(model, x, predict_defaults(tile_shape=[32, 32], batch_size=3)
+                            ).compute(num_workers=4)
     assert relative_error(batched, single) < 1e-5
 
 
@@ -129,9 +130,10 @@ def border_gradient_ratio(y: np.ndarray, tile: int) -> float:
 def test_gaussian_blending_has_no_seams_where_untiled_crop_has():
     model = tiny_model(channels_out=1)
     x = smooth_image((1, 96, 160), seed=1)
-    gaussian = predict_array(model, x, tile_shape=(32, 32), blending="gaussian").compute()
+    settings = predict_defaults(tile_shape=[32, 32], blending="gaussian")
+    gaussian = predict_array(model, x, settings).compute()
     with pytest.warns(UserWarning):
-        seams = predict_array(model, x, halo=0, tile_shape=(32, 32)).compute()
+        seams = predict_array(model, x, predict_defaults(halo=0, tile_shape=[32, 32])).compute()
     assert border_gradient_ratio(gaussian, 32) < 1.25
     assert border_gradient_ratio(seams, 32) > 2.0  # the check can fail: no halo gives seams
     # gaussian windows of an exact halo stay close to the whole-image pass
@@ -160,9 +162,8 @@ def write_dataset(root: Path, data: np.ndarray, axes: list[str], ngff: str = "0.
 
 
 def write_checkpoint(path: Path, model: UNet, task: str) -> str:
-    torch.save({"format": "unetflow-checkpoint-1", "task": task, "step": 0,
-                "model_config": model.config(), "model_state": model.state_dict(),
-                "normalize": {"method": "percentile", "clip": False}}, path)
+    normalization = {"method": "percentile", "clip": False, "datasets": {}}
+    save_checkpoint(path, new_checkpoint(model, task, normalization))
     return str(path)
 
 
@@ -216,7 +217,7 @@ def test_regression_in_input_units_maps_back_with_the_stored_statistics(tmp_path
     ckpt = write_checkpoint(tmp_path / "m.pt", model, "regression")
     out = tmp_path / "pred.ome.zarr"
     predict_to_ome_zarr(ckpt, image, stats, None, predict_defaults(tile_shape=[32, 32]),
-                        str(out), "m", "d")
+                        str(out), "m", "d", threads=1)
     pred = open_image(out)
     assert pred.axes == ["y", "x"]  # no c in the input, one output channel: none added
     got = np.asarray(pred.data.compute())
@@ -238,7 +239,7 @@ def test_time_series_at_level_one_keeps_its_axes_and_geometry(tmp_path):
     ckpt = write_checkpoint(tmp_path / "m.pt", model, "regression")
     out = tmp_path / "pred.ome.zarr"
     predict_to_ome_zarr(ckpt, str(path), str(stats), [0], predict_defaults(
-        tile_shape=[16, 16], level=1, output_units="normalized"), str(out), "m", "d")
+        tile_shape=[16, 16], level=1, output_units="normalized"), str(out), "m", "d", threads=1)
     pred, source = open_image(out), open_image(path, level=1)
     assert pred.axes == ["t", "c", "y", "x"] and pred.data.shape == (2, 1, 45, 35)
     assert pred.scale == source.scale and pred.translation == source.translation
@@ -255,7 +256,7 @@ def test_segmentation_store_has_probabilities_and_instance_labels(tmp_path):
     ckpt = write_checkpoint(tmp_path / "m.pt", model, "segmentation")
     out = tmp_path / "seg.ome.zarr"
     settings = predict_defaults(tile_shape=[32, 32], probabilities=True, chunks=[16, 16])
-    predict_to_ome_zarr(ckpt, image, stats, None, settings, str(out), "m", "d")
+    predict_to_ome_zarr(ckpt, image, stats, None, settings, str(out), "m", "d", threads=1)
     validate_ngff(out)
     pred = open_image(out)
     assert pred.axes == ["c", "z", "y", "x"] and pred.data.chunksize == (2, 1, 16, 16)
@@ -281,20 +282,21 @@ def test_sharded_equals_unsharded_and_shards_write_disjoint_tiles(tmp_path):
     ckpt = write_checkpoint(tmp_path / "m.pt", model, "segmentation")
     settings = predict_defaults(tile_shape=[32, 32], probabilities=True, blending="gaussian")
     whole = tmp_path / "whole.ome.zarr"
-    predict_to_ome_zarr(ckpt, image, stats, None, settings, str(whole), "m", "d")
-    job = prepare_job(ckpt, image, stats, None, settings)
+    predict_to_ome_zarr(ckpt, image, stats, None, settings, str(whole), "m", "d", threads=1)
+    job = prepare_job(ckpt, image, None, settings, stats)
     raw = tmp_path / "raw.zarr"
     create_raw_store(job, raw, shards=3)
-    records = [predict_shard(job, raw, i, 3) for i in range(3)]
+    records = [predict_shard(job, raw, i, 3, threads=1) for i in range(3)]
     assert sum(r["tiles"] for r in records) == job.plan.tile_count() == 12
     sharded = tmp_path / "sharded.ome.zarr"
-    gather_prediction(job, raw, records, sharded, "m", "d")
+    gather_prediction(job, raw, records, sharded, "m", "d", threads=1)
     for sub in ("", "/labels/prediction"):
         a = np.asarray(open_image(f"{whole}{sub}").data.compute())
         b = np.asarray(open_image(f"{sharded}{sub}").data.compute())
         assert np.array_equal(a, b)
     with pytest.raises(ValueError, match=r"shards \[0, 2\]"):
-        gather_prediction(job, raw, [records[0], records[2]], tmp_path / "x.ome.zarr", "m", "d")
+        gather_prediction(job, raw, [records[0], records[2]], tmp_path / "x.ome.zarr", "m", "d",
+                          threads=1)
 
 
 # --- the sharded Snakemake rules ---------------------------------------------------------
@@ -342,11 +344,12 @@ def test_snakemake_reruns_only_the_shard_that_failed(tmp_path):
 def test_cuda_autocast_batches_stay_close_to_the_cpu_pass():
     model = tiny_model(channels_out=2)
     x = smooth_image((1, 150, 203))
-    want = predict_array(model, x, tile_shape=(64, 64)).compute()
+    want = predict_array(model, x, predict_defaults(tile_shape=[64, 64])).compute()
     gpu = model.to("cuda")
     for amp in (False, True):
-        runner_out = predict_array(gpu, x, tile_shape=(64, 64), device=torch.device("cuda"),
-                                   amp=amp, batch_size=4).compute(num_workers=4)
+        runner_out = predict_array(gpu, x, predict_defaults(tile_shape=[64, 64], amp=amp,
+                                                            batch_size=4),
+                                   device=torch.device("cuda")).compute(num_workers=4)
         assert relative_error(runner_out, want) < (2e-2 if amp else 1e-4)
-    runner = TileRunner(gpu, torch.device("cuda"), amp=True, batch_size=2)
+    runner = TileRunner(gpu, torch.device("cuda"), softmax=False, amp=True, batch_size=2)
     assert runner.dtype in (torch.bfloat16, torch.float16)

@@ -7,11 +7,14 @@ jobs Snakemake plans are exactly those whose inputs or params changed.
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
+import torch
 import zarr
 
 from conftest import planned_jobs, snakemake, write_config
+from unetflow.ome import open_image
 
 pytestmark = pytest.mark.slow
 # Figures redrawn whenever a prediction changes: the montage of it and the comparison chart.
@@ -100,3 +103,89 @@ def test_a_model_override_touches_only_that_model(tiny_run_copy, tiny_config):
                                          "model=dn, dataset=te_dn, shard=0"}
     assert rules_of(jobs) == PREDICT_RULES | {"train", "evaluate", "summarize",
                                               "all"} | REPORT_RULES
+
+
+# --- settings of how a stage runs rerun nothing (config.EXECUTION_KEYS) ---------------------
+@pytest.mark.parametrize("section, key, value", [
+    ("train", "device", "cpu"),
+    ("train", "amp", False),  # the trainer would resume its saved state at the last step
+    ("train", "compile", True),
+    ("train", "num_workers", 2),
+    ("train", "threads", 1),
+    ("train", "deterministic", True),
+    ("predict", "device", "cuda"),  # not even one that could not run here
+    ("predict", "threads", 1),
+    ("predict", "dask_workers", 3),
+    ("predict", "batch_size", 4),
+], ids=lambda v: str(v))
+def test_editing_how_a_stage_runs_reruns_nothing(tiny_run_copy, tiny_config, section, key,
+                                                 value):
+    assert tiny_config.get(section, {}).get(key) != value
+    tiny_config.setdefault(section, {})[key] = value
+    assert dry_run(tiny_run_copy, tiny_config) == set()
+
+
+def test_editing_normalization_statistics_reruns_from_normalize_on(tiny_run_copy, tiny_config):
+    tiny_config["normalize"] = {"percentiles": [2.0, 99.5]}
+    jobs = dry_run(tiny_run_copy, tiny_config)
+    assert {w for r, w in jobs if r == "normalize"} == {f"dataset={d}" for d in
+                                                        ("tr_seg", "te_seg", "tr_dn", "te_dn")}
+    assert rules_of(jobs) == PREDICT_RULES | {"normalize", "extract_patches", "train",
+                                              "evaluate", "summarize", "all"} | REPORT_RULES
+
+
+def test_editing_how_predictions_are_written_reruns_the_gather_on(tiny_run_copy, tiny_config):
+    tiny_config["predict"]["pyramid_levels"] = 1
+    jobs = dry_run(tiny_run_copy, tiny_config)
+    assert rules_of(jobs) == {"predict", "evaluate", "summarize", "all"} | REPORT_RULES
+
+
+def test_editing_predict_amp_reruns_prediction(tiny_run_copy, tiny_config):
+    """AMP is on the results side for prediction: on a GPU it changes outputs by bf16/fp16
+    rounding (config.EXECUTION_KEYS says why)."""
+    tiny_config["predict"]["amp"] = False
+    jobs = dry_run(tiny_run_copy, tiny_config)
+    assert rules_of(jobs) == PREDICT_RULES | {"evaluate", "summarize", "all"} | REPORT_RULES
+
+
+def test_editing_evaluation_reruns_evaluate_only(tiny_run_copy, tiny_config):
+    tiny_config["evaluate"] = {"iou_threshold": 0.7}
+    jobs = dry_run(tiny_run_copy, tiny_config)
+    assert jobs == {("evaluate", "model=seg, dataset=te_seg"),
+                    ("evaluate", "model=dn, dataset=te_dn"), ("summarize", ""),
+                    ("compare", ""), ("all", "")}
+
+
+# --- predict.device: only the shard step uses a device ----------------------------------------
+def test_create_and_gather_run_without_the_gpu_that_predict_device_asks_for(
+        tiny_run_copy, tiny_config):
+    """With predict.device: cuda on this GPU-less machine, predict_create and the gather
+    succeed (they never load the network), and predict_shard fails with one line naming
+    predict.device. The shard then runs with device cpu, and the gather with cuda again:
+    editing the device reran nothing on the way."""
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    work, folder = tiny_run_copy, "results/seg/predictions"
+    raw, shard, store = (f"{folder}/te_seg.shards/raw.zarr",
+                         f"{folder}/te_seg.shards/shard_0.json", f"{folder}/te_seg.ome.zarr")
+    shutil.rmtree(work / store)
+    (work / shard).unlink()
+    on_gpu = {**tiny_config, "predict": {**tiny_config["predict"], "device": "cuda"}}
+    write_config(work, on_gpu)
+    options = ("--cores", "2", "--configfile", "config.yaml")
+    snakemake(work, raw, *options, "--notemp")
+    assert (work / raw).is_dir()
+    failed = snakemake(work, shard, *options, "--notemp", check=False)
+    assert failed.returncode != 0 and not (work / shard).exists()
+    log = (work / "logs/predict/seg/te_seg.shard_0.log").read_text()
+    errors = [line for line in log.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1, log
+    assert errors[0].startswith("unetflow predict shard: error: predict.device is 'cuda' but "
+                                "no usable CUDA GPU is available"), log
+    assert errors[0].endswith("set predict.device: auto to fall back to the CPU"), log
+    write_config(work, {**tiny_config, "predict": {**tiny_config["predict"], "device": "cpu"}})
+    snakemake(work, shard, *options, "--notemp")
+    write_config(work, on_gpu)
+    gathered = snakemake(work, store, *options)
+    assert {r for r, _ in planned_jobs(gathered.stdout + gathered.stderr)} == {"predict"}
+    assert open_image(work / store).data.shape[-2:] == (192, 192)

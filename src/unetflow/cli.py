@@ -1,7 +1,15 @@
-"""The `unetflow` command: one subcommand per workflow stage.
+"""The `unetflow` command: one subcommand per workflow stage, the only command line.
 
 Snakemake rules call these with paths and the JSON of exactly the config section a stage
-depends on; users can call them by hand the same way.
+depends on; users can call them by hand the same way. A section given as --settings is
+validated against the config schema and its defaults filled (config.section_settings), so a
+stage run by hand runs what the workflow runs. --execution carries the settings of how a
+stage runs (threads, device, workers: config.EXECUTION_KEYS), which rules pass apart from
+--settings so that editing them reruns nothing.
+
+Errors a user can fix (a missing file, invalid JSON, a bad setting, no GPU where one is
+required) are one line, `unetflow <stage>: error: ...`, naming the file or key, with exit
+status 1 (2 for a malformed command line); anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -9,29 +17,85 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
+
+from unetflow.model.checkpoint import DeviceUnavailable
 
 __all__ = ["main", "build_parser"]
+
+# what a user can fix, reported in one line (see the module docstring)
+USER_ERRORS = (ValueError, OSError, FloatingPointError, DeviceUnavailable)
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad command line in one line: `<prog>: error: <what>`."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\n")
 
 
 def _json(text: str) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as err:
-        raise argparse.ArgumentTypeError(f"not valid JSON: {err}") from err
+        raise argparse.ArgumentTypeError(f"not valid JSON ({err}): {text[:60]!r}") from err
+
+
+def _input(parser: argparse.ArgumentParser, flag: str, **kwargs: Any) -> None:
+    """An argument naming a file or folder that must exist (checked before the stage runs)."""
+    action = parser.add_argument(flag, **kwargs)
+    name = action.option_strings[0] if action.option_strings else action.dest
+    parser.set_defaults(inputs=[*(parser.get_default("inputs") or []), (action.dest, name)])
+
+
+def _paths_in(value: Any) -> list[str]:
+    if value is None:
+        return []
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def _dataset_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(where, path) of the files named inside a --datasets JSON list."""
+    found = []
+    for i, entry in enumerate(getattr(args, "datasets", None) or []):
+        if not isinstance(entry, dict):
+            raise ValueError(f"--datasets[{i}]: {entry!r} is not a mapping of keys")
+        for key in ("image", "target", "stats"):
+            if entry.get(key):
+                found.append((f"--datasets[{i}].{key}", str(entry[key])))
+    return found
+
+
+def check_inputs(args: argparse.Namespace) -> None:
+    """Every input path given exists; the error names the argument and the path."""
+    named = [(name, path) for dest, name in getattr(args, "inputs", None) or []
+             for path in _paths_in(getattr(args, dest))]
+    for where, path in [*named, *_dataset_paths(args)]:
+        if not Path(path).exists():
+            raise FileNotFoundError(f"{where}: no such file or folder: {path}")
+
+
+def _section(args: argparse.Namespace, section: str) -> dict[str, Any]:
+    """--settings (and --execution) as a validated section with the schema's defaults."""
+    from unetflow.config import section_settings
+
+    return section_settings(section, {**args.settings, **(getattr(args, "execution", None)
+                                                          or {})})
 
 
 def _cmd_demo_data(args: argparse.Namespace) -> None:
     from unetflow.demo_store import write_demo_data
 
-    for name, path in write_demo_data(args.output_dir, args.settings).items():
+    for name, path in write_demo_data(args.output_dir, _section(args, "demo")).items():
         print(f"demo_data: {name} -> {path}")
 
 
 def _cmd_normalize(args: argparse.Namespace) -> None:
     from unetflow.normalize import compute_dataset_stats, write_stats
 
-    stats = compute_dataset_stats(args.image, args.channels, args.settings, args.dataset,
+    stats = compute_dataset_stats(args.image, args.channels, _section(args, "normalize"),
+                                  args.dataset,
                                   target_path=args.target)
     write_stats(stats, args.output)
     for ch in stats["channels"]:
@@ -45,31 +109,91 @@ def _cmd_normalize(args: argparse.Namespace) -> None:
 
 
 def _cmd_extract_patches(args: argparse.Namespace) -> None:
+    from unetflow.config import section_settings
     from unetflow.patches import DatasetInput, extract_patches, summarize_records
 
     datasets = [DatasetInput(**d) for d in args.datasets]
-    records = extract_patches(datasets, args.task, args.settings, args.normalize,
+    norm = section_settings("normalize", args.normalize)
+    records = extract_patches(datasets, args.task, _section(args, "patches"),
+                              {"method": norm["method"], "clip": norm["clip"]},
                               args.num_classes, args.ignore_label, args.store, args.manifest)
     for line in summarize_records(records):
         print(f"extract_patches: {line}")
 
 
+def _model_section(args: argparse.Namespace) -> dict[str, Any]:
+    from unetflow.config import section_settings
+
+    return section_settings("model", args.model_settings)
+
+
 def _cmd_train(args: argparse.Namespace) -> None:
     from unetflow.train import Preempted, train_model
 
+    settings, model_settings = _section(args, "train"), _model_section(args)
     try:
-        train_model(args.store, args.model_dir, args.task, args.model_settings, args.settings,
+        train_model(args.store, args.model_dir, args.task, model_settings, settings,
                     args.best, args.last, args.log, args.curve, threads=args.threads)
     except Preempted as stop:
         print(f"train: {stop}", file=sys.stderr, flush=True)
         sys.exit(143)
 
 
-def _cmd_predict(args: argparse.Namespace) -> None:
+def _prediction_job(args: argparse.Namespace):
+    from unetflow.predict import prepare_job
+
+    return prepare_job(args.checkpoint, args.image, args.channels, _section(args, "predict"),
+                       getattr(args, "stats", None))
+
+
+def _cmd_predict_create(args: argparse.Namespace) -> None:
+    from unetflow.predict import create_raw_store
+
+    job = _prediction_job(args)
+    create_raw_store(job, args.output, job.settings["shards"])
+    print(f"predict create: {job.plan.tile_count()} tiles of {list(job.plan.tile)} "
+          f"(halo {job.plan.halo}, {job.plan.blending}) in {job.settings['shards']} shard(s)"
+          f" -> {args.output}")
+
+
+def _cmd_predict_shard(args: argparse.Namespace) -> None:
+    from unetflow.files import write_json_atomic
+    from unetflow.predict import predict_shard
+
+    job = _prediction_job(args)
+    shards = job.settings["shards"]
+    if not 0 <= args.shard < shards:
+        raise ValueError(f"--shard {args.shard} is not one of 0..{shards - 1} "
+                         f"(predict.shards: {shards})")
+    record = predict_shard(job, args.raw, args.shard, shards, args.threads)
+    write_json_atomic(record, args.output)  # appears only when its tiles are all written
+    print(f"predict shard {args.shard + 1}/{shards}: {record['tiles']} tiles in "
+          f"{record['seconds']} s ({record['megapixels_per_s']} Mpx/s on {record['device']})")
+
+
+def _shard_record(path: str) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a shard record ({err}); rerun that shard") from err
+
+
+def _cmd_predict_gather(args: argparse.Namespace) -> None:
+    from unetflow.predict import gather_prediction
+
+    records = [_shard_record(p) for p in args.records]
+    job = _prediction_job(args)
+    summary = gather_prediction(job, args.raw, records, args.output, args.model, args.dataset,
+                                args.threads)
+    print(f"predict gather: {summary}")
+
+
+def _cmd_predict_run(args: argparse.Namespace) -> None:
     from unetflow.predict import predict_to_ome_zarr
 
-    predict_to_ome_zarr(args.checkpoint, args.image, args.stats, args.channels, args.settings,
-                        args.output, args.model, args.dataset, threads=args.threads)
+    predict_to_ome_zarr(args.checkpoint, args.image, args.stats, args.channels,
+                        _section(args, "predict"), args.output, args.model, args.dataset,
+                        threads=args.threads)
     print(f"predict: {args.model} on {args.dataset} -> {args.output}")
 
 
@@ -77,7 +201,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from unetflow.evaluate import evaluate_prediction
 
     record = evaluate_prediction(args.prediction, args.image, args.target, args.task,
-                                 args.settings, args.num_classes, args.channels, args.model,
+                                 _section(args, "evaluate"), args.num_classes, args.channels,
+                                 args.model,
                                  args.dataset, args.output, baseline=args.baseline)
     for method, scores in record["scores"].items():
         shown = {k: v for k, v in scores.items() if not isinstance(v, dict)}
@@ -89,7 +214,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 def _cmd_tune_baseline(args: argparse.Namespace) -> None:
     from unetflow.evaluate import tune_gaussian_baseline
 
-    result = tune_gaussian_baseline(args.datasets, args.settings, args.output)
+    result = tune_gaussian_baseline(args.datasets, _section(args, "evaluate"), args.output)
     print(f"tune-baseline: sigma {result['sigma']:g} px from {result['crops']} crops; "
           f"MSE by sigma {json.dumps(result['mse_by_sigma'])}")
 
@@ -98,7 +223,7 @@ def _cmd_montage(args: argparse.Namespace) -> None:
     from unetflow.figures import write_montage
 
     crops = write_montage(args.prediction, args.image, args.target, args.stats, args.task,
-                          args.channels, args.settings, args.output, args.title)
+                          args.channels, _section(args, "evaluate"), args.output, args.title)
     print(f"montage: {len(crops)} crops -> {args.output}")
 
 
@@ -144,31 +269,78 @@ def _cmd_show(args: argparse.Namespace) -> None:
 
 def _add(sub, name: str, func, help_text: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help_text, description=help_text)
-    parser.set_defaults(func=func)
+    parser.set_defaults(func=func, inputs=[])
     return parser
 
 
+def _settings(parser: argparse.ArgumentParser, section: str, execution: bool = False) -> None:
+    parser.add_argument("--settings", type=_json, required=True,
+                        help=f"the {section} section (JSON; missing keys take the defaults)")
+    if execution:
+        parser.add_argument("--execution", type=_json, default={},
+                            help=f"how the stage runs: the {section} section's threads, "
+                                 f"device... (JSON; apart so that editing them reruns nothing)")
+
+
+def _add_predict(sub) -> None:
+    """`unetflow predict create|shard|gather` (what the rules run) and `run` (all three)."""
+    predict = sub.add_parser("predict", help="tiled prediction into OME-Zarr (NGFF 0.5)",
+                             description="tiled prediction: create the raw store, predict its "
+                                         "shards, gather the output; or run all three")
+    steps = predict.add_subparsers(dest="step", required=True)
+    specs = {
+        "create": (_cmd_predict_create, "create the empty raw store the shards write into "
+                                        "(reads the checkpoint's description, no network)"),
+        "shard": (_cmd_predict_shard, "predict one shard's tiles into the raw store (loads "
+                                      "the network on predict.device)"),
+        "gather": (_cmd_predict_gather, "write the NGFF 0.5 output from the raw store (no "
+                                        "network)"),
+        "run": (_cmd_predict_run, "create, predict and gather in this one process"),
+    }
+    for name, (func, text) in specs.items():
+        p = _add(steps, name, func, text)
+        _input(p, "--checkpoint", required=True)
+        _input(p, "--image", required=True)
+        if name != "create":
+            _input(p, "--stats", required=True)
+        if name in ("shard", "gather"):
+            _input(p, "--raw", required=True)
+        p.add_argument("--channels", type=_json, default=None)
+        _settings(p, "predict", execution=True)
+        p.add_argument("--output", required=True)
+        if name != "create":
+            p.add_argument("--threads", type=int, default=1, help="the job's threads")
+        if name == "shard":
+            p.add_argument("--shard", type=int, required=True)
+        if name in ("gather", "run"):
+            p.add_argument("--model", required=True)
+            p.add_argument("--dataset", required=True)
+        if name == "gather":
+            _input(p, "records", nargs="+", help="the shards' JSON records")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="unetflow", description=__doc__)
+    parser = OneLineParser(prog="unetflow", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = _add(sub, "demo-data", _cmd_demo_data, "generate the synthetic demo OME-Zarr stores")
     p.add_argument("--output-dir", required=True)
-    p.add_argument("--settings", type=_json, required=True, help="the config's demo section")
+    _settings(p, "demo")
 
     p = _add(sub, "normalize", _cmd_normalize, "compute a dataset's normalization statistics")
-    p.add_argument("--image", required=True)
-    p.add_argument("--target")
+    _input(p, "--image", required=True)
+    _input(p, "--target")
     p.add_argument("--dataset", required=True)
     p.add_argument("--channels", type=_json, default=None)
-    p.add_argument("--settings", type=_json, required=True, help="the normalize section")
+    _settings(p, "normalize")
     p.add_argument("--output", required=True)
 
     p = _add(sub, "extract-patches", _cmd_extract_patches, "sample patches into a Zarr store")
     p.add_argument("--datasets", type=_json, required=True,
                    help='[{"name", "image", "target", "stats", "channels"}, ...]')
     p.add_argument("--task", required=True, choices=["segmentation", "regression"])
-    p.add_argument("--settings", type=_json, required=True, help="the patches section")
+    _settings(p, "patches")
     p.add_argument("--normalize", type=_json, required=True, help="the normalize section")
     p.add_argument("--num-classes", type=int, default=2)
     p.add_argument("--ignore-label", type=int, default=None)
@@ -176,53 +348,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--manifest", required=True)
 
     p = _add(sub, "train", _cmd_train, "train (or resume training) a U-Net on a patch store")
-    p.add_argument("--store", required=True)
+    _input(p, "--store", required=True)
     p.add_argument("--model-dir", required=True)
     p.add_argument("--task", required=True, choices=["segmentation", "regression"])
     p.add_argument("--model-settings", type=_json, required=True, help="the model section")
-    p.add_argument("--settings", type=_json, required=True, help="the train section")
+    _settings(p, "train", execution=True)
     for name in ("best", "last", "log", "curve"):
         p.add_argument(f"--{name}", required=True)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--threads", type=int, default=None, help="the job's threads")
 
-    p = _add(sub, "predict", _cmd_predict, "tiled prediction of one dataset into OME-Zarr")
-    for name in ("checkpoint", "image", "stats", "output", "model", "dataset"):
-        p.add_argument(f"--{name}", required=True)
-    p.add_argument("--channels", type=_json, default=None)
-    p.add_argument("--settings", type=_json, required=True, help="the predict section")
-    p.add_argument("--threads", type=int, default=1)
+    _add_predict(sub)
 
     p = _add(sub, "evaluate", _cmd_evaluate, "score a prediction and baselines against a target")
-    for name in ("prediction", "image", "target", "output", "model", "dataset"):
+    for name in ("prediction", "image", "target"):
+        _input(p, f"--{name}", required=True)
+    for name in ("output", "model", "dataset"):
         p.add_argument(f"--{name}", required=True)
     p.add_argument("--task", required=True, choices=["segmentation", "regression"])
     p.add_argument("--channels", type=_json, default=None)
     p.add_argument("--num-classes", type=int, default=2)
-    p.add_argument("--settings", type=_json, required=True, help="the evaluate section")
-    p.add_argument("--baseline", default=None, help="tune-baseline's JSON (regression)")
+    _settings(p, "evaluate")
+    _input(p, "--baseline", default=None, help="tune-baseline's JSON (regression)")
 
     p = _add(sub, "tune-baseline", _cmd_tune_baseline,
              "choose the Gaussian baseline's sigma on a model's training datasets")
     p.add_argument("--datasets", type=_json, required=True,
                    help='[{"name", "image", "target", "channels"}, ...]')
-    p.add_argument("--settings", type=_json, required=True, help="the evaluate section")
+    _settings(p, "evaluate")
     p.add_argument("--output", required=True)
 
     p = _add(sub, "montage", _cmd_montage,
              "PNG of input / prediction / target / error on the best to worst crops")
-    for name in ("prediction", "image", "target", "stats", "output"):
-        p.add_argument(f"--{name}", required=True)
+    for name in ("prediction", "image", "target", "stats"):
+        _input(p, f"--{name}", required=True)
+    p.add_argument("--output", required=True)
     p.add_argument("--task", required=True, choices=["segmentation", "regression"])
     p.add_argument("--channels", type=_json, default=None)
-    p.add_argument("--settings", type=_json, required=True, help="the evaluate section")
+    _settings(p, "evaluate")
     p.add_argument("--title", default="")
 
     p = _add(sub, "compare", _cmd_compare, "bar chart of models and baselines from a summary")
-    p.add_argument("--summary", required=True)
+    _input(p, "--summary", required=True)
     p.add_argument("--output", required=True)
 
     p = _add(sub, "convert", _cmd_convert, "convert a TIFF / OME-TIFF stack to OME-Zarr (NGFF 0.5)")
-    p.add_argument("input", help="a .tif/.tiff file (OME-TIFF, ImageJ or plain)")
+    _input(p, "input", help="a .tif/.tiff file (OME-TIFF, ImageJ or plain)")
     p.add_argument("output", help="the .ome.zarr store to write")
     p.add_argument("--axes", default=None, help="the TIFF's axes in storage order, e.g. zyx")
     p.add_argument("--pixel-size", default=None,
@@ -235,19 +405,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = _add(sub, "summarize", _cmd_summarize, "collect metrics JSON files into one TSV table")
     p.add_argument("--output", required=True)
     p.add_argument("--html", default=None, help="also write the table as an HTML page")
-    p.add_argument("metrics", nargs="+")
+    _input(p, "metrics", nargs="+")
 
     p = _add(sub, "show", _cmd_show, "print a summary TSV as an aligned table")
-    p.add_argument("summary")
+    _input(p, "summary")
     return parser
+
+
+def _stage(args: argparse.Namespace) -> str:
+    return " ".join(x for x in (args.command, getattr(args, "step", None)) if x)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
+        check_inputs(args)
         args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as err:
-        print(f"unetflow {args.command}: error: {err}", file=sys.stderr)
+    except USER_ERRORS as err:
+        print(f"unetflow {_stage(args)}: error: {err}", file=sys.stderr)
         sys.exit(1)
 
 

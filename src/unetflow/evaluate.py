@@ -314,13 +314,26 @@ def _all_metric_names() -> list[str]:
     return names
 
 
+def read_metrics(path: str | Path) -> dict[str, Any]:
+    """A metrics JSON written by `evaluate_prediction`; anything else is named and refused."""
+    try:
+        record = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not valid JSON ({err}); rerun its evaluation") from err
+    missing = [k for k in ("model", "dataset", "task", "scores") if k not in record] \
+        if isinstance(record, dict) else ["model"]
+    if missing:
+        raise ValueError(f"{path}: not a metrics file of unetflow evaluate (no "
+                         f"'{missing[0]}'); rerun its evaluation")
+    return record
+
+
 def write_summary(metric_files: list[str], output: str) -> list[dict[str, Any]]:
     """One row per model, dataset and method (the U-Net or a baseline), as TSV."""
     fields = ["model", "dataset", "task", "method", *_all_metric_names()]
     rows = []
     for path in metric_files:
-        with open(path) as fh:
-            record = json.load(fh)
+        record = read_metrics(path)
         for method, scores in record["scores"].items():
             row = {f: "" for f in fields}
             row.update(model=record["model"], dataset=record["dataset"], task=record["task"],

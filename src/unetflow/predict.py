@@ -19,16 +19,12 @@ the raw store into the NGFF 0.5 output (blending, pyramid, labels, metadata), at
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 import logging
 import math
 import shutil
 import sys
 import threading
 import time
-import warnings
 from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -45,15 +41,23 @@ import zarr
 
 import unetflow
 from unetflow.components import connected_components
-from unetflow.files import write_json_atomic
+from unetflow.files import atomic_path
+from unetflow.model.checkpoint import (
+    autocast_dtype,
+    build_model,
+    choose_device,
+    file_sha256,
+    load_checkpoint,
+    read_description,
+    skeleton_model,
+)
 from unetflow.model.inference import memory_format_for, prepare_for_inference
-from unetflow.model.unet import UNet, halo_for
+from unetflow.model.unet import UNet
 from unetflow.normalize import denormalize_array, normalize_array, read_stats
 from unetflow.ome import (
     OmeImage,
     channel_first_axes,
     open_image,
-    replace_directory,
     write_image,
     write_label_image,
 )
@@ -65,15 +69,10 @@ from unetflow.tiling import (
     shard_boxes,
     work_units,
 )
-from unetflow.train import choose_device, load_checkpoint
 
 __all__ = [
-    "OUTPUT_KEYS",
     "TileRunner",
     "PredictionJob",
-    "file_sha256",
-    "load_model",
-    "default_halo",
     "gaussian_importance",
     "predict_box",
     "fold_windows",
@@ -83,50 +82,14 @@ __all__ = [
     "predict_shard",
     "gather_prediction",
     "predict_to_ome_zarr",
-    "main",
 ]
 
 LOG = logging.getLogger(__name__)
 
-# predict keys that only change how the gather writes the output, not the raw prediction
-OUTPUT_KEYS = ("pyramid_levels", "chunks", "probabilities", "instances", "output_units")
 RAW_FORMAT = "unetflow-raw-prediction-1"
 
 
-# --- small helpers ------------------------------------------------------------------------
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks (checkpoints can be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def load_model(checkpoint: dict[str, Any], device: torch.device) -> UNet:
-    """The checkpoint's U-Net with its weights, on `device`, in eval mode."""
-    model = UNet(**checkpoint["model_config"])
-    model.load_state_dict(checkpoint["model_state"])
-    return model.to(device).eval()
-
-
-def default_halo(model: UNet) -> int:
-    """The smallest exact halo: the model's edge reach rounded up to the 2**depth grid."""
-    return halo_for(model)
-
-
 # --- running the model on tiles -----------------------------------------------------------
-def _autocast_dtype(device: torch.device, amp: bool, amp_dtype: str) -> torch.dtype | None:
-    """bf16/fp16 autocast on CUDA only (CPU autocast is slower and changes results)."""
-    if not amp or device.type != "cuda":
-        return None
-    if amp_dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
-        warnings.warn("predict.amp_dtype bfloat16 is not supported by this GPU; using float16",
-                      stacklevel=2)
-        return torch.float16
-    return torch.bfloat16 if amp_dtype == "bfloat16" else torch.float16
-
-
 class TileRunner:
     """The model as a function of tiles (N, C, *spatial) -> (N, K, *spatial) float32.
 
@@ -139,13 +102,12 @@ class TileRunner:
     it while the other waits for its results, so the GPU does not idle between batches.
     """
 
-    def __init__(self, model: UNet, device: torch.device, softmax: bool = False,
-                 amp: bool = False, amp_dtype: str = "bfloat16", batch_size: int = 1,
-                 max_wait_s: float = 0.05) -> None:
+    def __init__(self, model: UNet, device: torch.device, softmax: bool, amp: bool | str,
+                 batch_size: int, max_wait_s: float = 0.05) -> None:
         self.model = prepare_for_inference(model, device)  # same function, about 1.4x faster
         self.device, self.softmax = device, softmax
         self.memory_format = memory_format_for(model.spatial_dims)
-        self.dtype = _autocast_dtype(device, amp, amp_dtype)
+        self.dtype = autocast_dtype(device, amp)
         self.batch_size, self.max_wait_s = batch_size, max_wait_s
         self._pending: list[tuple[np.ndarray, Future]] = []
         self._cond = threading.Condition()
@@ -396,70 +358,87 @@ def fold_windows(windows: da.Array, plan: TilePlan, box: Box) -> da.Array:
     return folded[tuple(keep)]
 
 
-def predict_array(model: UNet, data: da.Array | np.ndarray, halo: int | None = None,
-                  tile_shape: tuple[int, ...] | None = None,
-                  device: torch.device | None = None, amp: bool = False,
-                  softmax: bool = False, blending: str = "crop", batch_size: int = 1,
+def predict_array(model: UNet, data: da.Array | np.ndarray, settings: dict[str, Any],
+                  device: torch.device | None = None, softmax: bool = False,
                   axes: list[str] | None = None) -> da.Array:
     """Lazy model output (K, *spatial) for normalized `data` (C, *spatial), tiled.
 
-    The whole image is one box: the same code the sharded store path runs per unit. With
-    `crop` and the default halo it equals one forward pass over the reflect-padded image.
+    `settings` is a validated predict section (config.section_settings). The whole image is
+    one box: the same code the sharded store path runs per unit. With `crop` and the exact
+    halo it equals one forward pass over the whole image.
     """
     data = data if isinstance(data, da.Array) else da.from_array(data)
     axes = axes or ["t", "z", "y", "x"][-(data.ndim - 1):]
-    tile_shape = tuple(tile_shape or (512,) * model.spatial_dims)
-    plan = plan_tiles(axes, data.shape[1:], model, tile_shape, halo, blending)
-    runner = TileRunner(model, device or torch.device("cpu"), softmax=softmax, amp=amp,
-                        batch_size=batch_size)
+    plan = plan_tiles(axes, data.shape[1:], model, tuple(settings["tile_shape"]),
+                      settings["halo"], settings["blending"])
+    runner = TileRunner(model, device or torch.device("cpu"), softmax=softmax,
+                        amp=settings["amp"], batch_size=settings["batch_size"])
     box = tuple((0, g) for g in plan.grid)
     out = predict_box(data, plan, box, runner)
-    return out if blending == "crop" else fold_windows(out, plan, box)
+    return out if plan.blending == "crop" else fold_windows(out, plan, box)
 
 
-# --- one prediction job: model, image, settings -------------------------------------------
+# --- one prediction job: checkpoint, image, settings --------------------------------------
 @dataclass
 class PredictionJob:
-    """Everything the create, shard and gather steps of one dataset share."""
+    """What the create, shard and gather steps of one dataset share: no network, no device.
+
+    Only the shard step loads the weights and chooses a device (`load_network`); create and
+    gather run on CPU nodes whatever predict.device says.
+    """
 
     checkpoint_path: str
-    checkpoint: dict[str, Any]
-    model: UNet
-    device: torch.device
+    description: dict[str, Any]  # the checkpoint without weights (read_description)
     image: OmeImage
-    axes: list[str]  # of `source`: "c" then the image's other axes in storage order
-    source: da.Array  # normalized (C, ...), lazy
-    stats: dict[str, Any]
-    settings: dict[str, Any]
+    axes: list[str]  # of `data`: "c" then the image's other axes in storage order
+    data: da.Array  # the selected channels (C, ...), lazy, as stored
+    stats: dict[str, Any] | None  # the dataset's normalization statistics
+    settings: dict[str, Any]  # the validated predict section
     plan: TilePlan
 
     @property
     def segmentation(self) -> bool:
-        return self.checkpoint["task"] == "segmentation"
+        return self.description["task"] == "segmentation"
 
     @property
-    def normalize(self) -> dict[str, Any]:
-        return self.checkpoint["normalize"]
+    def normalization(self) -> dict[str, Any]:
+        """How the model's inputs were normalized in training (method, clip)."""
+        norm = self.description["normalization"]
+        return {"method": norm["method"], "clip": norm["clip"]}
+
+    def normalized_source(self) -> da.Array:
+        """The input as the network sees it: normalized with the dataset's statistics."""
+        if self.stats is None:
+            raise ValueError("this prediction step needs the dataset's statistics (--stats)")
+        norm = self.normalization
+        return normalize_array(self.data, self.stats, norm["method"], norm["clip"])
+
+    def load_network(self) -> tuple[UNet, torch.device]:
+        """The checkpoint's network on predict.device (the shard step only)."""
+        device = choose_device(self.settings["device"], "predict.device")
+        return build_model(load_checkpoint(self.checkpoint_path), device), device
 
 
-def prepare_job(checkpoint_path: str, image_path: str, stats_path: str, channels: list | None,
-                settings: dict[str, Any]) -> PredictionJob:
-    """Load the model and open the image lazily, normalized with the dataset's statistics."""
-    checkpoint = load_checkpoint(checkpoint_path)
-    device = choose_device(settings.get("device", "auto"))
-    model = load_model(checkpoint, device)
-    image = open_image(image_path, level=settings.get("level", 0))
+def prepare_job(checkpoint_path: str, image_path: str, channels: list | None,
+                settings: dict[str, Any], stats_path: str | None = None) -> PredictionJob:
+    """Open the image lazily and plan its tiles from the checkpoint's description.
+
+    The network's architecture (for the exact halo) is built without weights on the meta
+    device: nothing is loaded onto a device.
+    """
+    description = read_description(checkpoint_path)
+    network = skeleton_model(description)
+    image = open_image(image_path, level=settings["level"])
     data, axes = channel_first_axes(image, channels)
-    if data.shape[0] != model.config()["in_channels"]:
+    in_channels = description["model_config"]["in_channels"]
+    if data.shape[0] != in_channels:
         raise ValueError(f"{image_path}: {data.shape[0]} channel(s) selected but the model "
-                         f"takes {model.config()['in_channels']}; check datasets.*.channels")
-    stats = read_stats(stats_path)
-    norm = checkpoint["normalize"]
-    source = normalize_array(data, stats, norm["method"], norm["clip"])
-    plan = plan_tiles(axes[1:], data.shape[1:], model, tuple(settings["tile_shape"]),
-                      settings.get("halo"), settings.get("blending", "crop"))
-    return PredictionJob(checkpoint_path, checkpoint, model, device, image, axes, source, stats,
-                         settings, plan)
+                         f"takes {in_channels}; check datasets.*.channels")
+    stats = read_stats(stats_path) if stats_path else None
+    plan = plan_tiles(axes[1:], data.shape[1:], network, tuple(settings["tile_shape"]),
+                      settings["halo"], settings["blending"])
+    return PredictionJob(checkpoint_path, description, image, axes, data, stats, settings,
+                         plan)
 
 
 def _threads(settings: dict[str, Any], threads: int) -> int:
@@ -471,11 +450,10 @@ def _threads(settings: dict[str, Any], threads: int) -> int:
     and batch_size + 1 dask workers read and write around it, enough to fill each batch.
     """
     threads = max(1, threads)
-    batched = settings.get("batch_size", 1) > 1
-    workers = settings.get("dask_workers") or (settings["batch_size"] + 1 if batched
-                                               else threads)
-    torch.set_num_threads(settings.get("threads") or (threads if batched
-                                                      else max(1, threads // workers)))
+    batched = settings["batch_size"] > 1
+    workers = settings["dask_workers"] or (settings["batch_size"] + 1 if batched else threads)
+    torch.set_num_threads(settings["threads"] or (threads if batched
+                                                  else max(1, threads // workers)))
     return workers
 
 
@@ -493,29 +471,30 @@ def _raw_shape_and_chunks(plan: TilePlan) -> tuple[tuple[int, ...], tuple[int, .
 def create_raw_store(job: PredictionJob, path: str | Path, shards: int) -> None:
     """Create the empty raw store (zarr v3) the shards write into, atomically.
 
-    Chunks are tiles (crop) or tile windows (gaussian), so each tile has its own chunk.
+    Chunks are tiles (crop) or tile windows (gaussian), so each tile has its own chunk. The
+    tile plan is stored with it: shards and the gather check theirs against it.
     """
-    final = Path(path)
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
     shape, chunks = _raw_shape_and_chunks(job.plan)
-    group.create_array(_raw_array_name(job.plan), shape=shape, chunks=chunks, dtype="float32",
-                       fill_value=0.0)
-    group.attrs["unetflow"] = {"format": RAW_FORMAT, "plan": job.plan.to_dict(),
-                               "fingerprint": job.plan.fingerprint(), "shards": shards,
-                               "tiles": job.plan.tile_count(), "image": job.image.path}
-    final.parent.mkdir(parents=True, exist_ok=True)
-    replace_directory(tmp, final)
+    with atomic_path(path) as tmp:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        group.create_array(_raw_array_name(job.plan), shape=shape, chunks=chunks,
+                           dtype="float32", fill_value=0.0)
+        group.attrs["unetflow"] = {"format": RAW_FORMAT, "plan": job.plan.to_dict(),
+                                   "fingerprint": job.plan.fingerprint(), "shards": shards,
+                                   "tiles": job.plan.tile_count(), "image": job.image.path}
 
 
 def _open_raw(path: str | Path, plan: TilePlan) -> tuple[zarr.Group, dict[str, Any]]:
+    """The raw store and its metadata, checked against the plan of this step's settings."""
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"{path}: no raw prediction store; run 'unetflow predict "
+                                f"create' first")
     group = zarr.open_group(str(path), mode="r+")
     meta = group.attrs.get("unetflow", {})
     if meta.get("format") != RAW_FORMAT:
         raise ValueError(f"{path}: not a raw prediction store of unetflow")
-    if meta["fingerprint"] != plan.fingerprint():
+    stored = TilePlan.from_dict(meta["plan"])
+    if stored.fingerprint() != plan.fingerprint():
         raise ValueError(f"{path}: planned for tiles {meta['plan']}, not {plan.to_dict()}; "
                          f"delete it and rerun (the predict settings or the image changed)")
     return group, meta
@@ -545,7 +524,7 @@ def _store_boxes(lazy_boxes: Iterator[tuple[da.Array, tuple[slice, ...]]],
 
 
 def predict_shard(job: PredictionJob, raw_path: str | Path, shard: int, shards: int,
-                  threads: int = 1) -> dict[str, Any]:
+                  threads: int) -> dict[str, Any]:
     """Predict the tiles of shard `shard` of `shards` into the raw store; returns a record.
 
     Only this shard's chunks are written, so shards can run as separate jobs at once; a
@@ -555,15 +534,15 @@ def predict_shard(job: PredictionJob, raw_path: str | Path, shard: int, shards: 
     if meta["shards"] != shards:
         raise ValueError(f"{raw_path}: created for {meta['shards']} shards, not {shards}")
     boxes = shard_boxes(job.plan, shards, shard)
+    model, device = job.load_network()
     workers = _threads(job.settings, threads)
-    runner = TileRunner(job.model, job.device, softmax=job.segmentation,
-                        amp=job.settings.get("amp", False),
-                        amp_dtype=job.settings.get("amp_dtype", "bfloat16"),
-                        batch_size=job.settings.get("batch_size", 1))
+    runner = TileRunner(model, device, softmax=job.segmentation, amp=job.settings["amp"],
+                        batch_size=job.settings["batch_size"])
+    source = job.normalized_source()
     progress = _Progress(job.plan.tile_count(boxes), f"predict shard {shard + 1}/{shards}")
     started = time.perf_counter()
     target = group[_raw_array_name(job.plan)]
-    lazy = ((predict_box(job.source, job.plan, box, runner, progress), _raw_region(job.plan, box))
+    lazy = ((predict_box(source, job.plan, box, runner, progress), _raw_region(job.plan, box))
             for box in boxes)
     try:
         _store_boxes(lazy, target, workers)
@@ -574,7 +553,7 @@ def predict_shard(job: PredictionJob, raw_path: str | Path, shard: int, shards: 
     return {"shard": shard, "shards": shards, "fingerprint": job.plan.fingerprint(),
             "tiles": job.plan.tile_count(boxes), "boxes": [list(map(list, b)) for b in boxes],
             "seconds": round(seconds, 3), "megapixels_per_s": round(pixels / 1e6 / seconds, 4)
-            if seconds > 0 else None, "device": str(job.device), "dask_workers": workers,
+            if seconds > 0 else None, "device": str(device), "dask_workers": workers,
             "torch_threads": torch.get_num_threads()}
 
 
@@ -629,7 +608,7 @@ def _chunks_for(job: PredictionJob, axes: list[str], channels: int) -> tuple[int
     """Output chunks: predict.chunks on the model's axes (default: the tile), 1 on t and on
     z for a 2D model, all channels together."""
     plan = job.plan
-    configured = job.settings.get("chunks")
+    configured = job.settings["chunks"]
     tiles = dict(zip(plan.axes, plan.tile, strict=True))
     if configured:
         model_names = [plan.axes[a] for a in plan.model_axes]
@@ -639,15 +618,15 @@ def _chunks_for(job: PredictionJob, axes: list[str], channels: int) -> tuple[int
 
 def _provenance(job: PredictionJob, model_name: str, dataset: str,
                 records: list[dict[str, Any]]) -> dict[str, Any]:
-    ckpt = job.checkpoint
+    ckpt = job.description
     return {"model": model_name, "dataset": dataset, "image": job.image.path,
-            "level": job.settings.get("level", 0), "checkpoint": str(job.checkpoint_path),
+            "level": job.settings["level"], "checkpoint": str(job.checkpoint_path),
             "checkpoint_sha256": file_sha256(job.checkpoint_path), "task": ckpt["task"],
             "step": ckpt.get("step"), "predict": job.settings, "halo": job.plan.halo,
             "tiles": job.plan.to_dict(), "shards": [{k: r[k] for k in
                                                     ("shard", "tiles", "seconds", "device")}
                                                    for r in records],
-            "normalize": ckpt["normalize"], "normalization": job.stats,
+            "normalize": job.normalization, "normalization": job.stats,
             "model_config": ckpt["model_config"], "unetflow_version": unetflow.__version__}
 
 
@@ -660,17 +639,17 @@ def _geometry(job: PredictionJob, axes: list[str]) -> dict[str, Any]:
 
 def _write_regression(job: PredictionJob, values: da.Array, output: Path,
                       provenance: dict[str, Any]) -> None:
-    if job.settings.get("output_units", "input") == "input":
+    if job.settings["output_units"] == "input":
         if values.shape[0] != len(job.stats["channels"]):
             raise ValueError(f"predict.output_units is 'input' but the model has "
                              f"{values.shape[0]} output channels and the statistics "
                              f"{len(job.stats['channels'])}; use output_units: normalized")
-        values = denormalize_array(values, job.stats, job.normalize["method"])
+        values = denormalize_array(values, job.stats, job.normalization["method"])
     axes, position = _output_layout(job, values.shape[0])
     geo = _geometry(job, axes)
     write_image(output, _place_channels(values.astype(np.float32), position), axes,
                 scale=geo["scale"], units=geo["units"],
-                pyramid_levels=job.settings.get("pyramid_levels", 1),
+                pyramid_levels=job.settings["pyramid_levels"],
                 chunks=_chunks_for(job, axes, values.shape[0]), attrs=provenance,
                 translation=geo["translation"])
 
@@ -680,7 +659,7 @@ def _write_segmentation(job: PredictionJob, probabilities: da.Array, output: Pat
     """Probabilities (optional) as the image, labels under labels/prediction; returns count."""
     classes = probabilities.argmax(axis=0).astype(np.uint32)
     count = None
-    if job.settings.get("instances", True):
+    if job.settings["instances"]:
         per_time_point = tuple(i for i, a in enumerate(job.plan.axes) if a == "t")
         labels, count = connected_components(classes > 0, work / "local_labels.zarr", workers,
                                              separate_axes=per_time_point)
@@ -691,17 +670,16 @@ def _write_segmentation(job: PredictionJob, probabilities: da.Array, output: Pat
         labels = da.from_zarr(stored)
     else:
         labels = classes
-    if job.settings.get("probabilities", False):
+    if job.settings["probabilities"]:
         root = probabilities
     else:
         root = labels[None]
     axes, position = _output_layout(job, root.shape[0])
     label_axes = [a for a in axes if a != "c"]
     geo = _geometry(job, axes)
-    tmp = output.with_name(output.name + ".labels.tmp")
-    levels = job.settings.get("pyramid_levels", 1)
+    levels = job.settings["pyramid_levels"]
     chunks = _chunks_for(job, axes, root.shape[0])
-    with dask.config.set(scheduler="threads", num_workers=workers):
+    with atomic_path(output) as tmp, dask.config.set(scheduler="threads", num_workers=workers):
         write_image(tmp, _place_channels(root, position), axes, scale=geo["scale"],
                     units=geo["units"], pyramid_levels=levels, chunks=chunks,
                     attrs=provenance, translation=geo["translation"])
@@ -710,17 +688,19 @@ def _write_segmentation(job: PredictionJob, probabilities: da.Array, output: Pat
                           chunks=tuple(c for c, a in zip(chunks, axes, strict=True) if a != "c"),
                           pyramid_levels=levels, translation=geo["translation"],
                           streaming=True)
-    replace_directory(tmp, output)
     return count if count is not None else int(classes.max().compute())
 
 
 def gather_prediction(job: PredictionJob, raw_path: str | Path, records: list[dict[str, Any]],
                       output: str | Path, model_name: str, dataset: str,
-                      threads: int = 1) -> dict[str, Any]:
+                      threads: int) -> dict[str, Any]:
     """Write the NGFF 0.5 output from a complete raw store: blend, pyramid, labels, metadata.
 
     Everything streams chunk by chunk; the store appears at `output` only when complete.
+    No network is loaded: the checkpoint's description and the dataset's statistics suffice.
     """
+    if job.stats is None:
+        raise ValueError("the gather needs the dataset's statistics (--stats)")
     raw, meta = _open_raw(raw_path, job.plan)
     _check_shard_records(records, meta)
     output = Path(output)
@@ -746,12 +726,13 @@ def gather_prediction(job: PredictionJob, raw_path: str | Path, records: list[di
 
 def predict_to_ome_zarr(checkpoint_path: str, image_path: str, stats_path: str,
                         channels: list | None, settings: dict[str, Any], output: str,
-                        model_name: str, dataset: str, threads: int = 1) -> dict[str, Any]:
+                        model_name: str, dataset: str, threads: int) -> dict[str, Any]:
     """Predict one dataset in this process (create, one shard, gather) into NGFF 0.5.
 
-    Returns the gather's summary (output path, tiles, and the label count for segmentation).
+    `settings` is a validated predict section. Returns the gather's summary (output path,
+    tiles, and the label count for segmentation).
     """
-    job = prepare_job(checkpoint_path, image_path, stats_path, channels, settings)
+    job = prepare_job(checkpoint_path, image_path, channels, settings, stats_path)
     out = Path(output)
     raw = out.with_name(out.name + ".raw.zarr")
     try:
@@ -760,75 +741,3 @@ def predict_to_ome_zarr(checkpoint_path: str, image_path: str, stats_path: str,
         return gather_prediction(job, raw, [record], out, model_name, dataset, threads)
     finally:
         shutil.rmtree(raw, ignore_errors=True)
-
-
-# --- command line (the sharded Snakemake rules call these) ---------------------------------
-def _write_json(record: dict[str, Any], path: str | Path) -> None:
-    """Atomically: a shard's record appears only when its tiles are all written."""
-    write_json_atomic(record, path)
-
-
-def _cmd_create(args: argparse.Namespace) -> None:
-    job = prepare_job(args.checkpoint, args.image, args.stats, args.channels, args.settings)
-    create_raw_store(job, args.output, args.shards)
-    print(f"predict create: {job.plan.tile_count()} tiles of {list(job.plan.tile)} "
-          f"(halo {job.plan.halo}, {job.plan.blending}) in {args.shards} shard(s) -> "
-          f"{args.output}")
-
-
-def _cmd_shard(args: argparse.Namespace) -> None:
-    job = prepare_job(args.checkpoint, args.image, args.stats, args.channels, args.settings)
-    record = predict_shard(job, args.raw, args.shard, args.shards, args.threads)
-    _write_json(record, args.output)
-    print(f"predict shard {args.shard + 1}/{args.shards}: {record['tiles']} tiles in "
-          f"{record['seconds']} s ({record['megapixels_per_s']} Mpx/s on {record['device']})")
-
-
-def _cmd_gather(args: argparse.Namespace) -> None:
-    job = prepare_job(args.checkpoint, args.image, args.stats, args.channels, args.settings)
-    records = [json.loads(Path(p).read_text()) for p in args.records]
-    summary = gather_prediction(job, args.raw, records, args.output, args.model, args.dataset,
-                                args.threads)
-    print(f"predict gather: {summary}")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m unetflow.predict",
-                                     description="sharded tiled prediction: create, shard, "
-                                                 "gather")
-    sub = parser.add_subparsers(dest="command", required=True)
-    commands = {"create": (_cmd_create, "create the empty raw store the shards write into"),
-                "shard": (_cmd_shard, "predict one shard's tiles into the raw store"),
-                "gather": (_cmd_gather, "write the NGFF 0.5 output from the raw store")}
-    for name, (func, text) in commands.items():
-        p = sub.add_parser(name, help=text, description=text)
-        p.set_defaults(func=func)
-        for key in ("checkpoint", "image", "stats", "output"):
-            p.add_argument(f"--{key}", required=True)
-        p.add_argument("--channels", type=json.loads, default=None)
-        p.add_argument("--settings", type=json.loads, required=True,
-                       help="the predict section (JSON)")
-        p.add_argument("--shards", type=int, default=1)
-        p.add_argument("--threads", type=int, default=1)
-        if name != "create":
-            p.add_argument("--raw", required=True)
-        if name == "shard":
-            p.add_argument("--shard", type=int, required=True)
-        if name == "gather":
-            p.add_argument("--model", required=True)
-            p.add_argument("--dataset", required=True)
-            p.add_argument("records", nargs="+", help="the shards' JSON records")
-    return parser
-
-
-def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        args.func(args)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"unetflow predict {args.command}: error: {err}", file=sys.stderr)
-        sys.exit(1)
-
-
-if __name__ == "__main__":
-    main()

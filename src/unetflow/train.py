@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
 import random
-import re
 import signal
 import sys
 from contextlib import nullcontext
@@ -27,7 +27,16 @@ import numpy as np
 import torch
 import zarr
 
+from unetflow.config import EXECUTION_KEYS as CONFIG_EXECUTION_KEYS
+from unetflow.files import atomic_path, write_text_atomic
 from unetflow.losses import build_loss
+from unetflow.model.checkpoint import (
+    autocast_dtype,
+    choose_device,
+    load_checkpoint,
+    new_checkpoint,
+    save_checkpoint,
+)
 from unetflow.model.inference import memory_format_for
 from unetflow.model.unet import UNet, build_unet
 from unetflow.patchstore import PatchArray
@@ -41,12 +50,8 @@ __all__ = [
     "augment_batch",
     "batch_indices",
     "build_optimizer",
-    "choose_device",
     "default_loss",
-    "load_checkpoint",
     "make_loader",
-    "memory_format_for",
-    "save_checkpoint",
     "store_identity",
     "total_steps",
     "train_model",
@@ -54,8 +59,9 @@ __all__ = [
 ]
 
 LOG_FIELDS = ["step", "loss", "val_loss", "val_metric", "learning_rate"]
-# How a run is executed, not what it optimizes: changing these resumes instead of restarting.
-EXECUTION_KEYS = ("device", "amp", "compile", "num_workers", "threads", "deterministic")
+# How a run is executed, not what it optimizes: changing these resumes instead of restarting
+# (and reruns no Snakemake job: unetflow.config.EXECUTION_KEYS, the same keys).
+EXECUTION_KEYS = CONFIG_EXECUTION_KEYS["train"]
 FINGERPRINT_SAMPLES = 8
 
 
@@ -66,44 +72,6 @@ class Preempted(RuntimeError):
 def default_loss(task: str) -> str:
     """CE + Dice for segmentation (robust to class imbalance), MSE for regression."""
     return "ce_dice" if task == "segmentation" else "mse"
-
-
-# --- device ------------------------------------------------------------------------------
-def _cuda_usable() -> bool:
-    """A GPU is usable when torch sees one and can allocate on it (CUDA_VISIBLE_DEVICES may
-    name a GPU that the node lacks, or a driver may be broken)."""
-    if not torch.cuda.is_available():
-        return False
-    try:
-        torch.zeros(1, device="cuda")
-    except RuntimeError:
-        return False
-    return True
-
-
-def choose_device(requested: str) -> torch.device:
-    """`auto` takes CUDA when a GPU is really usable, else the CPU; `cuda` insists on it."""
-    if requested not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device {requested!r} is not one of auto, cpu, cuda")
-    if requested == "cpu":
-        return torch.device("cpu")
-    if _cuda_usable():
-        return torch.device("cuda")
-    if requested == "cuda":
-        raise RuntimeError("train.device is 'cuda' but no usable CUDA GPU is available "
-                           f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r});"
-                           " use 'auto' to fall back to the CPU")
-    return torch.device("cpu")
-
-
-def amp_dtype(device: torch.device, amp: bool | str) -> torch.dtype | None:
-    """Mixed precision on CUDA: `true` takes bf16 where the GPU supports it (no gradient
-    scaling needed), else fp16; `bf16`/`fp16` insist. None: full precision (CPU, or off)."""
-    if amp is False or device.type != "cuda":
-        return None
-    if amp == "fp16" or (amp is True and not torch.cuda.is_bf16_supported()):
-        return torch.float16
-    return torch.bfloat16
 
 
 # --- data --------------------------------------------------------------------------------
@@ -247,41 +215,10 @@ def _restore_rng_states(states: dict[str, Any]) -> None:
     random.setstate((3, tuple(states["python"]), None))
 
 
-def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
-    """Write atomically: a temporary file in the same folder, then rename, so a kill at any
-    moment leaves either the old or the new checkpoint, never half of one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-
-
-def _load_failure(err: Exception) -> str:
-    """Why a checkpoint did not load, in one line (torch's own text advises weights_only=False,
-    which would run whatever the file holds)."""
-    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-    if unsafe:
-        return (f"it holds {unsafe.group(1)}, not only tensors and plain data; refused, since "
-                f"loading it could run code: use a checkpoint written by unetflow train")
-    first = re.split(r"(?<=\.)\s", (str(err).splitlines() or [""])[0])[0][:160].rstrip(".")
-    return (f"{err.__class__.__name__}: {first}; the file is damaged or not a checkpoint: "
-            f"copy it again or retrain")
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load with weights_only=True: a checkpoint can hold tensors and plain data, never code."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(f"{path}: not a readable unetflow checkpoint "
-                         f"({_load_failure(err)})") from err
-
-
 # --- settings ----------------------------------------------------------------------------
 def total_steps(settings: dict[str, Any], n_train: int) -> int:
     """`train.epochs` (when set) as steps: epochs * ceil(n_train / batch_size); else `steps`."""
-    if settings.get("epochs"):
+    if settings["epochs"]:
         return settings["epochs"] * math.ceil(n_train / settings["batch_size"])
     return settings["steps"]
 
@@ -313,7 +250,7 @@ def training_fingerprint(model_settings: dict[str, Any], settings: dict[str, Any
     to another node or given more workers should resume, not start over.
     """
     problem = {k: v for k, v in settings.items() if k not in EXECUTION_KEYS}
-    if settings.get("init_from"):  # a retrained starting point is another problem
+    if settings["init_from"]:  # a retrained starting point is another problem
         problem["init_from_sha256"] = hashlib.sha256(
             Path(settings["init_from"]).read_bytes()).hexdigest()
     text = json.dumps([model_settings, problem, store_identity(store)], sort_keys=True,
@@ -423,8 +360,8 @@ class _SigtermFlag:
 
 
 def _configure_torch(settings: dict[str, Any], threads: int | None) -> None:
-    if settings.get("threads") or threads:
-        torch.set_num_threads(int(settings.get("threads") or threads))
+    if settings["threads"] or threads:
+        torch.set_num_threads(int(settings["threads"] or threads))
     if settings["deterministic"]:  # cuBLAS needs this before CUDA starts to be reproducible
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if settings["deterministic"] != torch.are_deterministic_algorithms_enabled():
@@ -444,7 +381,7 @@ class Trainer:
         self.store, self.out_dir, self.task = store, Path(out_dir), task
         self.settings, self.model_settings = settings, model_settings
         _configure_torch(settings, threads)
-        self.device = choose_device(settings["device"])
+        self.device = choose_device(settings["device"], "train.device")
         self.meta = _read_store_meta(store)
         self.ignore_label = settings["ignore_label"]
         self.train_data = PatchBatches(store, "train", settings["batch_size"], settings["seed"],
@@ -461,7 +398,7 @@ class Trainer:
                                   settings["class_weights"])
         self.optimizer = build_optimizer(self.model, settings)
         self.schedule = LearningRateSchedule(self.optimizer, settings, self.total_steps)
-        self.amp_dtype = amp_dtype(self.device, settings["amp"])
+        self.amp_dtype = autocast_dtype(self.device, settings["amp"])
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp_dtype == torch.float16)
         self.step, self.best_metric, self.history = 0, -float("inf"), []
         self.fingerprint = training_fingerprint(model_settings, settings, store)
@@ -479,7 +416,7 @@ class Trainer:
         arch = {k: v for k, v in self.model_settings.items()
                 if k not in ("num_classes", "spatial_dims")}
         model = build_unet(arch, self.model_settings["spatial_dims"], in_channels, out_channels)
-        if self.settings.get("init_from"):
+        if self.settings["init_from"]:
             self._init_weights(model, self.settings["init_from"])
         return model
 
@@ -487,7 +424,7 @@ class Trainer:
         """Fine-tuning starts from a checkpoint of the same architecture and task."""
         try:
             ckpt = load_checkpoint(path)
-        except ValueError as err:
+        except (ValueError, FileNotFoundError) as err:
             raise ValueError(f"train.init_from: {err}") from err
         if ckpt.get("task") != self.task or ckpt.get("model_config") != model.config():
             raise ValueError(
@@ -498,22 +435,17 @@ class Trainer:
 
     def payload(self) -> dict[str, Any]:
         """Everything needed to predict with the model and to resume training exactly."""
-        return {
-            "format": "unetflow-checkpoint-1", "task": self.task,
-            "model_config": self.model.config(), "model_state": self.model.state_dict(),
-            "optimizer_state": self.optimizer.state_dict(),
-            "scheduler_state": self.schedule.state_dict(),
-            "scaler_state": self.scaler.state_dict(), "step": self.step,
-            "total_steps": self.total_steps, "best_metric": self.best_metric,
-            "rng": _rng_states(), "history": self.history,
-            "normalization": self.meta["datasets"], "normalize": self.meta["normalize"],
-            "train_settings": self.settings, "model_settings": self.model_settings,
-            "fingerprint": self.fingerprint,
-        }
+        normalization = {**self.meta["normalize"], "datasets": self.meta["datasets"]}
+        return new_checkpoint(
+            self.model, self.task, normalization, step=self.step,
+            optimizer_state=self.optimizer.state_dict(),
+            scheduler_state=self.schedule.state_dict(),
+            scaler_state=self.scaler.state_dict(), total_steps=self.total_steps,
+            best_metric=self.best_metric, rng=_rng_states(), history=self.history,
+            train_settings=self.settings, model_settings=self.model_settings,
+            fingerprint=self.fingerprint)
 
     def _saved_state(self) -> dict[str, Any] | None:
-        for stale in self.state_path.parent.glob(".*.tmp"):  # left by a kill during a save
-            stale.unlink(missing_ok=True)
         if not self.state_path.exists():
             return None
         try:
@@ -660,10 +592,11 @@ class Trainer:
 # --- outputs -----------------------------------------------------------------------------
 def write_log(history: list[dict[str, Any]], path: str | Path) -> None:
     """CSV: step, training loss, validation loss and metric (at validation steps), LR."""
-    with open(path, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=LOG_FIELDS)
-        writer.writeheader()
-        writer.writerows(history)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(history)
+    write_text_atomic(text.getvalue(), path)
 
 
 def plot_loss_curve(history: list[dict[str, Any]], path: str | Path, task: str) -> None:
@@ -683,7 +616,8 @@ def plot_loss_curve(history: list[dict[str, Any]], path: str | Path, task: str) 
     ax2.set(xlabel="step", title="validation " + ("foreground IoU" if task == "segmentation"
                                                   else "PSNR (dB)"))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100, format="png")
     plt.close(fig)
 
 

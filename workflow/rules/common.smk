@@ -6,10 +6,13 @@ from snakemake.logging import logger
 
 from unetflow.checks import DataError, check_datasets
 from unetflow.config import (
+    PREDICT_OUTPUT_KEYS,
     ConfigError,
     config_warnings,
+    execution_settings,
     model_section,
     normalization_stats_settings,
+    result_settings,
     validate_config,
 )
 from unetflow.convert import use_converted_tiffs
@@ -141,13 +144,28 @@ def extract_datasets(wildcards):
     )
 
 
-def section_json(section):
-    """A params function giving the model's effective `section` as JSON."""
+def section_json(section, leave_out=()):
+    """A params function: the model's effective `section` as JSON, less the settings of how
+    the stage runs (config.EXECUTION_KEYS: passed as resources, see execution_json) and the
+    keys in `leave_out`."""
 
     def params(wildcards):
-        return as_json(model_section(config, wildcards.model, section))
+        settings = model_section(config, wildcards.model, section)
+        return as_json(result_settings(section, settings, leave_out))
 
     return params
+
+
+def execution_json(section):
+    """A resources function: the section's settings of how a stage runs (threads, device,
+    workers: config.EXECUTION_KEYS) as JSON. Snakemake does not compare resources for rerun
+    decisions, so editing them reruns nothing; the CLI merges them back (--execution)."""
+
+    def resource(wildcards):
+        settings = model_section(config, wildcards.model, section)
+        return as_json(execution_settings(section, settings))
+
+    return resource
 
 
 def apply_normalization(wildcards):
@@ -169,28 +187,27 @@ def ignore_label_arg(wildcards):
 
 
 # --- predict / evaluate ------------------------------------------------------------------
-def predict_inputs(wildcards):
+def predict_create_inputs(wildcards):
+    """The checkpoint (its description plans the tiles) and the image: no statistics."""
     which = model_section(config, wildcards.model, "predict")["checkpoint"]
     return {
         "checkpoint": checkpoint_path(wildcards.model, which),
         "image": DATASETS[wildcards.dataset]["image"],
-        "stats": stats_path(wildcards.dataset),
     }
 
 
-# predict keys that only change how the gather writes the output (unetflow.predict.OUTPUT_KEYS):
-# editing them reruns the gather, not the shards.
-PREDICT_OUTPUT_KEYS = ("pyramid_levels", "chunks", "probabilities", "instances", "output_units")
+def predict_inputs(wildcards):
+    return {**predict_create_inputs(wildcards), "stats": stats_path(wildcards.dataset)}
 
 
 def predict_shard_count(wildcards):
     return model_section(config, wildcards.model, "predict")["shards"]
 
 
-def predict_tile_settings(wildcards):
-    """The predict keys that decide the raw tiles (params of predict_create/predict_shard)."""
-    settings = model_section(config, wildcards.model, "predict")
-    return as_json({k: v for k, v in settings.items() if k not in PREDICT_OUTPUT_KEYS})
+# The predict keys that decide the raw tiles (params of predict_create/predict_shard): all but
+# those that only change how the gather writes the output (config.PREDICT_OUTPUT_KEYS), so
+# editing those reruns the gather, not the shards.
+predict_tile_settings = section_json("predict", PREDICT_OUTPUT_KEYS)
 
 
 def predict_shard_records(wildcards):

@@ -5,25 +5,24 @@
 
 rule predict_create:
     input:
-        unpack(predict_inputs),
+        unpack(predict_create_inputs),
     output:
         temp(directory("results/{model}/predictions/{dataset}.shards/raw.zarr")),
     params:
         settings=predict_tile_settings,
         channels=dataset_channels,
-        shards=predict_shard_count,
     log:
         "logs/predict/{model}/{dataset}.create.log",
     threads: 1
     resources:
         mem_mb=2000,
+        execution=execution_json("predict"),
     conda:
         ENV
     shell:
-        "python -m unetflow.predict create --checkpoint {input.checkpoint:q}"
-        " --image {input.image:q} --stats {input.stats:q} --channels {params.channels:q}"
-        " --settings {params.settings:q} --shards {params.shards} --output {output:q}"
-        " > {log:q} 2>&1"
+        "unetflow predict create --checkpoint {input.checkpoint:q} --image {input.image:q}"
+        " --channels {params.channels:q} --settings {params.settings:q}"
+        " --execution {resources.execution:q} --output {output:q} > {log:q} 2>&1"
 
 
 rule predict_shard:
@@ -35,7 +34,6 @@ rule predict_shard:
     params:
         settings=predict_tile_settings,
         channels=dataset_channels,
-        shards=predict_shard_count,
     wildcard_constraints:
         shard=r"\d+",
     log:
@@ -46,13 +44,14 @@ rule predict_shard:
     resources:
         mem_mb=8000,
         runtime=120,
+        execution=execution_json("predict"),
     conda:
         ENV
     shell:
-        "python -m unetflow.predict shard --checkpoint {input.checkpoint:q}"
-        " --image {input.image:q} --stats {input.stats:q} --channels {params.channels:q}"
-        " --settings {params.settings:q} --raw {input.raw:q} --shard {wildcards.shard}"
-        " --shards {params.shards} --threads {threads} --output {output:q} > {log:q} 2>&1"
+        "unetflow predict shard --checkpoint {input.checkpoint:q} --image {input.image:q}"
+        " --stats {input.stats:q} --channels {params.channels:q} --settings {params.settings:q}"
+        " --execution {resources.execution:q} --raw {input.raw:q} --shard {wildcards.shard}"
+        " --threads {threads} --output {output:q} > {log:q} 2>&1"
 
 
 rule predict:
@@ -73,11 +72,12 @@ rule predict:
     resources:
         mem_mb=4000,
         runtime=60,
+        execution=execution_json("predict"),
     conda:
         ENV
     shell:
-        "python -m unetflow.predict gather --checkpoint {input.checkpoint:q}"
-        " --image {input.image:q} --stats {input.stats:q} --channels {params.channels:q}"
-        " --settings {params.settings:q} --raw {input.raw:q} --model {wildcards.model}"
+        "unetflow predict gather --checkpoint {input.checkpoint:q} --image {input.image:q}"
+        " --stats {input.stats:q} --channels {params.channels:q} --settings {params.settings:q}"
+        " --execution {resources.execution:q} --raw {input.raw:q} --model {wildcards.model}"
         " --dataset {wildcards.dataset} --threads {threads} --output {output:q}"
         " {input.shards:q} > {log:q} 2>&1"

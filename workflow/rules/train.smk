@@ -34,11 +34,12 @@ rule train:
     resources:
         mem_mb=8000,
         runtime=240,
+        execution=execution_json("train"),
     conda:
         ENV
     shell:
         "unetflow train --store {input.store:q} --model-dir {params.model_dir:q}"
         " --task {params.task} --model-settings {params.model_settings:q}"
-        " --settings {params.settings:q} --threads {threads}"
+        " --settings {params.settings:q} --execution {resources.execution:q} --threads {threads}"
         " --best {output.best:q} --last {output.last:q} --log {output.log:q}"
         " --curve {output.curve:q} > {log:q} 2>&1"
