@@ -11,6 +11,7 @@ from unetflow.metrics import (
     class_scores,
     gaussian_smooth,
     instance_scores,
+    label_objects,
     match_instances,
     otsu_instances,
     regression_scores,
@@ -171,6 +172,15 @@ def test_otsu_instances_finds_two_bright_blobs():
     labels = otsu_instances(image)
     assert labels.max() == 2
     assert (labels[6, 6] != 0) and (labels[24, 22] != 0) and labels[0, 0] == 0
+
+
+def test_label_objects_joins_faces_not_corners():
+    foreground = np.zeros((5, 5), bool)
+    foreground[0, 0] = foreground[1, 1] = True  # touch at a corner only: two objects
+    foreground[3, 2:5] = True  # one object along a row
+    labels = label_objects(foreground)
+    assert labels.dtype == np.uint32 and labels.max() == 3
+    assert labels[0, 0] != labels[1, 1] and len(np.unique(labels[3, 2:5])) == 1
 
 
 # --- Gaussian baseline --------------------------------------------------------------------

@@ -22,9 +22,9 @@ import numpy as np
 from unetflow.files import write_json_atomic
 from unetflow.metrics import (
     class_scores,
-    connected_components,
     gaussian_smooth,
     instance_scores,
+    label_objects,
     otsu_instances,
     regression_scores,
     tune_gaussian_sigma,
@@ -157,7 +157,7 @@ def evaluate_segmentation(pred: dict[str, np.ndarray], image: np.ndarray, truth:
         notes.append("per-class scores of the model need predict.probabilities: true or "
                      "predict.instances: false; the model's class scores are foreground only")
     model_instances = (pred["labels"] if predict_settings.get("instances", True)
-                       else connected_components(pred["labels"] != 0))
+                       else label_objects(pred["labels"] != 0))
     true_classes = _true_classes(truth, num_classes)
     instance_truth = truth if instance_target else None
     otsu = otsu_instances(image[0])

@@ -42,7 +42,7 @@ __all__ = [
     "match_instances",
     "instance_scores",
     "otsu_instances",
-    "connected_components",
+    "label_objects",
     "gaussian_smooth",
     "tune_gaussian_sigma",
 ]
@@ -199,8 +199,11 @@ def instance_scores(true_labels: np.ndarray, pred_labels: np.ndarray,
             "mean_ap": float(np.mean(list(ap.values())))}
 
 
-def connected_components(foreground: np.ndarray) -> np.ndarray:
-    """Objects as the connected components (face connectivity) of a foreground mask."""
+def label_objects(foreground: np.ndarray) -> np.ndarray:
+    """Objects as the connected components (face connectivity) of a foreground mask, in memory.
+
+    Not `unetflow.components.connected_components`, which labels a dask array out of core.
+    """
     from scipy import ndimage
 
     labels, _ = ndimage.label(foreground)
@@ -213,7 +216,7 @@ def otsu_instances(image: np.ndarray) -> np.ndarray:
 
     if float(image.min()) == float(image.max()):
         return np.zeros(image.shape, np.uint32)
-    return connected_components(image > threshold_otsu(image))
+    return label_objects(image > threshold_otsu(image))
 
 
 # --- Gaussian baseline --------------------------------------------------------------------
