@@ -70,7 +70,12 @@ def _ssim_window(shape: tuple[int, ...]) -> int:
 
 
 def ssim(pred: np.ndarray, target: np.ndarray, data_range: float) -> float:
-    """Mean SSIM over channels of (C, *spatial) arrays, with the given data range."""
+    """Mean SSIM over channels of (C, *spatial) arrays, with the given data range: the metric.
+
+    scikit-image's `structural_similarity` with its 7-pixel uniform window (the largest odd
+    size that fits an image thinner than that). The training loss term is a different SSIM,
+    `unetflow.losses.ssim_gaussian11`.
+    """
     from skimage.metrics import structural_similarity
 
     win = _ssim_window(target.shape[1:])
