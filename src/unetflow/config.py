@@ -17,20 +17,16 @@ import yaml
 
 __all__ = [
     "ConfigError",
-    "STAGE_SECTIONS",
     "SCHEMA_PATH",
     "load_schema",
     "validate_config",
     "load_config",
     "model_section",
-    "model_names",
-    "dataset_names",
     "normalization_stats_settings",
     "config_warnings",
 ]
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
-STAGE_SECTIONS = ("normalize", "patches", "model", "train", "predict", "evaluate")
 STATS_KEYS = ("level", "percentiles", "histogram_bins", "mask")
 
 
@@ -263,11 +259,3 @@ def model_section(config: dict[str, Any], model: str, section: str) -> dict[str,
 def normalization_stats_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The normalize keys that change the computed statistics (not how they are applied)."""
     return {k: config["normalize"][k] for k in STATS_KEYS}
-
-
-def model_names(config: dict[str, Any]) -> list[str]:
-    return list(config["models"])
-
-
-def dataset_names(config: dict[str, Any]) -> list[str]:
-    return list(config["datasets"])
