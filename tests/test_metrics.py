@@ -12,7 +12,6 @@ from unetflow.metrics import (
     gaussian_smooth,
     instance_scores,
     label_objects,
-    match_instances,
     otsu_instances,
     regression_scores,
     ssim,
@@ -121,13 +120,13 @@ def constructed_instances():
 
 def test_instance_matching_constructed_case():
     truth, pred = constructed_instances()
-    at_half = match_instances(truth, pred, 0.5)
+    at_half = instance_scores(truth, pred, threshold=0.5)
     assert (at_half["tp"], at_half["fp"], at_half["fn"]) == (2, 2, 1)
     assert at_half["precision"] == pytest.approx(0.5)
     assert at_half["recall"] == pytest.approx(2 / 3)
     assert at_half["f1"] == pytest.approx(4 / 7)
-    assert match_instances(truth, pred, 0.65)["tp"] == 2  # IoU 0.667 still matches
-    assert match_instances(truth, pred, 0.7)["tp"] == 1
+    assert instance_scores(truth, pred, threshold=0.65)["tp"] == 2  # IoU 0.667 still matches
+    assert instance_scores(truth, pred, threshold=0.7)["tp"] == 1
     scores = instance_scores(truth, pred)
     # AP = TP/(TP+FP+FN): 2/5 at 0.50-0.65 (4 thresholds), 1/6 at 0.70-0.95 (6 thresholds).
     assert scores["ap_per_threshold"]["0.50"] == pytest.approx(0.4)
@@ -141,7 +140,7 @@ def test_one_object_matches_only_once():
     truth[:, :] = 1
     pred = np.zeros((4, 8), np.int32)
     pred[:, :4], pred[:, 4:] = 1, 2  # two halves, each at IoU exactly 0.5
-    result = match_instances(truth, pred, 0.5)
+    result = instance_scores(truth, pred, threshold=0.5)
     assert (result["tp"], result["fp"], result["fn"]) == (1, 1, 0)
 
 
@@ -160,7 +159,7 @@ def test_ignored_pixels_remove_objects_inside_them():
     truth, pred = constructed_instances()
     valid = np.ones(truth.shape, bool)
     valid[14:20, 14:20] = False  # the false positive D lies in an ignored region
-    result = match_instances(truth, pred, 0.5, valid)
+    result = instance_scores(truth, pred, valid, threshold=0.5)
     assert (result["tp"], result["fp"], result["fn"]) == (2, 1, 1)
 
 

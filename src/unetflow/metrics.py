@@ -39,7 +39,6 @@ __all__ = [
     "regression_scores",
     "class_scores",
     "instance_overlaps",
-    "match_instances",
     "instance_scores",
     "otsu_instances",
     "label_objects",
@@ -173,13 +172,6 @@ def _count_matches(ti: np.ndarray, pi: np.ndarray, iou: np.ndarray, threshold: f
             used_pred.add(pi[k])
             tp += 1
     return tp
-
-
-def match_instances(true_labels: np.ndarray, pred_labels: np.ndarray, threshold: float = 0.5,
-                    valid: np.ndarray | None = None) -> dict[str, float]:
-    """TP, FP, FN, precision, recall, F1 and AP at one IoU threshold."""
-    ti, pi, iou, n_true, n_pred = instance_overlaps(true_labels, pred_labels, valid)
-    return _scores_at(_count_matches(ti, pi, iou, threshold), n_true, n_pred)
 
 
 def _scores_at(tp: int, n_true: int, n_pred: int) -> dict[str, float]:
