@@ -14,12 +14,11 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from unetflow.files import write_json_atomic
+from unetflow.files import atomic_path, write_json_atomic, write_text_atomic
 from unetflow.metrics import (
     class_scores,
     gaussian_smooth,
@@ -315,7 +314,7 @@ def _all_metric_names() -> list[str]:
 
 
 def write_summary(metric_files: list[str], output: str) -> list[dict[str, Any]]:
-    """One row per model, dataset and method (the U-Net or a baseline), as TSV."""
+    """One row per model, dataset and method (the U-Net or a baseline), as TSV (atomically)."""
     fields = ["model", "dataset", "task", "method", *_all_metric_names()]
     rows = []
     for path in metric_files:
@@ -328,8 +327,7 @@ def write_summary(metric_files: list[str], output: str) -> list[dict[str, Any]]:
                        f"gaussian(sigma={scores['sigma']:g})")
             row.update({m: _cell(scores.get(m)) for m in SUMMARY_METRICS[record["task"]]})
             rows.append(row)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", newline="") as fh:
+    with atomic_path(output) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, delimiter="\t")
         writer.writeheader()
         writer.writerows(rows)
@@ -444,7 +442,8 @@ li{margin:.3em 0;font-size:15px}"""
 
 def write_summary_html(rows: list[dict[str, Any]], output: str) -> None:
     """The summary as a small self-contained HTML page for the report: one table per task,
-    the model's rows shaded, the best value of each metric per model and dataset in bold."""
+    the model's rows shaded, the best value of each metric per model and dataset in bold;
+    written atomically."""
     tables = [_html_table([r for r in rows if r["task"] == task], task)
               for task in SUMMARY_METRICS if any(r["task"] == task for r in rows)]
     from html import escape
@@ -455,8 +454,7 @@ def write_summary_html(rows: list[dict[str, Any]], output: str) -> None:
             "IoU/Dice: foreground pixels; precision, recall, F1: objects matched at IoU 0.5; "
             "mean_ap: mean over IoU 0.5-0.95 of TP/(TP+FP+FN); PSNR and SSIM with the target's "
             "max - min as data range. All scores with definitions: 3. Metrics in detail.</p>")
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(f"<!doctype html><html><head><meta charset='utf-8'><style>"
-                            f"{HTML_STYLE}</style></head><body>"
-                            f"{'<ul>' + said + '</ul>' if said else ''}"
-                            f"{''.join(tables) or 'no results'}{note}</body></html>")
+    write_text_atomic(f"<!doctype html><html><head><meta charset='utf-8'><style>"
+                      f"{HTML_STYLE}</style></head><body>"
+                      f"{'<ul>' + said + '</ul>' if said else ''}"
+                      f"{''.join(tables) or 'no results'}{note}</body></html>", output)
