@@ -140,7 +140,8 @@ def extract_cli(image: str, target: str, stats: str, out: Path, task: str = "seg
 
 def assert_no_patches(out: Path) -> None:
     assert not (out / "patches.zarr").exists() and not (out / "manifest.tsv").exists()
-    assert not list(out.glob("patches.zarr*")), list(out.glob("patches.zarr*"))
+    leftovers = list(out.glob("*patches.zarr*"))  # temporaries (.patches.zarr.<pid>.tmp) too
+    assert not leftovers, leftovers
 
 
 # --- config --------------------------------------------------------------------------------
@@ -477,7 +478,7 @@ def test_a_corrupted_checkpoint_file(tmp_path, good, entry):
     else:
         result, out = predict_cli(tmp_path, broken, good)
         assert_cli_error(result, "predict run", str(broken), "not a readable unetflow checkpoint")
-        assert not list(tmp_path.glob("prediction.ome.zarr*"))
+        assert not list(tmp_path.glob("*prediction.ome.zarr*"))  # temporaries too
 
 
 # --- security ------------------------------------------------------------------------------
@@ -508,7 +509,7 @@ def test_a_crafted_pickle_checkpoint_is_refused_and_its_payload_never_runs(tmp_p
         result, out = predict_cli(tmp_path, evil, good)
         assert_cli_error(result, "predict run", str(evil), "not a readable unetflow checkpoint",
                          "refused, since loading it could run code")
-        assert not list(tmp_path.glob("prediction.ome.zarr*"))
+        assert not list(tmp_path.glob("*prediction.ome.zarr*"))  # temporaries too
     assert not marker.exists()
     torch.load(evil, weights_only=False)  # the payload is live: full unpickling runs it
     assert marker.exists()

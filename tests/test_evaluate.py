@@ -174,3 +174,4 @@ def test_summary_tsv_table_and_html(tmp_path):
     assert "<b>0.9000</b>" in html and "<b>0.6000</b>" not in html  # best IoU marked
     assert "<b>0.0000</b>" in html  # lowest MAE marked
     assert "<li>r on d2: NOT better than every baseline" in html
+    assert not list(tmp_path.glob("*.tmp"))  # files.atomic_path's temporaries are gone

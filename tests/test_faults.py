@@ -337,7 +337,8 @@ def test_patch_extraction_killed_while_writing_reruns_to_the_same_files(
     run_cli_here(*extract_args(completed_tiny_run, reference))
     args = extract_args(completed_tiny_run, out)
     proc = start(str(UNETFLOW), *args, cwd=out)
-    wait_until((out / "patches.zarr.tmp").exists, proc, "the temporary patch store")
+    temporary = out / f".patches.zarr.{proc.pid}.tmp"  # files.atomic_path's name
+    wait_until(temporary.exists, proc, "the temporary patch store")
     kill(proc)
     assert not (out / "patches.zarr").exists()
     run_cli_here(*args)

@@ -10,6 +10,7 @@ from unetflow.figures import (
     display_range,
     error_image,
     pick_crops,
+    write_comparison,
 )
 
 
@@ -55,3 +56,14 @@ def test_error_image_colours():
     assert tuple(rgb[0, 1]) == FALSE_POSITIVE
     assert tuple(rgb[0, 2]) == FALSE_NEGATIVE
     assert tuple(rgb[0, 3]) == (0, 0, 0)
+
+
+def test_comparison_chart_is_a_png_written_atomically(tmp_path):
+    summary = tmp_path / "summary.tsv"
+    summary.write_text("model\tdataset\ttask\tmethod\tforeground_iou\tmean_ap\n"
+                       "m\td\tsegmentation\tunet\t0.9\t0.5\n"
+                       "m\td\tsegmentation\totsu\t0.6\t0.1\n")
+    output = tmp_path / "figures" / "comparison.png"
+    write_comparison(str(summary), str(output))
+    assert output.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    assert [p.name for p in output.parent.iterdir()] == ["comparison.png"]  # no temporary

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from unetflow.losses import LOSSES, build_loss, ssim
+from unetflow.losses import LOSSES, build_loss, ssim_gaussian11
 
 SPATIAL = {2: (6, 7), 3: (3, 5, 4)}
 
@@ -28,14 +28,15 @@ def test_mse_and_mae_equal_torch(spatial_dims):
 
 
 @pytest.mark.parametrize("spatial_dims", [2, 3])
-def test_ssim_of_identical_images_is_one_so_mae_ssim_is_zero(spatial_dims):
+def test_ssim_gaussian11_of_identical_images_is_one_so_mae_ssim_is_zero(spatial_dims):
     image = 5.0 * torch.rand(2, 2, *(12,) * spatial_dims, dtype=torch.float64) - 1.0
-    torch.testing.assert_close(ssim(image, image), torch.tensor(1.0, dtype=torch.float64))
+    torch.testing.assert_close(ssim_gaussian11(image, image),
+                               torch.tensor(1.0, dtype=torch.float64))
     assert build_loss("regression", "mae_ssim")(image, image).abs() < 1e-12
 
 
 @pytest.mark.parametrize("shape", [(20, 24), (14, 20, 24)])
-def test_ssim_equals_scikit_image(shape):
+def test_ssim_gaussian11_equals_scikit_image(shape):
     metrics = pytest.importorskip("skimage.metrics")
     torch.manual_seed(0)
     target = torch.rand(shape, dtype=torch.float64)
@@ -44,22 +45,24 @@ def test_ssim_equals_scikit_image(shape):
         prediction.numpy(), target.numpy(), gaussian_weights=True, sigma=1.5,
         use_sample_covariance=False, data_range=float(target.max() - target.min()),
     )
-    assert float(ssim(prediction[None, None], target[None, None])) == pytest.approx(expected)
+    value = ssim_gaussian11(prediction[None, None], target[None, None])
+    assert float(value) == pytest.approx(expected)
 
 
-def test_ssim_is_lower_for_noisier_prediction_and_thin_axes_work():
+def test_ssim_gaussian11_is_lower_for_noisier_prediction_and_thin_axes_work():
     torch.manual_seed(0)
     target = torch.rand(1, 1, 3, 16, 16, dtype=torch.float64)  # z shorter than the window
-    slightly = ssim(target + 0.05 * torch.randn_like(target), target)
-    very = ssim(target + 0.5 * torch.randn_like(target), target)
+    slightly = ssim_gaussian11(target + 0.05 * torch.randn_like(target), target)
+    very = ssim_gaussian11(target + 0.5 * torch.randn_like(target), target)
     assert 1 > slightly > very
 
 
-def test_ssim_uses_target_range_so_it_is_scale_invariant():
+def test_ssim_gaussian11_uses_target_range_so_it_is_scale_invariant():
     torch.manual_seed(0)
     target = torch.rand(1, 1, 16, 16, dtype=torch.float64)
     prediction = target + 0.1 * torch.randn_like(target)
-    torch.testing.assert_close(ssim(1000 * prediction, 1000 * target), ssim(prediction, target))
+    torch.testing.assert_close(ssim_gaussian11(1000 * prediction, 1000 * target),
+                               ssim_gaussian11(prediction, target))
 
 
 def test_mae_ssim_gradient_is_finite_for_constant_target():

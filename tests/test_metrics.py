@@ -11,7 +11,7 @@ from unetflow.metrics import (
     class_scores,
     gaussian_smooth,
     instance_scores,
-    match_instances,
+    label_objects,
     otsu_instances,
     regression_scores,
     ssim,
@@ -120,13 +120,13 @@ def constructed_instances():
 
 def test_instance_matching_constructed_case():
     truth, pred = constructed_instances()
-    at_half = match_instances(truth, pred, 0.5)
+    at_half = instance_scores(truth, pred, threshold=0.5)
     assert (at_half["tp"], at_half["fp"], at_half["fn"]) == (2, 2, 1)
     assert at_half["precision"] == pytest.approx(0.5)
     assert at_half["recall"] == pytest.approx(2 / 3)
     assert at_half["f1"] == pytest.approx(4 / 7)
-    assert match_instances(truth, pred, 0.65)["tp"] == 2  # IoU 0.667 still matches
-    assert match_instances(truth, pred, 0.7)["tp"] == 1
+    assert instance_scores(truth, pred, threshold=0.65)["tp"] == 2  # IoU 0.667 still matches
+    assert instance_scores(truth, pred, threshold=0.7)["tp"] == 1
     scores = instance_scores(truth, pred)
     # AP = TP/(TP+FP+FN): 2/5 at 0.50-0.65 (4 thresholds), 1/6 at 0.70-0.95 (6 thresholds).
     assert scores["ap_per_threshold"]["0.50"] == pytest.approx(0.4)
@@ -140,7 +140,7 @@ def test_one_object_matches_only_once():
     truth[:, :] = 1
     pred = np.zeros((4, 8), np.int32)
     pred[:, :4], pred[:, 4:] = 1, 2  # two halves, each at IoU exactly 0.5
-    result = match_instances(truth, pred, 0.5)
+    result = instance_scores(truth, pred, threshold=0.5)
     assert (result["tp"], result["fp"], result["fn"]) == (1, 1, 0)
 
 
@@ -159,7 +159,7 @@ def test_ignored_pixels_remove_objects_inside_them():
     truth, pred = constructed_instances()
     valid = np.ones(truth.shape, bool)
     valid[14:20, 14:20] = False  # the false positive D lies in an ignored region
-    result = match_instances(truth, pred, 0.5, valid)
+    result = instance_scores(truth, pred, valid, threshold=0.5)
     assert (result["tp"], result["fp"], result["fn"]) == (2, 1, 1)
 
 
@@ -171,6 +171,15 @@ def test_otsu_instances_finds_two_bright_blobs():
     labels = otsu_instances(image)
     assert labels.max() == 2
     assert (labels[6, 6] != 0) and (labels[24, 22] != 0) and labels[0, 0] == 0
+
+
+def test_label_objects_joins_faces_not_corners():
+    foreground = np.zeros((5, 5), bool)
+    foreground[0, 0] = foreground[1, 1] = True  # touch at a corner only: two objects
+    foreground[3, 2:5] = True  # one object along a row
+    labels = label_objects(foreground)
+    assert labels.dtype == np.uint32 and labels.max() == 3
+    assert labels[0, 0] != labels[1, 1] and len(np.unique(labels[3, 2:5])) == 1
 
 
 # --- Gaussian baseline --------------------------------------------------------------------

@@ -113,6 +113,21 @@ def test_write_image_keeps_translation_on_every_level_and_is_atomic(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_a_failed_write_leaves_the_old_image_and_no_temporary(tmp_path, monkeypatch):
+    path = tmp_path / "out.ome.zarr"
+    write_image(path, np.ones((1, 8, 8), dtype=np.float32), ["c", "y", "x"])
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("killed after the pixels were written")
+
+    monkeypatch.setattr("unetflow.ome.add_translation", fail)
+    with pytest.raises(RuntimeError, match="killed"):
+        write_image(path, np.zeros((1, 8, 8), dtype=np.float32), ["c", "y", "x"],
+                    translation={"y": 1.0})
+    assert open_image(path).data.compute().min() == 1.0
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 @pytest.mark.parametrize("streaming", [False, True])
 def test_label_image_has_image_label_metadata_and_validates(tmp_path, streaming):
     path = tmp_path / "img.ome.zarr"

@@ -17,17 +17,13 @@ import yaml
 
 __all__ = [
     "ConfigError",
-    "STAGE_SECTIONS",
     "SCHEMA_PATH",
     "load_schema",
     "validate_config",
     "load_config",
     "model_section",
-    "model_names",
-    "dataset_names",
     "normalization_stats_settings",
     "config_warnings",
-    "exact_halo",
     "EXECUTION_KEYS",
     "PREDICT_OUTPUT_KEYS",
     "section_settings",
@@ -214,16 +210,16 @@ def _check_shapes(config: dict) -> None:
                               f"{fixed}, or null for the model's exact halo")
 
 
-def exact_halo(config: dict[str, Any], model: str) -> int:
-    """The smallest halo with which crop-blended tiles equal a whole-image pass (`halo_for`).
+def _model_exact_halo(config: dict[str, Any], model: str) -> int:
+    """`unetflow.model.exact_halo` of the U-Net that `config` describes for `model`.
 
     Built from the model section alone, on the CPU: the halo does not depend on channels.
     """
-    from unetflow.model.unet import build_unet, halo_for
+    from unetflow.model.unet import build_unet, exact_halo
 
     arch = model_section(config, model, "model")
     layers = {k: v for k, v in arch.items() if k not in ("num_classes", "spatial_dims")}
-    return halo_for(build_unet(layers, arch["spatial_dims"], 1, 1))
+    return exact_halo(build_unet(layers, arch["spatial_dims"], 1, 1))
 
 
 def config_warnings(config: dict[str, Any]) -> list[str]:
@@ -237,7 +233,7 @@ def config_warnings(config: dict[str, Any]) -> list[str]:
         settings = model_section(config, model, "predict")
         if settings["halo"] is None or settings["blending"] != "crop":
             continue
-        exact, where = exact_halo(config, model), _where(config, model, "predict", "halo")
+        exact, where = _model_exact_halo(config, model), _where(config, model, "predict", "halo")
         if settings["halo"] < exact:
             found.append(f"config key {where}: {settings['halo']} is smaller than the exact "
                          f"halo {exact} of model '{model}' with crop "
@@ -327,11 +323,3 @@ def model_section(config: dict[str, Any], model: str, section: str) -> dict[str,
 def normalization_stats_settings(config: dict[str, Any]) -> dict[str, Any]:
     """The normalize keys that change the computed statistics (not how they are applied)."""
     return {k: config["normalize"][k] for k in STATS_KEYS}
-
-
-def model_names(config: dict[str, Any]) -> list[str]:
-    return list(config["models"])
-
-
-def dataset_names(config: dict[str, Any]) -> list[str]:
-    return list(config["datasets"])

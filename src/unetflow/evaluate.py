@@ -14,17 +14,16 @@ from __future__ import annotations
 import csv
 import json
 import math
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from unetflow.files import write_json_atomic
+from unetflow.files import atomic_path, write_json_atomic, write_text_atomic
 from unetflow.metrics import (
     class_scores,
-    connected_components,
     gaussian_smooth,
     instance_scores,
+    label_objects,
     otsu_instances,
     regression_scores,
     tune_gaussian_sigma,
@@ -157,7 +156,7 @@ def evaluate_segmentation(pred: dict[str, np.ndarray], image: np.ndarray, truth:
         notes.append("per-class scores of the model need predict.probabilities: true or "
                      "predict.instances: false; the model's class scores are foreground only")
     model_instances = (pred["labels"] if predict_settings.get("instances", True)
-                       else connected_components(pred["labels"] != 0))
+                       else label_objects(pred["labels"] != 0))
     true_classes = _true_classes(truth, num_classes)
     instance_truth = truth if instance_target else None
     otsu = otsu_instances(image[0])
@@ -329,7 +328,7 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
 
 
 def write_summary(metric_files: list[str], output: str) -> list[dict[str, Any]]:
-    """One row per model, dataset and method (the U-Net or a baseline), as TSV."""
+    """One row per model, dataset and method (the U-Net or a baseline), as TSV (atomically)."""
     fields = ["model", "dataset", "task", "method", *_all_metric_names()]
     rows = []
     for path in metric_files:
@@ -341,8 +340,7 @@ def write_summary(metric_files: list[str], output: str) -> list[dict[str, Any]]:
                        f"gaussian(sigma={scores['sigma']:g})")
             row.update({m: _cell(scores.get(m)) for m in SUMMARY_METRICS[record["task"]]})
             rows.append(row)
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    with open(output, "w", newline="") as fh:
+    with atomic_path(output) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, delimiter="\t")
         writer.writeheader()
         writer.writerows(rows)
@@ -457,7 +455,8 @@ li{margin:.3em 0;font-size:15px}"""
 
 def write_summary_html(rows: list[dict[str, Any]], output: str) -> None:
     """The summary as a small self-contained HTML page for the report: one table per task,
-    the model's rows shaded, the best value of each metric per model and dataset in bold."""
+    the model's rows shaded, the best value of each metric per model and dataset in bold;
+    written atomically."""
     tables = [_html_table([r for r in rows if r["task"] == task], task)
               for task in SUMMARY_METRICS if any(r["task"] == task for r in rows)]
     from html import escape
@@ -468,8 +467,7 @@ def write_summary_html(rows: list[dict[str, Any]], output: str) -> None:
             "IoU/Dice: foreground pixels; precision, recall, F1: objects matched at IoU 0.5; "
             "mean_ap: mean over IoU 0.5-0.95 of TP/(TP+FP+FN); PSNR and SSIM with the target's "
             "max - min as data range. All scores with definitions: 3. Metrics in detail.</p>")
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(f"<!doctype html><html><head><meta charset='utf-8'><style>"
-                            f"{HTML_STYLE}</style></head><body>"
-                            f"{'<ul>' + said + '</ul>' if said else ''}"
-                            f"{''.join(tables) or 'no results'}{note}</body></html>")
+    write_text_atomic(f"<!doctype html><html><head><meta charset='utf-8'><style>"
+                      f"{HTML_STYLE}</style></head><body>"
+                      f"{'<ul>' + said + '</ul>' if said else ''}"
+                      f"{''.join(tables) or 'no results'}{note}</body></html>", output)

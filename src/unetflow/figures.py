@@ -10,7 +10,6 @@ high percentile of the dataset's normalization statistics.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -22,6 +21,7 @@ from unetflow.evaluate import (
     read_prediction,
     read_summary,
 )
+from unetflow.files import atomic_path
 from unetflow.normalize import read_stats
 from unetflow.ome import channel_first, open_image
 
@@ -185,9 +185,7 @@ def _draw_montage(panels, crops, task: str, title: str, output: str) -> None:
         axes[row, 0].set_ylabel(_crop_name(crop, row, len(crops), err, task), fontsize=7)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=90)
-    plt.close(fig)
+    _save_png(fig, output)
 
 
 def _numbers(rows: list[dict[str, str]], metric: str) -> list[float]:
@@ -208,9 +206,17 @@ def write_comparison(summary: str, output: str) -> None:
     if not tasks:
         axes[0, 0].text(0.5, 0.5, "no evaluated predictions", ha="center")
     fig.tight_layout()
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(output, dpi=90)
-    plt.close(fig)
+    _save_png(fig, output)
+
+
+def _save_png(fig, output: str) -> None:
+    """Save and close `fig` as a PNG, atomically; the format is given explicitly because
+    the temporary file's suffix is .tmp, not .png."""
+    try:
+        with atomic_path(output) as tmp:
+            fig.savefig(tmp, dpi=90, format="png")
+    finally:
+        _plt().close(fig)
 
 
 def _method_kind(method: str) -> str:

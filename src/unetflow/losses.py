@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["LOSSES", "build_loss", "ssim", "dice_loss", "cross_entropy_loss"]
+__all__ = ["LOSSES", "build_loss", "ssim_gaussian11", "dice_loss", "cross_entropy_loss"]
 
 LOSSES = {"regression": ("mse", "mae", "mae_ssim"), "segmentation": ("ce", "dice", "ce_dice")}
 
@@ -76,7 +76,7 @@ def _regression_loss(prediction: Tensor, target: Tensor, name: str) -> Tensor:
     mae = F.l1_loss(prediction, target)
     if name == "mae":
         return mae
-    return mae + (1 - ssim(prediction, target))
+    return mae + (1 - ssim_gaussian11(prediction, target))
 
 
 def gaussian_window(size: int, sigma: float, dtype: torch.dtype, device: torch.device) -> Tensor:
@@ -108,13 +108,17 @@ def _local_mean(image: Tensor) -> Tensor:
     return image
 
 
-def ssim(prediction: Tensor, target: Tensor) -> Tensor:
-    """Mean structural similarity of two (N, C, *spatial) images, 2D or 3D.
+def ssim_gaussian11(prediction: Tensor, target: Tensor) -> Tensor:
+    """Mean structural similarity of two (N, C, *spatial) images, 2D or 3D: the loss term.
 
-    Gaussian window 11, sigma 1.5. The data range L (in the constants (0.01 L)^2, (0.03 L)^2)
-    is the target's max - min over the batch, not a fixed 1.0: normalised microscopy images
-    are not confined to [0, 1], and a fixed range would weight the constants arbitrarily.
-    A constant target (range 0) falls back to L = 1. The range is a constant (no gradient).
+    Differentiable, with an 11-pixel Gaussian window of sigma 1.5 (shrunk to the largest odd
+    size that fits a shorter axis), as in Wang et al. 2004; not the evaluation metric
+    `unetflow.metrics.ssim` (scikit-image, 7-pixel uniform window).
+
+    The data range L (in the constants (0.01 L)^2, (0.03 L)^2) is the target's max - min
+    over the batch, not a fixed 1.0: normalised microscopy images are not confined to
+    [0, 1], and a fixed range would weight the constants arbitrarily. A constant target
+    (range 0) falls back to L = 1. The range is a constant (no gradient).
     """
     data_range = (target.max() - target.min()).detach()
     data_range = torch.where(data_range > 0, data_range, torch.ones_like(data_range))

@@ -39,10 +39,9 @@ __all__ = [
     "regression_scores",
     "class_scores",
     "instance_overlaps",
-    "match_instances",
     "instance_scores",
     "otsu_instances",
-    "connected_components",
+    "label_objects",
     "gaussian_smooth",
     "tune_gaussian_sigma",
 ]
@@ -70,7 +69,12 @@ def _ssim_window(shape: tuple[int, ...]) -> int:
 
 
 def ssim(pred: np.ndarray, target: np.ndarray, data_range: float) -> float:
-    """Mean SSIM over channels of (C, *spatial) arrays, with the given data range."""
+    """Mean SSIM over channels of (C, *spatial) arrays, with the given data range: the metric.
+
+    scikit-image's `structural_similarity` with its 7-pixel uniform window (the largest odd
+    size that fits an image thinner than that). The training loss term is a different SSIM,
+    `unetflow.losses.ssim_gaussian11`.
+    """
     from skimage.metrics import structural_similarity
 
     win = _ssim_window(target.shape[1:])
@@ -170,13 +174,6 @@ def _count_matches(ti: np.ndarray, pi: np.ndarray, iou: np.ndarray, threshold: f
     return tp
 
 
-def match_instances(true_labels: np.ndarray, pred_labels: np.ndarray, threshold: float = 0.5,
-                    valid: np.ndarray | None = None) -> dict[str, float]:
-    """TP, FP, FN, precision, recall, F1 and AP at one IoU threshold."""
-    ti, pi, iou, n_true, n_pred = instance_overlaps(true_labels, pred_labels, valid)
-    return _scores_at(_count_matches(ti, pi, iou, threshold), n_true, n_pred)
-
-
 def _scores_at(tp: int, n_true: int, n_pred: int) -> dict[str, float]:
     fp, fn = n_pred - tp, n_true - tp
     nothing = n_true == 0 and n_pred == 0
@@ -199,8 +196,11 @@ def instance_scores(true_labels: np.ndarray, pred_labels: np.ndarray,
             "mean_ap": float(np.mean(list(ap.values())))}
 
 
-def connected_components(foreground: np.ndarray) -> np.ndarray:
-    """Objects as the connected components (face connectivity) of a foreground mask."""
+def label_objects(foreground: np.ndarray) -> np.ndarray:
+    """Objects as the connected components (face connectivity) of a foreground mask, in memory.
+
+    Not `unetflow.components.connected_components`, which labels a dask array out of core.
+    """
     from scipy import ndimage
 
     labels, _ = ndimage.label(foreground)
@@ -213,7 +213,7 @@ def otsu_instances(image: np.ndarray) -> np.ndarray:
 
     if float(image.min()) == float(image.max()):
         return np.zeros(image.shape, np.uint32)
-    return connected_components(image > threshold_otsu(image))
+    return label_objects(image > threshold_otsu(image))
 
 
 # --- Gaussian baseline --------------------------------------------------------------------

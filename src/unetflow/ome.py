@@ -16,6 +16,8 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from unetflow.files import atomic_path
+
 __all__ = [
     "OmeImage",
     "OmeZarrError",
@@ -206,7 +208,11 @@ def channel_first_axes(image: OmeImage,
 
 
 def replace_directory(tmp: Path, final: Path) -> None:
-    """Move a finished store into place, so a killed job never leaves a complete-looking one."""
+    """Move a finished store into place, so a killed job never leaves a complete-looking one.
+
+    Kept for predict.py, which still names its own temporary stores; every other writer
+    uses `unetflow.files.atomic_path`, which ends with this step.
+    """
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)
@@ -235,35 +241,31 @@ def write_image(
 ) -> None:
     """Write `data` as an NGFF 0.5 multiscale image with ome-zarr-py, atomically.
 
-    The store is written next to `path` under a temporary name and renamed when complete.
+    The store is written next to `path` under a temporary name (`files.atomic_path`) and
+    renamed when complete.
     `attrs` land under the group's `unetflow` attribute (provenance). `translation` (physical
     position of the first pixel per axis) is added to every level's translation, so a
     prediction lies where its input lies.
     """
     from ome_zarr.writer import write_image as ome_write_image
 
-    final = Path(path)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     spatial = spatial_axes(axes)
     storage = {"chunks": tuple(chunks)} if chunks else None
-    ome_write_image(
-        data, str(tmp), axes="".join(axes) if all(len(a) == 1 for a in axes) else axes,
-        scale_factors=_scale_factors(spatial, pyramid_levels, downsample_z),
-        scale=scale or None, axes_units=units or None, storage_options=storage,
-    )
-    group = zarr.open_group(str(tmp), mode="r+")
-    if translation:
-        add_translation(group, translation)
-    if channel_names:
-        ome = dict(group.attrs["ome"])
-        ome["omero"] = {"channels": [{"label": n, "active": True} for n in channel_names]}
-        group.attrs["ome"] = ome
-    if attrs:
-        group.attrs["unetflow"] = attrs
-    replace_directory(tmp, final)
+    with atomic_path(path) as tmp:
+        ome_write_image(
+            data, str(tmp), axes="".join(axes) if all(len(a) == 1 for a in axes) else axes,
+            scale_factors=_scale_factors(spatial, pyramid_levels, downsample_z),
+            scale=scale or None, axes_units=units or None, storage_options=storage,
+        )
+        group = zarr.open_group(str(tmp), mode="r+")
+        if translation:
+            add_translation(group, translation)
+        if channel_names:
+            ome = dict(group.attrs["ome"])
+            ome["omero"] = {"channels": [{"label": n, "active": True} for n in channel_names]}
+            group.attrs["ome"] = ome
+        if attrs:
+            group.attrs["unetflow"] = attrs
 
 
 def write_label_image(image_path: str | Path, name: str, labels: np.ndarray | da.Array,
@@ -281,6 +283,9 @@ def write_label_image(image_path: str | Path, name: str, labels: np.ndarray | da
     (`da.unique` over the whole image: memory grows with the number of objects). `streaming`
     writes the same multiscales and image-label metadata (source, version) chunk by chunk,
     for label images of any size.
+    The labels are written into the image store in place, not atomically: call this on a
+    store that is still under its temporary name (as predict's gather does), not on a
+    finished output.
     """
     from ome_zarr.scale import Methods
     from ome_zarr.writer import write_image as ome_write_image

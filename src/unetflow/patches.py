@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import csv
 import itertools
-import shutil
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -59,6 +58,7 @@ import zarr
 from dask.highlevelgraph import HighLevelGraph
 
 from unetflow.chunkfiles import BlockMemo, direct_dask_array
+from unetflow.files import atomic_path
 from unetflow.normalize import normalize_array, read_stats
 from unetflow.ome import channel_first, open_image, spatial_axes
 from unetflow.patchstore import ShardedPatches, create_patch_array, patches_per_shard
@@ -705,9 +705,9 @@ def _write_store(records: list[dict], sources: dict[str, PatchSource], stats: di
 
 # --- manifest and summary ------------------------------------------------------------------
 def write_manifest(records: list[dict], path: str | Path, patch: tuple[int, ...]) -> None:
-    """One row per patch, ordered by split and store index."""
+    """One row per patch, ordered by split and store index; written atomically."""
     rows = sorted(records, key=lambda r: (r["split"] != "train", r["index"]))
-    with open(path, "w", newline="") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=MANIFEST_FIELDS, delimiter="\t")
         writer.writeheader()
         for r in rows:
@@ -789,8 +789,8 @@ def extract_patches(datasets: list[DatasetInput], task: str, settings: dict[str,
                     store: str | Path, manifest: str | Path) -> list[dict]:
     """Sample patches of all `datasets`, normalize them and write store and manifest.
 
-    The store is written under a temporary name and renamed when complete. Returns the
-    manifest records.
+    The store is written under a temporary name (`files.atomic_path`) and renamed when
+    complete, after the manifest. Returns the manifest records.
     """
     _check_validation_datasets(datasets, settings)
     patch = tuple(settings["shape"])
@@ -803,17 +803,10 @@ def extract_patches(datasets: list[DatasetInput], task: str, settings: dict[str,
         ctx = Sampler(ds.name, labels, patch, settings, ignore_label)
         held_out = ds.name in settings.get("validation_datasets", [])
         records += sample_patches(ctx, source.arrays[0].shape[1:], held_out, rng)
-    store, manifest = Path(store), Path(manifest)
-    tmp = store.with_name(store.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-    group.attrs["unetflow"] = {"task": task, "patch_shape": list(patch), "normalize": normalize,
-                               "datasets": stats}
-    _write_store(records, sources, stats, group, task, normalize, num_classes, ignore_label)
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    write_manifest(records, manifest, patch)
-    if store.exists():
-        shutil.rmtree(store)
-    tmp.rename(store)
+    with atomic_path(store) as tmp:
+        group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
+        group.attrs["unetflow"] = {"task": task, "patch_shape": list(patch),
+                                   "normalize": normalize, "datasets": stats}
+        _write_store(records, sources, stats, group, task, normalize, num_classes, ignore_label)
+        write_manifest(records, manifest, patch)
     return records

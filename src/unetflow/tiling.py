@@ -5,7 +5,7 @@ Geometry. The output is cut into tiles of `predict.tile_shape` along the axes th
 from its input extended by `predict.halo` on each side: neighbours' pixels inside the image,
 reflection (numpy's "reflect", edge not repeated) outside it. A U-Net with pooling is
 shift-equivariant only for shifts that are multiples of 2**depth, so tile origins and the halo
-lie on that grid; with a halo of at least `halo_for(model)` (the default), `crop` blending
+lie on that grid; with a halo of at least `exact_halo(model)` (the default), `crop` blending
 (keep each tile's core, drop its halo) equals one whole-image pass over the reflect-padded
 image. `gaussian` blending keeps each tile's whole window (tile + 2 halo), weights it with a
 Gaussian importance map (sigma 1/8 of the window, as nnU-Net does) and divides the summed
@@ -27,7 +27,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from unetflow.model.unet import UNet, halo_for
+from unetflow.model.unet import UNet, exact_halo
 from unetflow.ome import spatial_axes
 
 __all__ = [
@@ -127,7 +127,7 @@ def _check_tile_shape(tile_shape: tuple[int, ...], dims: int, multiple: int) -> 
 
 def _resolve_halo(model: UNet, halo: int | None, blending: str) -> int:
     """The configured halo, checked against the pooling grid; warns when crop is not exact."""
-    exact, multiple = halo_for(model), model.size_multiple
+    exact, multiple = exact_halo(model), model.size_multiple
     halo = exact if halo is None else int(halo)
     if halo < 0 or halo % multiple:
         raise ValueError(f"predict.halo {halo} must be a non-negative multiple of 2**depth = "

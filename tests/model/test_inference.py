@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from unetflow.model import UNet, halo_for
+from unetflow.model import UNet, exact_halo
 from unetflow.model.inference import fold_batch_norms, memory_format_for, prepare_for_inference
 
 
@@ -47,7 +47,7 @@ def test_folding_removes_every_batch_norm_and_leaves_the_original_alone():
     assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
     assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == norms_before
     assert folded.reach_by_phase() == model.reach_by_phase()
-    assert halo_for(folded) == halo_for(model)
+    assert exact_halo(folded) == exact_halo(model)
 
 
 def test_group_norms_are_kept_since_they_depend_on_each_input():

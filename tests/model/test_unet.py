@@ -5,7 +5,7 @@ import itertools
 import pytest
 import torch
 
-from unetflow.model import UNet, build_unet, halo_for
+from unetflow.model import UNet, build_unet, exact_halo
 from unetflow.model.unet import ACTIVATIONS, DOWNSAMPLES, NORMS, UPSAMPLES
 
 TINY = dict(depth=2, base_features=4)
@@ -222,9 +222,9 @@ def test_known_receptive_fields():
     model = UNet(2, 1, 1, depth=4, base_features=32)
     sides = [side for reach in model.reach_by_phase() for side in reach]
     assert (min(sides), max(sides), model.receptive_field_radius()) == (92, 107, 107)
-    assert halo_for(model) == 96
+    assert exact_halo(model) == 96
     assert UNet(2, 1, 1).receptive_field_radius() == 51
-    assert halo_for(UNet(2, 1, 1)) == 48
+    assert exact_halo(UNet(2, 1, 1)) == 48
 
 
 def tiled_prediction(model: UNet, x: torch.Tensor, tile: int, halo: int) -> torch.Tensor:
@@ -237,10 +237,10 @@ def tiled_prediction(model: UNet, x: torch.Tensor, tile: int, halo: int) -> torc
 
 
 @pytest.mark.parametrize("downsample,upsample", [("maxpool", "transpose"), ("conv", "interpolate")])
-def test_halo_for_is_the_smallest_exact_halo(downsample, upsample):
+def test_exact_halo_is_the_smallest_halo_that_tiles_exactly(downsample, upsample):
     model = tiny_unet(depth=2, norm="none", downsample=downsample, upsample=upsample)
     model = model.double().eval()
-    halo, m = halo_for(model), model.size_multiple
+    halo, m = exact_halo(model), model.size_multiple
     x = torch.randn(1, 1, 8, 6 * halo, dtype=torch.float64)
     with torch.no_grad():
         whole = model(x)

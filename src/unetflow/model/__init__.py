@@ -1,5 +1,5 @@
 """Network architectures."""
 
-from unetflow.model.unet import UNet, build_unet, halo_for
+from unetflow.model.unet import UNet, build_unet, exact_halo
 
-__all__ = ["UNet", "build_unet", "halo_for"]
+__all__ = ["UNet", "build_unet", "exact_halo"]

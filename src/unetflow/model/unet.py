@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["NORMS", "ACTIVATIONS", "DOWNSAMPLES", "UPSAMPLES", "UNet", "build_unet", "halo_for"]
+__all__ = ["NORMS", "ACTIVATIONS", "DOWNSAMPLES", "UPSAMPLES", "UNet", "build_unet", "exact_halo"]
 
 NORMS = ("batch", "group", "instance", "none")
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu")
@@ -427,7 +427,7 @@ def build_unet(
     return UNet(spatial_dims, in_channels, out_channels, **model_section)
 
 
-def halo_for(model: UNet) -> int:
+def exact_halo(model: UNet) -> int:
     """The smallest halo with which tiled prediction equals one whole-image pass.
 
     Tiles whose output origins lie on the size_multiple grid need a halo that (1) covers how
@@ -441,3 +441,6 @@ def halo_for(model: UNet) -> int:
     past_first = max(left - phase for phase, (left, _) in enumerate(reaches))
     past_last = max(right - (m - 1 - phase) for phase, (_, right) in enumerate(reaches))
     return math.ceil(max(past_first, past_last) / m) * m
+
+
+halo_for = exact_halo  # alias until predict.py moves to exact_halo
