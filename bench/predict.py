@@ -3,7 +3,7 @@
 Setup: a U-Net of depth 4, base 32 (7.8 M parameters, as in FACTS.md), random weights, 1
 input and 1 output channel (regression), on a SIZE x SIZE synthetic nuclei image (a 1024^2
 `synthesize_nuclei` scene tiled, uint16, chunks 1024, NGFF 0.5); unetflow tiles of TILE px
-(default 1024) with the model's exact halo (halo_for: 96), so each forward sees TILE + 192.
+(default 1024) with the model's exact halo (exact_halo: 96), so each forward sees TILE + 192.
 Everything runs on the CPU with the same two threads (unetflow's defaults: 2 dask workers x 1
 torch thread). Each throughput timing is the best of --repeats (default 2) runs, the runs of
 the contenders interleaved.
@@ -62,12 +62,12 @@ import dask.array as da
 import numpy as np
 import torch
 
-from unetflow.demo import synthesize_nuclei
 from unetflow.config import section_settings
+from unetflow.demo import synthesize_nuclei
 from unetflow.model.checkpoint import new_checkpoint
 from unetflow.model.checkpoint import save_checkpoint as save_checkpoint_file
 from unetflow.model.inference import prepare_for_inference
-from unetflow.model.unet import UNet, halo_for
+from unetflow.model.unet import UNet, exact_halo
 from unetflow.normalize import compute_dataset_stats, normalize_array, read_stats, write_stats
 from unetflow.ome import open_image, write_image
 from unetflow.predict import predict_to_ome_zarr
@@ -191,7 +191,7 @@ def throughput(root: Path, size: int, tile: int, device: torch.device, amp: bool
     """Pure forward, unetflow and MONAI on the same image, model and tiles, side by side."""
     image, stats = write_source(root, size)
     model = build_model(4, 32, "batch").to(device)
-    halo = halo_for(model)
+    halo = exact_halo(model)
     ckpt = save_checkpoint(model, root / "model.pt", "regression")
     data = np.asarray(open_image(image).data.compute(), dtype=np.float32)
     x = normalize_array(data, read_stats(stats), "percentile", False)

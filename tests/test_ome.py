@@ -14,7 +14,6 @@ from unetflow.ome import (
     channel_first,
     channel_first_axes,
     open_image,
-    replace_directory,
     resolve_channels,
     spatial_axes,
     write_image,
@@ -147,11 +146,3 @@ def test_label_image_has_image_label_metadata_and_validates(tmp_path, streaming)
     assert len(read.attrs["ome"]["multiscales"][0]["datasets"]) == 2
 
 
-def test_replace_directory_swaps_in_the_finished_store(tmp_path):
-    final, tmp = tmp_path / "a.zarr", tmp_path / "a.zarr.tmp"
-    final.mkdir()
-    (final / "old").write_text("old")
-    tmp.mkdir()
-    (tmp / "new").write_text("new")
-    replace_directory(tmp, final)
-    assert [p.name for p in final.iterdir()] == ["new"] and not tmp.exists()

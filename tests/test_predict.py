@@ -15,7 +15,7 @@ from scipy import ndimage
 from conftest import planned_jobs, snakemake, write_config
 from unetflow.config import section_settings
 from unetflow.model.checkpoint import new_checkpoint, save_checkpoint
-from unetflow.model.unet import UNet, halo_for
+from unetflow.model.unet import UNet, exact_halo
 from unetflow.normalize import compute_dataset_stats, normalize_array, write_stats
 from unetflow.ome import open_image, write_image
 from unetflow.predict import (
@@ -86,7 +86,7 @@ def test_crop_with_default_halo_equals_whole_image_pass(dims, shape, tile):
     x = smooth_image((1, *shape))
     tiled = predict_array(model, x, predict_defaults(tile_shape=list(tile))).compute()
     assert tiled.shape == (2, *shape)
-    assert relative_error(tiled, whole_image_pass(model, x, halo_for(model))) < 1e-5
+    assert relative_error(tiled, whole_image_pass(model, x, exact_halo(model))) < 1e-5
 
 
 def test_halo_below_the_exact_one_is_not_exact_and_warns():
@@ -102,7 +102,7 @@ def test_2d_model_runs_per_z_slice_and_time_point():
     x = smooth_image((1, 2, 3, 45, 37))  # c, t, z, y, x
     tiled = predict_array(model, x, predict_defaults(tile_shape=[32, 32]),
                           axes=["t", "z", "y", "x"]).compute()
-    halo = halo_for(model)
+    halo = exact_halo(model)
     for t in range(2):
         for z in range(3):
             want = whole_image_pass(model, x[:, t, z], halo)
@@ -137,7 +137,7 @@ def test_gaussian_blending_has_no_seams_where_untiled_crop_has():
     assert border_gradient_ratio(gaussian, 32) < 1.25
     assert border_gradient_ratio(seams, 32) > 2.0  # the check can fail: no halo gives seams
     # gaussian windows of an exact halo stay close to the whole-image pass
-    assert relative_error(gaussian, whole_image_pass(model, x, halo_for(model))) < 0.05
+    assert relative_error(gaussian, whole_image_pass(model, x, exact_halo(model))) < 0.05
 
 
 # --- the OME-Zarr store path -------------------------------------------------------------
@@ -174,7 +174,7 @@ def expected_output(model: UNet, image: str, stats_path: str, softmax: bool) -> 
         data = data[None]
     stats = json.loads(Path(stats_path).read_text())
     x = normalize_array(data, stats, "percentile", False)
-    y = whole_image_pass(model, x, halo_for(model))
+    y = whole_image_pass(model, x, exact_halo(model))
     return torch.softmax(torch.from_numpy(y), 0).numpy() if softmax else y
 
 
@@ -207,7 +207,7 @@ def test_regression_store_keeps_axes_scale_translation_and_provenance(tmp_path, 
     assert relative_error(got, expected_output(model, image, stats, False)) < 1e-5
     provenance = pred.attrs["unetflow"]
     assert provenance["checkpoint_sha256"] and provenance["unetflow_version"]
-    assert provenance["halo"] == halo_for(model) and provenance["normalization"]["channels"]
+    assert provenance["halo"] == exact_halo(model) and provenance["normalization"]["channels"]
     assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.glob("*.raw.zarr"))
 
 
@@ -247,7 +247,7 @@ def test_time_series_at_level_one_keeps_its_axes_and_geometry(tmp_path):
                         json.loads(stats.read_text()))
     got = np.asarray(pred.data.compute())
     for t in range(2):
-        assert relative_error(got[t], whole_image_pass(model, x[:, t], halo_for(model))) < 1e-5
+        assert relative_error(got[t], whole_image_pass(model, x[:, t], exact_halo(model))) < 1e-5
 
 
 def test_segmentation_store_has_probabilities_and_instance_labels(tmp_path):
@@ -264,7 +264,7 @@ def test_segmentation_store_has_probabilities_and_instance_labels(tmp_path):
     img = open_image(image)
     data = normalize_array(np.asarray(img.data.compute()), json.loads(Path(stats).read_text()))
     for z in range(2):
-        y = whole_image_pass(model, data[:, z], halo_for(model))
+        y = whole_image_pass(model, data[:, z], exact_halo(model))
         want = torch.softmax(torch.from_numpy(y), 0).numpy()
         assert relative_error(probabilities[:, z], want) < 1e-5
     labels = np.asarray(open_image(f"{out}/labels/prediction").data.compute())

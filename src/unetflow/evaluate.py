@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -6,7 +6,6 @@ scales are interpreted in one place.
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +24,6 @@ __all__ = [
     "spatial_axes",
     "write_image",
     "write_label_image",
-    "replace_directory",
     "resolve_channels",
     "channel_first",
     "channel_first_axes",
@@ -205,17 +203,6 @@ def channel_first_axes(image: OmeImage,
     axes = ["c", *[a for a in axes if a != "c"]]
     indices = resolve_channels(image, channels)
     return (data[indices] if indices != list(range(data.shape[0])) else data), axes
-
-
-def replace_directory(tmp: Path, final: Path) -> None:
-    """Move a finished store into place, so a killed job never leaves a complete-looking one.
-
-    Kept for predict.py, which still names its own temporary stores; every other writer
-    uses `unetflow.files.atomic_path`, which ends with this step.
-    """
-    if final.exists():
-        shutil.rmtree(final)
-    tmp.rename(final)
 
 
 def _scale_factors(spatial: list[str], levels: int, downsample_z: bool) -> list[dict[str, int]]:

@@ -19,7 +19,6 @@ the raw store into the NGFF 0.5 output (blending, pyramid, labels, metadata), at
 
 from __future__ import annotations
 
-import logging
 import math
 import shutil
 import sys
@@ -84,7 +83,6 @@ __all__ = [
     "predict_to_ome_zarr",
 ]
 
-LOG = logging.getLogger(__name__)
 
 RAW_FORMAT = "unetflow-raw-prediction-1"
 

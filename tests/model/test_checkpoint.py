@@ -22,7 +22,7 @@ from unetflow.model.checkpoint import (
     save_checkpoint,
     skeleton_model,
 )
-from unetflow.model.unet import UNet, halo_for
+from unetflow.model.unet import UNet, exact_halo
 
 NORMALIZATION = {"method": "percentile", "clip": False, "datasets": {"d": {"level": 0}}}
 
@@ -83,7 +83,7 @@ def test_description_has_no_weights_and_plans_like_the_network(tmp_path):
     assert description["model_config"] == model.config()
     skeleton = skeleton_model(description)
     assert next(skeleton.parameters()).device.type == "meta"
-    assert halo_for(skeleton) == halo_for(model) and skeleton.config() == model.config()
+    assert exact_halo(skeleton) == exact_halo(model) and skeleton.config() == model.config()
 
 
 class _Payload:

@@ -442,5 +442,3 @@ def exact_halo(model: UNet) -> int:
     past_last = max(right - (m - 1 - phase) for phase, (_, right) in enumerate(reaches))
     return math.ceil(max(past_first, past_last) / m) * m
 
-
-halo_for = exact_halo  # alias until predict.py moves to exact_halo
