@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 LOCK := envs/constraints.txt
 CORES ?= all
 
-.PHONY: demo test install lock clean-results report
+.PHONY: demo test install install-bench lock clean-results report
 
 install: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	fi
 	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[test]'
 	touch $@
+
+# What the benchmarks compare against (MONAI, for bench/predict.py), at the lock's versions.
+install-bench: install
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[test,bench]'
 
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
