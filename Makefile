@@ -5,22 +5,28 @@ BIN := $(VENV)/bin
 # The torch requirement used only when the venv has no torch yet. Keep a CUDA build you
 # installed yourself: it satisfies pyproject's torch>=2.3 and is never replaced.
 TORCH_SPEC ?= torch==2.13.0
+# The exact versions of everything else (the lock); `make lock` refreshes it.
+LOCK := envs/constraints.txt
 CORES ?= all
 
-.PHONY: demo test install clean-results report
+.PHONY: demo test install install-bench lock clean-results report
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	@if $(BIN)/python -c "import torch" 2>/dev/null; then \
 		echo "keeping the installed torch $$($(BIN)/python -c 'import torch; print(torch.__version__)')"; \
 	else \
-		$(BIN)/python -m pip install -q "$(TORCH_SPEC)"; \
+		$(BIN)/python -m pip install -q -c $(LOCK) "$(TORCH_SPEC)"; \
 	fi
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[test]'
 	touch $@
+
+# What the benchmarks compare against (MONAI, for bench/predict.py), at the lock's versions.
+install-bench: install
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[test,bench]'
 
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
@@ -32,6 +38,21 @@ report: install
 
 test: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest
+
+# Refresh the lock: the newest versions pyproject.toml allows, installed into a fresh venv
+# without constraints; its header comment is kept. Then run `make test` and bring
+# envs/unetflow.yaml in step (tests/test_envs.py names what differs).
+lock:
+	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install -q "$(TORCH_SPEC)"; \
+	"$$tmp/venv/bin/python" -m pip install -q -e '.[test,bench]'; \
+	grep '^#' $(LOCK) | grep -v '^# Made on Python' > "$$tmp/lock"; \
+	"$$tmp/venv/bin/python" -c 'import sys; print("# Made on Python", sys.version.split()[0])' \
+		>> "$$tmp/lock"; \
+	"$$tmp/venv/bin/python" -m pip freeze --exclude-editable \
+		| grep -Eiv '^(#|-e )|^(unetflow|torch|triton)==|^nvidia-' >> "$$tmp/lock"; \
+	mv "$$tmp/lock" $(LOCK)
 
 clean-results:
 	rm -rf results logs benchmarks .snakemake data/demo

@@ -171,10 +171,7 @@ def _cuda_forward_seconds(model: UNet, tiles: list[np.ndarray], device: torch.de
 def monai_seconds(model: UNet, x: np.ndarray, tile: int, device: torch.device,
                   batch_size: int, amp_dtype: torch.dtype | None,
                   threads: int) -> tuple[float | None, np.ndarray | None]:
-    try:
-        from monai.inferers import sliding_window_inference
-    except ImportError:
-        return None, None
+    from monai.inferers import sliding_window_inference  # main() made sure it is there
     torch.set_num_threads(threads)
     inputs = torch.from_numpy(x[None]).to(device)
     start = time.perf_counter()
@@ -327,6 +324,17 @@ def rss_figures(root: Path, tile: int, tasks: list[str]) -> dict[str, float]:
     return figures
 
 
+def require_monai() -> None:
+    """Stop before any work when MONAI is missing: without it the run would end without its
+    vs_monai figures, the headline comparison, and say nothing."""
+    try:
+        from monai.inferers import sliding_window_inference  # noqa: F401
+    except ImportError as error:
+        print(f"bench/predict.py: MONAI is not installed ({error}); run 'make install-bench' "
+              "(or pip install -c envs/constraints.txt -e '.[bench]')", file=sys.stderr)
+        sys.exit(2)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=2048)
@@ -348,6 +356,7 @@ def main() -> None:
     if args.rss_child:
         rss_child(args)
         return
+    require_monai()  # not in the child above: importing it would add to the peak RSS measured
     device = torch.device(args.device)
     figures: dict[str, float | str] = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
