@@ -37,8 +37,11 @@ DEMO_ROOT = "data/demo"  # where rule demo_data writes the demo stores (demo.smk
 # The data the config points to, checked from metadata before any job runs (unetflow.checks);
 # stores that rules make (demo data, TIFF conversions) are checked by the rules that read them.
 try:
-    check_datasets(config, set(demo_store_paths(DEMO_ROOT).values())
-                   | {DATASETS[name][role] for name, role in TIFF_SOURCES})
+    check_datasets(
+        config,
+        set(demo_store_paths(DEMO_ROOT).values())
+        | {DATASETS[name][role] for name, role in TIFF_SOURCES},
+    )
 except DataError as err:
     raise WorkflowError(f"invalid data:\n{err}") from None
 
@@ -96,7 +99,9 @@ def demo_output_dir(wildcards, output):
 def tiff_source(wildcards):
     key = (wildcards.dataset, wildcards.role)
     if key not in TIFF_SOURCES:
-        raise WorkflowError(f"dataset '{wildcards.dataset}' has no TIFF {wildcards.role} to convert")
+        raise WorkflowError(
+            f"dataset '{wildcards.dataset}' has no TIFF {wildcards.role} to convert"
+        )
     return TIFF_SOURCES[key]
 
 
@@ -286,14 +291,24 @@ def baseline_arg(wildcards, input):
 
 def tune_baseline_inputs(wildcards):
     names = MODELS[wildcards.model]["train_on"]
-    return {"images": [DATASETS[d]["image"] for d in names],
-            "targets": [DATASETS[d]["target"] for d in names]}
+    return {
+        "images": [DATASETS[d]["image"] for d in names],
+        "targets": [DATASETS[d]["target"] for d in names],
+    }
 
 
 def tune_baseline_datasets(wildcards):
-    return as_json([{"name": d, "image": DATASETS[d]["image"], "target": DATASETS[d]["target"],
-                     "channels": DATASETS[d]["channels"]}
-                    for d in MODELS[wildcards.model]["train_on"]])
+    return as_json(
+        [
+            {
+                "name": d,
+                "image": DATASETS[d]["image"],
+                "target": DATASETS[d]["target"],
+                "channels": DATASETS[d]["channels"],
+            }
+            for d in MODELS[wildcards.model]["train_on"]
+        ]
+    )
 
 
 def montage_inputs(wildcards):

@@ -1,5 +1,6 @@
 # Evaluation against baselines, figures, and the report (`snakemake --report report.html`).
 
+
 report: "../report/workflow.rst"
 
 
