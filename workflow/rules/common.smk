@@ -1,11 +1,13 @@
-# Config validation, wildcard constraints and the input/params functions of all rules.
+# Config validation, checks of the data and of the `unetflow` command, wildcard constraints,
+# and the input/params functions of all rules.
 import json
 import os
 
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
+from snakemake.settings.types import DeploymentMethod
 
-from unetflow.checks import DataError, check_datasets
+from unetflow.checks import DataError, check_datasets, command_problem
 from unetflow.config import (
     ConfigError,
     config_warnings,
@@ -44,6 +46,27 @@ try:
     )
 except DataError as err:
     raise WorkflowError(f"invalid data:\n{err}") from None
+
+
+# The rules run the `unetflow` command: without it on PATH and without --sdm conda, stop before
+# any job instead of failing each one with exit 127 said only in its log. The main process
+# checks in onstart, which Snakemake runs only when jobs are about to run (not for dry runs,
+# --lint, --report, or when nothing is to be done); a cluster job step (run with --no-hooks,
+# on the PATH the cluster gives it: SLURM's is the submit shell's) checks when it parses this.
+def check_unetflow_command():
+    with_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    problem = command_problem("unetflow", conda=with_conda)
+    if problem:
+        raise WorkflowError(problem)
+
+
+if workflow.remote_exec:
+    check_unetflow_command()
+
+
+onstart:
+    if not workflow.touch:  # --touch only marks outputs as up to date: it runs no command
+        check_unetflow_command()
 
 
 wildcard_constraints:
