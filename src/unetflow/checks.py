@@ -4,10 +4,14 @@ They read metadata only (no pixels), so a wrong path, a missing channel or misma
 fail in seconds with one line naming the dataset, the file and the fix, before any job runs.
 Pixel-level problems (NaN, no foreground, constant images) are caught by the first stage that
 reads the pixels, before it writes anything.
+
+`command_problem` checks the software instead: the rules call the `unetflow` command, and
+without it every job would fail with exit 127, said only in each job's log.
 """
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +21,7 @@ from unetflow.config import model_section
 from unetflow.ome import OmeImage, OmeZarrError, open_image, resolve_channels
 from unetflow.patches import PatchError, split_regions
 
-__all__ = ["DataError", "check_datasets", "dataset_problems"]
+__all__ = ["DataError", "check_datasets", "command_problem", "dataset_problems"]
 
 
 class DataError(ValueError):
@@ -133,3 +137,15 @@ def check_datasets(config: dict[str, Any], produced: set[str] | None = None) -> 
     problems = dataset_problems(config, produced)
     if problems:
         raise DataError("\n".join(problems))
+
+
+def command_problem(command: str = "unetflow", conda: bool = False) -> str | None:
+    """One line saying why the rules' jobs cannot run `command`, or None when they can.
+
+    Jobs run it from PATH (the activated environment), or from the conda environment each rule
+    names when Snakemake runs with `--sdm conda`.
+    """
+    if conda or shutil.which(command) is not None:
+        return None
+    return (f"unetflow: the '{command}' command is not on PATH: activate the environment "
+            f"first (source .venv/bin/activate) or run with --sdm conda")

@@ -1,10 +1,13 @@
-# Config validation, wildcard constraints and the input/params functions of all rules.
+# Config validation, checks of the data and of the `unetflow` command, wildcard constraints,
+# and the input/params functions of all rules.
 import json
+import os
 
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
+from snakemake.settings.types import DeploymentMethod
 
-from unetflow.checks import DataError, check_datasets
+from unetflow.checks import DataError, check_datasets, command_problem
 from unetflow.config import (
     PREDICT_OUTPUT_KEYS,
     ConfigError,
@@ -35,13 +38,38 @@ except ConfigError as err:
     raise WorkflowError(f"invalid configuration: {err}") from None
 MODELS = config["models"]
 ENV = "../../envs/unetflow.yaml"
+DEMO_ROOT = "data/demo"  # where rule demo_data writes the demo stores (demo.smk)
 # The data the config points to, checked from metadata before any job runs (unetflow.checks);
 # stores that rules make (demo data, TIFF conversions) are checked by the rules that read them.
 try:
-    check_datasets(config, set(demo_store_paths("data/demo").values())
-                   | {DATASETS[name][role] for name, role in TIFF_SOURCES})
+    check_datasets(
+        config,
+        set(demo_store_paths(DEMO_ROOT).values())
+        | {DATASETS[name][role] for name, role in TIFF_SOURCES},
+    )
 except DataError as err:
     raise WorkflowError(f"invalid data:\n{err}") from None
+
+
+# The rules run the `unetflow` command: without it on PATH and without --sdm conda, stop before
+# any job instead of failing each one with exit 127 said only in its log. The main process
+# checks in onstart, which Snakemake runs only when jobs are about to run (not for dry runs,
+# --lint, --report, or when nothing is to be done); a cluster job step (run with --no-hooks,
+# on the PATH the cluster gives it: SLURM's is the submit shell's) checks when it parses this.
+def check_unetflow_command():
+    with_conda = DeploymentMethod.CONDA in workflow.deployment_settings.deployment_method
+    problem = command_problem("unetflow", conda=with_conda)
+    if problem:
+        raise WorkflowError(problem)
+
+
+if workflow.remote_exec:
+    check_unetflow_command()
+
+
+onstart:
+    if not workflow.touch:  # --touch only marks outputs as up to date: it runs no command
+        check_unetflow_command()
 
 
 wildcard_constraints:
@@ -84,8 +112,35 @@ def all_outputs(wildcards):
     outputs += [checkpoint_path(m, "best") for m in MODELS]
     if evaluated_pairs():
         outputs.append("results/summary.tsv")
-        outputs += report_figures()  # montages and the comparison chart (evaluate.smk)
+        outputs += report_figures()  # montages and the comparison chart (below)
     return outputs
+
+
+# --- demo_data / convert -----------------------------------------------------------------
+def demo_output_dir(wildcards, output):
+    """The folder holding all demo stores, read from the rule's outputs (one place for it)."""
+    return os.path.commonpath(list(output))
+
+
+def tiff_source(wildcards):
+    key = (wildcards.dataset, wildcards.role)
+    if key not in TIFF_SOURCES:
+        raise WorkflowError(
+            f"dataset '{wildcards.dataset}' has no TIFF {wildcards.role} to convert"
+        )
+    return TIFF_SOURCES[key]
+
+
+def convert_args(wildcards):
+    """--axes / --pixel-size from the dataset's config entry, when given."""
+    ds = DATASETS[wildcards.dataset]
+    args = []
+    if ds.get("axes"):
+        args.append(f"--axes {ds['axes']}")
+    if ds.get("pixel_size"):
+        sizes = ",".join(f"{axis}={size}" for axis, size in sorted(ds["pixel_size"].items()))
+        args.append(f"--pixel-size {sizes}")
+    return " ".join(args)
 
 
 # --- normalize ---------------------------------------------------------------------------
@@ -100,7 +155,8 @@ def normalize_inputs(wildcards):
 def single_quoted(text):
     """POSIX shell quoting that is always '...' (so params of plain paths stay as they were
     under repr(), which is not shell quoting: a path with ' and $(...) would run code)."""
-    return "'" + text.replace("'", "'\"'\"'") + "'"
+    escaped = text.replace("'", "'\"'\"'")
+    return f"'{escaped}'"
 
 
 def normalize_target_arg(wildcards, input):
@@ -186,6 +242,17 @@ def ignore_label_arg(wildcards):
     return "" if label is None else f"--ignore-label {int(label)}"
 
 
+# --- train -------------------------------------------------------------------------------
+def train_inputs(wildcards):
+    """The patch store, and the checkpoint fine-tuning starts from (train.init_from), so
+    that Snakemake first trains the model it comes from."""
+    inputs = {"store": f"results/{wildcards.model}/patches.zarr"}
+    init_from = model_section(config, wildcards.model, "train")["init_from"]
+    if init_from:
+        inputs["init_from"] = init_from
+    return inputs
+
+
 # --- predict / evaluate ------------------------------------------------------------------
 def predict_create_inputs(wildcards):
     """The checkpoint (its description plans the tiles) and the image: no statistics."""
@@ -226,3 +293,73 @@ def evaluate_inputs(wildcards):
 
 def all_metrics(wildcards):
     return [metrics_path(m, d) for m, d in evaluated_pairs()]
+
+
+# --- evaluate: baselines, figures, report ----------------------------------------------
+def evaluate_settings(*keys):
+    """A params function: these keys of the model's evaluate section, so editing one reruns
+    only the rules that use it; ignore_label falls back to the model's train.ignore_label."""
+
+    def params(wildcards):
+        settings = model_section(config, wildcards.model, "evaluate")
+        if settings["ignore_label"] is None:
+            train = model_section(config, wildcards.model, "train")
+            settings["ignore_label"] = train["ignore_label"]
+        return as_json({k: settings[k] for k in keys})
+
+    return params
+
+
+def baseline_path(model):
+    return f"results/{model}/baseline_gaussian.json"
+
+
+def montage_path(model, dataset):
+    return f"results/{model}/figures/{dataset}_montage.png"
+
+
+def evaluation_inputs(wildcards):
+    inputs = evaluate_inputs(wildcards)
+    if MODELS[wildcards.model]["task"] == "regression":
+        inputs["baseline"] = baseline_path(wildcards.model)
+    return inputs
+
+
+def baseline_arg(wildcards, input):
+    return f"--baseline {single_quoted(input.baseline)}" if "baseline" in input.keys() else ""
+
+
+def tune_baseline_inputs(wildcards):
+    names = MODELS[wildcards.model]["train_on"]
+    return {
+        "images": [DATASETS[d]["image"] for d in names],
+        "targets": [DATASETS[d]["target"] for d in names],
+    }
+
+
+def tune_baseline_datasets(wildcards):
+    return as_json(
+        [
+            {
+                "name": d,
+                "image": DATASETS[d]["image"],
+                "target": DATASETS[d]["target"],
+                "channels": DATASETS[d]["channels"],
+            }
+            for d in MODELS[wildcards.model]["train_on"]
+        ]
+    )
+
+
+def montage_inputs(wildcards):
+    return {**evaluate_inputs(wildcards), "stats": stats_path(wildcards.dataset)}
+
+
+def montage_title(wildcards):
+    return f"model {wildcards.model} on dataset {wildcards.dataset}"
+
+
+def report_figures():
+    """Report pages that rule all asks for, so `snakemake --report` finds them all."""
+    figures = [montage_path(m, d) for m, d in evaluated_pairs()]
+    return figures + ["results/summary.html", "results/comparison.png"]

@@ -2,25 +2,6 @@
 # first; common.smk points the dataset at the conversion (TIFF_SOURCES keeps the originals).
 
 
-def tiff_source(wildcards):
-    key = (wildcards.dataset, wildcards.role)
-    if key not in TIFF_SOURCES:
-        raise WorkflowError(f"dataset '{wildcards.dataset}' has no TIFF {wildcards.role} to convert")
-    return TIFF_SOURCES[key]
-
-
-def convert_args(wildcards):
-    """--axes / --pixel-size from the dataset's config entry, when given."""
-    ds = DATASETS[wildcards.dataset]
-    args = []
-    if ds.get("axes"):
-        args.append(f"--axes {ds['axes']}")
-    if ds.get("pixel_size"):
-        sizes = ",".join(f"{axis}={size}" for axis, size in sorted(ds["pixel_size"].items()))
-        args.append(f"--pixel-size {sizes}")
-    return " ".join(args)
-
-
 rule convert:
     input:
         tiff_source,

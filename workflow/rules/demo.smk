@@ -1,14 +1,9 @@
-from unetflow.demo_store import demo_store_paths
-
-DEMO_ROOT = "data/demo"
-
-
 rule demo_data:
     output:
         **{name: directory(path) for name, path in demo_store_paths(DEMO_ROOT).items()},
     params:
         settings=as_json(config["demo"]),
-        root=DEMO_ROOT,
+        root=demo_output_dir,
     log:
         "logs/demo_data.log",
     threads: 1

@@ -1,66 +1,7 @@
 # Evaluation against baselines, figures, and the report (`snakemake --report report.html`).
-# The input/params functions of these rules live here, next to the rules that use them.
+
 
 report: "../report/workflow.rst"
-
-
-def evaluate_settings(*keys):
-    """A params function: these keys of the model's evaluate section, so editing one reruns
-    only the rules that use it; ignore_label falls back to the model's train.ignore_label."""
-
-    def params(wildcards):
-        settings = model_section(config, wildcards.model, "evaluate")
-        if settings["ignore_label"] is None:
-            train = model_section(config, wildcards.model, "train")
-            settings["ignore_label"] = train["ignore_label"]
-        return as_json({k: settings[k] for k in keys})
-
-    return params
-
-
-def baseline_path(model):
-    return f"results/{model}/baseline_gaussian.json"
-
-
-def montage_path(model, dataset):
-    return f"results/{model}/figures/{dataset}_montage.png"
-
-
-def evaluation_inputs(wildcards):
-    inputs = evaluate_inputs(wildcards)
-    if MODELS[wildcards.model]["task"] == "regression":
-        inputs["baseline"] = baseline_path(wildcards.model)
-    return inputs
-
-
-def baseline_arg(wildcards, input):
-    return f"--baseline {single_quoted(input.baseline)}" if "baseline" in input.keys() else ""
-
-
-def tune_baseline_inputs(wildcards):
-    names = MODELS[wildcards.model]["train_on"]
-    return {"images": [DATASETS[d]["image"] for d in names],
-            "targets": [DATASETS[d]["target"] for d in names]}
-
-
-def tune_baseline_datasets(wildcards):
-    return as_json([{"name": d, "image": DATASETS[d]["image"], "target": DATASETS[d]["target"],
-                     "channels": DATASETS[d]["channels"]}
-                    for d in MODELS[wildcards.model]["train_on"]])
-
-
-def montage_inputs(wildcards):
-    return {**evaluate_inputs(wildcards), "stats": stats_path(wildcards.dataset)}
-
-
-def montage_title(wildcards):
-    return f"model {wildcards.model} on dataset {wildcards.dataset}"
-
-
-def report_figures():
-    """Report pages that rule all asks for, so `snakemake --report` finds them all."""
-    figures = [montage_path(m, d) for m, d in evaluated_pairs()]
-    return figures + ["results/summary.html", "results/comparison.png"]
 
 
 rule tune_baseline:

@@ -1,13 +1,3 @@
-def train_inputs(wildcards):
-    """The patch store, and the checkpoint fine-tuning starts from (train.init_from), so
-    that Snakemake first trains the model it comes from."""
-    inputs = {"store": f"results/{wildcards.model}/patches.zarr"}
-    init_from = model_section(config, wildcards.model, "train")["init_from"]
-    if init_from:
-        inputs["init_from"] = init_from
-    return inputs
-
-
 rule train:
     input:
         unpack(train_inputs),
