@@ -37,6 +37,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from unetflow.config import section_settings
 from unetflow.demo import synthesize_nuclei
 from unetflow.normalize import compute_dataset_stats, write_stats
 from unetflow.ome import write_image
@@ -45,11 +46,9 @@ from unetflow.patchstore import ShardedPatches, create_patch_array, patches_per_
 
 REPEATS = 5
 TILE, TILES, CHUNK = 1024, 4, 1024
-STATS = {"level": 0, "percentiles": [1.0, 99.8], "histogram_bins": 4096, "mask": None}
-PATCHES = {"shape": [128, 128], "per_dataset": 256, "per_megapixel": None,
-           "foreground_fraction": 0.33, "min_foreground": 0.0, "max_attempts": 50,
-           "validation": "block", "validation_fraction": 0.2, "validation_datasets": [],
-           "seed": 0}
+# the schema's defaults (normalize: percentiles 1, 99.8 over 4096 bins; patches: 256 of 128²)
+STATS = section_settings("normalize", {})
+PATCHES = section_settings("patches", {})
 
 
 def write_sources(root: Path, tiles: int = TILES, uint16: bool = True) -> dict[str, Path]:

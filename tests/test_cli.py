@@ -106,8 +106,8 @@ def test_a_missing_input_is_one_line_naming_the_argument_and_the_path(tmp_path, 
     code, _, err = run_cli(*stage.split(), *args)
     assert code == 1, err
     assert err.count("\n") == 1 and "Traceback" not in err, err
-    assert err.startswith(f"unetflow {stage}: error: {flag}: no such file or folder: "), err
-    assert MISSING in err
+    assert err == (f"unetflow {stage}: error: {flag}: {MISSING}: no such file or directory; "
+                   f"fix the path\n"), err
     assert not (tmp_path / "out").exists()
 
 
@@ -166,5 +166,5 @@ def test_the_installed_command_prints_the_same_line(tmp_path):
     result = subprocess.run([str(UNETFLOW), "normalize", *args], capture_output=True,
                             text=True)
     assert result.returncode == 1 and result.stdout == ""
-    assert result.stderr == f"unetflow normalize: error: --image: no such file or folder: " \
-                            f"{MISSING}\n"
+    assert result.stderr == f"unetflow normalize: error: --image: {MISSING}: no such file or " \
+                            f"directory; fix the path\n"

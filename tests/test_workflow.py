@@ -135,9 +135,21 @@ def test_editing_normalization_statistics_reruns_from_normalize_on(tiny_run_copy
 
 
 def test_editing_how_predictions_are_written_reruns_the_gather_on(tiny_run_copy, tiny_config):
+    """Output keys (config.PREDICT_OUTPUT_KEYS) are not params of the tile steps. After a
+    complete run the raw store, a temp() output, is gone, so the tile steps make it again;
+    while it is there with its shards (as after a gather that failed), only the gather
+    reruns."""
     tiny_config["predict"]["pyramid_levels"] = 1
     jobs = dry_run(tiny_run_copy, tiny_config)
-    assert rules_of(jobs) == {"predict", "evaluate", "summarize", "all"} | REPORT_RULES
+    assert rules_of(jobs) == PREDICT_RULES | {"evaluate", "summarize", "all"} | REPORT_RULES
+    write_config(tiny_run_copy, tiny_config)
+    shard = "results/seg/predictions/te_seg.shards/shard_0.json"  # with its raw store kept
+    (tiny_run_copy / shard).unlink()
+    snakemake(tiny_run_copy, shard, "--notemp", "--cores", "2", "--configfile", "config.yaml")
+    result = snakemake(tiny_run_copy, "results/seg/predictions/te_seg.ome.zarr", "-n",
+                       "--cores", "2", "--configfile", "config.yaml")
+    assert planned_jobs(result.stdout + result.stderr) == {
+        ("predict", "model=seg, dataset=te_seg")}
 
 
 def test_editing_predict_amp_reruns_prediction(tiny_run_copy, tiny_config):

@@ -73,7 +73,7 @@ def check_inputs(args: argparse.Namespace) -> None:
              for path in _paths_in(getattr(args, dest))]
     for where, path in [*named, *_dataset_paths(args)]:
         if not Path(path).exists():
-            raise FileNotFoundError(f"{where}: no such file or folder: {path}")
+            raise FileNotFoundError(f"{where}: {path}: no such file or directory; fix the path")
 
 
 def _section(args: argparse.Namespace, section: str) -> dict[str, Any]:

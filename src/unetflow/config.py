@@ -41,18 +41,22 @@ STATS_KEYS = ("level", "percentiles", "histogram_bins", "mask")
 # or given more workers resumes. device, compile and deterministic change floating-point
 # rounding only; amp (bf16/fp16 on CUDA) changes the trajectory more than rounding, but a
 # rerun would resume the saved state at its last step and rewrite the same checkpoint.
-# predict: per-tile results do not depend on threads, workers or shards; batch_size and
-# device change rounding only (about 1e-7 of the output range on the CPU). predict.amp is
-# on the results side: on a GPU it changes outputs by bf16/fp16 rounding (about 1e-2),
-# which a user switching it off to check accuracy must see.
+# predict: per-tile results do not depend on threads or workers; batch_size and device
+# change rounding only (about 1e-7 of the output range on the CPU). predict.amp is on the
+# results side: on a GPU it changes outputs by bf16/fp16 rounding (about 1e-2), which a
+# user switching it off to check accuracy must see. predict.shards is not here: it decides
+# which jobs exist (the gather's inputs), so changing it reruns the prediction whatever
+# the params say.
 EXECUTION_KEYS = {
     "train": ("device", "amp", "compile", "num_workers", "threads", "deterministic"),
-    "predict": ("device", "threads", "dask_workers", "batch_size", "shards"),
+    "predict": ("device", "threads", "dask_workers", "batch_size"),
 }
 # keys of earlier versions, with what replaces them (said when a config still has one)
 RETIRED_KEYS = {"amp_dtype": "It was merged into amp: use amp: bf16 or amp: fp16"}
-# predict keys that only change how the gather writes the output, not the raw tiles:
-# editing them reruns the gather, not the shards
+# predict keys that only change how the gather writes the output, not the raw tiles: they
+# are not params of predict_create and predict_shard. While the raw store exists (a gather
+# that failed or was cut off) editing them reruns the gather alone; after a complete
+# prediction the raw store (a temp() output) is gone and the whole prediction reruns.
 PREDICT_OUTPUT_KEYS = ("pyramid_levels", "chunks", "probabilities", "instances", "output_units")
 
 
