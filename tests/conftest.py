@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import os
 import re
 import shutil
@@ -12,6 +14,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from unetflow.cli import main as cli_main
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -112,3 +116,16 @@ def tiny_run_copy(completed_tiny_run, tmp_path) -> Path:
     workdir = tmp_path / "run"
     shutil.copytree(completed_tiny_run, workdir, symlinks=True)
     return workdir
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    """`unetflow <args>` as a rule's shell line runs it: its main() with these arguments, in
+    this process (the same code path, without a second start-up of torch per case)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            cli_main(list(args))
+            code = 0
+        except SystemExit as stop:
+            code = stop.code
+    return subprocess.CompletedProcess(["unetflow", *args], code, out.getvalue(), err.getvalue())

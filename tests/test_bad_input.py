@@ -11,9 +11,7 @@ does not exist afterwards.
 from __future__ import annotations
 
 import ast
-import contextlib
 import copy
-import io
 import json
 import re
 import shlex
@@ -27,9 +25,8 @@ import torch
 import yaml
 import zarr
 
-from conftest import REPO, TINY_CONFIG, snakemake, write_config
+from conftest import REPO, TINY_CONFIG, run_cli, snakemake, write_config
 from unetflow.checks import dataset_problems
-from unetflow.cli import main as cli_main
 from unetflow.config import ConfigError, config_warnings, load_config, validate_config
 from unetflow.demo import synthesize_nuclei
 from unetflow.model.checkpoint import new_checkpoint, save_checkpoint
@@ -53,19 +50,6 @@ def assert_one_clear_line(message: str, *fragments: str) -> None:
     assert "Traceback" not in message, message
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
-
-
-def run_cli(*args: str) -> subprocess.CompletedProcess:
-    """`unetflow <args>` as a rule's shell line runs it: its main() with these arguments, in
-    this process (the same code path, without a second start-up of torch per case)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            cli_main(list(args))
-            code = 0
-        except SystemExit as stop:
-            code = stop.code
-    return subprocess.CompletedProcess(["unetflow", *args], code, out.getvalue(), err.getvalue())
 
 
 def assert_cli_error(result: subprocess.CompletedProcess, command: str, *fragments: str) -> None:

@@ -3,8 +3,6 @@ line, `unetflow <stage>: error: ...`, naming the argument and the file, with no 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import subprocess
 import sys
@@ -12,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import run_cli as conftest_run_cli
 from unetflow.cli import build_parser
-from unetflow.cli import main as cli_main
 
 UNETFLOW = Path(sys.executable).with_name("unetflow")
 MISSING = "/nonexistent/unetflow-test/missing.ome.zarr"
@@ -21,15 +19,8 @@ SETTINGS = json.dumps({})
 
 
 def run_cli(*args: str) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            cli_main(list(args))
-            code = 0
-        except SystemExit as stop:
-            code = stop.code
-    return code, out.getvalue(), err.getvalue()
-
+    result = conftest_run_cli(*args)
+    return result.returncode, result.stdout, result.stderr
 
 def existing(tmp_path: Path) -> dict[str, str]:
     """Real (empty) files and folders for the inputs a case does not test."""

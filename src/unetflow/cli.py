@@ -20,7 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from unetflow.model.checkpoint import DeviceUnavailable
+from unetflow.errors import DeviceUnavailable
 
 __all__ = ["main", "build_parser"]
 

@@ -363,7 +363,7 @@ def predict_array(model: UNet, data: da.Array | np.ndarray, settings: dict[str, 
 
     `settings` is a validated predict section (config.section_settings). The whole image is
     one box: the same code the sharded store path runs per unit. With `crop` and the exact
-    halo it equals one forward pass over the whole image.
+    halo it equals one forward pass over the reflect-padded image.
     """
     data = data if isinstance(data, da.Array) else da.from_array(data)
     axes = axes or ["t", "z", "y", "x"][-(data.ndim - 1):]

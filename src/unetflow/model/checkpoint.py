@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 
+from unetflow.errors import DeviceUnavailable
 from unetflow.files import atomic_path
 from unetflow.model.unet import UNet
 
@@ -48,10 +49,6 @@ __all__ = [
 
 FORMAT = "unetflow-checkpoint-2"
 _FORMAT_1 = "unetflow-checkpoint-1"
-
-
-class DeviceUnavailable(RuntimeError):
-    """A setting insists on CUDA where no usable GPU is; the message names the setting."""
 
 
 def new_checkpoint(model: UNet, task: str, normalization: dict[str, Any], step: int = 0,
