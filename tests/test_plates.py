@@ -12,11 +12,13 @@ import pytest
 import zarr
 
 from unetflow.demo import synthesize_nuclei
-from unetflow.ome import open_image, write_image
+from unetflow.ome import OmeZarrError, open_image, write_image, write_label_image
 from unetflow.plates import (
     Position,
     PositionError,
     _field_seed,
+    _Layout,
+    _metadata_layout,
     check_positions,
     clean_plate_path,
     collection_positions,
@@ -81,6 +83,15 @@ def test_positions_open_with_their_labels(plate: Path) -> None:
     clean = plate_positions(clean_plate_path(plate))
     assert [p.key for p in clean] == ALL_KEYS
     check_positions(clean)
+
+
+def test_metadata_reader_agrees_with_open_image(plate: Path) -> None:
+    """check_positions reads JSON for speed; it must see what ome.open_image sees."""
+    for position in plate_positions(plate)[:3]:
+        for path in (position.image, f"{position.image}/labels/nuclei"):
+            image = open_image(path)
+            assert _metadata_layout(path) == _Layout(image.axes, image.channel_names,
+                                                     image.spatial_shape)
 
 
 def test_fields_are_synthesize_nuclei_of_their_own_seed(plate: Path) -> None:
@@ -174,6 +185,26 @@ def test_positions_that_differ(tmp_path: Path) -> None:
             check_positions(positions)
         one_line(err, f"{tmp_path}/{folder}/two.ome.zarr", "position two has", what,
                  f"position one ({tmp_path}/{folder}/one.ome.zarr)")
+
+
+def test_position_that_is_not_an_image(tmp_path: Path) -> None:
+    """Anything unusual falls back to ome.open_image, whose errors name the path."""
+    (tmp_path / "folder.ome.zarr").mkdir()
+    tiny_image(tmp_path / "good.ome.zarr")
+    good = Position("good", str(tmp_path / "good.ome.zarr"))
+    for name, what in (("missing.ome.zarr", "no such file"), ("folder.ome.zarr", "not")):
+        with pytest.raises(OmeZarrError) as err:
+            check_positions([good, Position("bad", str(tmp_path / name))])
+        one_line(err, str(tmp_path / name), what)
+
+
+def test_labels_of_another_shape(tmp_path: Path) -> None:
+    tiny_image(tmp_path / "image.ome.zarr")
+    write_label_image(tmp_path / "image.ome.zarr", "nuclei", np.zeros((16, 16), np.uint16),
+                      ["y", "x"])
+    with pytest.raises(PositionError) as err:
+        check_positions(collection_positions(f"{tmp_path}/*.ome.zarr"), labels="nuclei")
+    one_line(err, f"{tmp_path}/image.ome.zarr/labels/nuclei", "(16, 16)", "(32, 32)")
 
 
 def test_glob_that_matches_nothing_or_collides(tmp_path: Path) -> None:

@@ -20,29 +20,35 @@ Keys (used as file names and Snakemake wildcard values, so only ``[A-Za-z0-9._-]
 Wells are selected as users write them: ``B03``, ``B3``, ``b03`` or the plate's own path
 ``B/3`` (``B/03`` too); all name the well with row ``B`` and column ``3``.
 
-Cost (plate of 384 wells x 9 fields = 3,456 positions, 16x16 images, NGFF 0.5, on this
-2-core machine while a CI run of the test suite used the other core): `plate_positions`
-takes about 0.1 s per 1,000 positions (one read of the plate's and each well's metadata),
-`check_positions` about 2 s per 1,000 (it opens every field and its labels with
-`ome.open_image`), well below the 20 s per 1,000 positions that all of planning may take.
-Measured with ``bench/positions.py``.
+Cost, measured with ``bench/positions.py`` on a plate of 384 wells x 9 fields = 3,456
+positions (32x32 fields with labels/nuclei), on this 2-core machine while a CI run of the
+test suite (pytest, Snakemake, prediction) kept the load average at 2.5-3.3; seconds per
+1,000 positions, median of 3, NGFF 0.5 / 0.4:
+- `plate_positions` (plate and well metadata): 0.06 / 0.09 s;
+- `check_positions` (including `plate_positions`): 0.21 / 0.21 s, and 0.37 / 0.42 s with
+  ``labels="nuclei"``;
+- the same check through `ome.open_image` instead of reading the JSON: 4.2 / 4.7 s (zarr's
+  event loop and dask's tokenizing), a fifth of the 20 s per 1,000 positions that all of
+  planning may take; hence the metadata reader.
+So reading and checking positions costs about 2% of the planning budget.
 """
 
 from __future__ import annotations
 
 import glob
+import json
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import zarr
 
 from unetflow.demo import synthesize_nuclei
 from unetflow.files import atomic_path
-from unetflow.ome import OmeImage, open_image
+from unetflow.ome import _channel_names, _multiscales_and_version, open_image, spatial_axes
 
 __all__ = [
     "Position",
@@ -295,21 +301,63 @@ def collection_positions(pattern: str | Path) -> list[Position]:
 
 # --- checking ----------------------------------------------------------------------------
 
-def _layout(image: OmeImage) -> dict[str, Any]:
-    """What must agree across positions, in the order a difference is reported."""
-    spatial = image.spatial_axes
-    n_channels = len(image.channel_names)
-    return {"dimensionality": f"{len(spatial)}D ({', '.join(spatial)})",
-            "axes": ", ".join(image.axes),
-            "channels": f"{n_channels} channel(s) {image.channel_names}"}
+class _Layout(NamedTuple):
+    """What `check_positions` compares, read from an image's metadata."""
+
+    axes: list[str]
+    channel_names: list[str]
+    spatial_shape: tuple[int, ...]
+
+    def described(self) -> dict[str, str]:
+        """What must agree across positions, in the order a difference is reported."""
+        spatial = spatial_axes(self.axes)
+        return {"dimensionality": f"{len(spatial)}D ({', '.join(spatial)})",
+                "axes": ", ".join(self.axes),
+                "channels": f"{len(self.channel_names)} channel(s) {self.channel_names}"}
 
 
-def _difference(position: Position, layout: dict[str, Any], first: Position,
-                first_layout: dict[str, Any]) -> str | None:
-    for what, value in layout.items():
-        if value != first_layout[what]:
+def _metadata_layout(path: str) -> _Layout | None:
+    """The layout from the JSON documents of a local zarr v3 or v2 image; None if unusual.
+
+    `ome.open_image` costs 2-4 ms per image here (zarr's event loop, dask's tokenizing);
+    reading two small JSON files costs 0.1 ms, and planning opens every position.
+    The metadata is interpreted by `ome`'s own helpers, so both readers agree.
+    """
+    root = Path(path)
+    try:
+        v3 = (root / "zarr.json").is_file()
+        group = json.loads((root / ("zarr.json" if v3 else ".zattrs")).read_text())
+        multiscales, _, meta = _multiscales_and_version(group.get("attributes", {}) if v3
+                                                        else group)
+        axes = [a["name"] if isinstance(a, dict) else str(a) for a in multiscales[0]["axes"]]
+        level = multiscales[0]["datasets"][0]["path"]
+        array = json.loads((root / level / ("zarr.json" if v3 else ".zarray")).read_text())
+        shape = [int(n) for n in array["shape"]]
+    except (OSError, ValueError, LookupError, TypeError, AttributeError):
+        return None
+    if len(shape) != len(axes):
+        return None
+    channels = _channel_names(meta, shape[axes.index("c")] if "c" in axes else 1)
+    return _Layout(axes, channels, tuple(n for n, a in zip(shape, axes, strict=True)
+                                         if a in spatial_axes(axes)))
+
+
+def _layout(path: str) -> _Layout:
+    """The image's layout; anything unusual goes through `ome.open_image` and its errors."""
+    layout = _metadata_layout(path)
+    if layout is None:
+        image = open_image(path)
+        layout = _Layout(image.axes, image.channel_names, image.spatial_shape)
+    return layout
+
+
+def _difference(position: Position, layout: _Layout, first: Position,
+                first_layout: _Layout) -> str | None:
+    theirs = first_layout.described()
+    for what, value in layout.described().items():
+        if value != theirs[what]:
             return (f"{position.image}: position {position.key} has {what} {value}, but "
-                    f"position {first.key} ({first.image}) has {first_layout[what]}; all "
+                    f"position {first.key} ({first.image}) has {theirs[what]}; all "
                     f"positions of a dataset need the same channels, axes and dimensionality")
     return None
 
@@ -322,36 +370,35 @@ def _label_names(image_path: str) -> list[str]:
     return [str(n) for n in meta.get("labels", [])]
 
 
-def _check_labels(position: Position, image: OmeImage, name: str) -> None:
+def _check_labels(position: Position, layout: _Layout, name: str) -> None:
     path = f"{position.image}/labels/{name}"
     if not Path(path).exists():
         found = _label_names(position.image)
         raise PositionError(f"{position.image}: field {position.key} has no label image "
                             f"{name!r} (labels/{name}); its labels are {found or 'none'}")
-    labels = open_image(path)
-    if labels.spatial_shape != image.spatial_shape:
+    labels = _layout(path)
+    if labels.spatial_shape != layout.spatial_shape:
         raise PositionError(f"{path}: label image of {position.key} has shape "
-                            f"{labels.spatial_shape}, but its field has {image.spatial_shape}")
+                            f"{labels.spatial_shape}, but its field has {layout.spatial_shape}")
 
 
 def check_positions(positions: Sequence[Position], labels: str | None = None) -> None:
-    """Check that every position opens as an image and that they all agree.
+    """Check that every position is an image and that they all agree, reading metadata only.
 
     Channels (count and names: a channel chosen by name must be the same channel
     everywhere), axes and dimensionality must be those of the first position; with `labels`,
     every position must hold the label image ``labels/<labels>`` of its own spatial shape.
     Raises PositionError (or OmeZarrError from `ome.open_image`) naming the path.
     """
-    first: tuple[Position, dict[str, Any]] | None = None
+    first: tuple[Position, _Layout] | None = None
     for position in positions:
-        image = open_image(position.image)
-        layout = _layout(image)
+        layout = _layout(position.image)
         if first is None:
             first = (position, layout)
         elif message := _difference(position, layout, *first):
             raise PositionError(message)
         if labels is not None:
-            _check_labels(position, image, labels)
+            _check_labels(position, layout, labels)
 
 
 # --- the demo plate ----------------------------------------------------------------------
