@@ -113,6 +113,7 @@ def test_selection_keeps_plate_order_and_keys(plate: Path) -> None:
     assert [p.key for p in chosen] == ["A01_1", "B02_1", "B03_1"]
     assert {p.key: p for p in plate_positions(plate)}["B02_1"] == chosen[1]
     assert [p.key for p in plate_positions(plate, fields=[0])] == ALL_KEYS[::2]
+    assert plate_positions(f"{plate}/", wells=["A01"])[0].image == f"{plate}/A/1/0"
 
 
 def test_well_names() -> None:
@@ -134,7 +135,8 @@ def tiny_image(path: Path, channels: int = 1, spatial: tuple[int, ...] = (32, 32
 
 
 def test_collection_keys_from_the_path(tmp_path: Path) -> None:
-    for name in ("ctrl/img01.ome.zarr", "ctrl/img 02.ome.zarr", "drug/img01.ome.zarr"):
+    for name in ("ctrl/img01.ome.zarr", "ctrl/img 02.ome.zarr", "drug/img01.ome.zarr",
+                 "ctrl/.img03.ome.zarr"):  # hidden, as a writer's temporary is: not matched
         tiny_image(tmp_path / "screen" / name)
     positions = collection_positions(f"{tmp_path}/screen/*/*.ome.zarr")
     assert [p.key for p in positions] == ["ctrl__img01", "ctrl__img_02", "drug__img01"]
@@ -169,6 +171,9 @@ def test_missing_well_or_field(plate: Path) -> None:
     with pytest.raises(PositionError) as err:
         plate_positions(plate, wells=["B03"], fields=[0, 2])
     one_line(err, f"{plate}/B/3", "field 2 does not exist", "0-1")
+    with pytest.raises(PositionError) as err:
+        plate_positions(plate, wells=[])
+    one_line(err, str(plate), "no positions")
 
 
 def test_positions_that_differ(tmp_path: Path) -> None:

@@ -240,7 +240,7 @@ def plate_positions(path: str | Path, wells: Iterable[str] | None = None,
     order (row, column, field), whatever the order of the selection. Only metadata is read:
     the fields themselves are opened by `check_positions`.
     """
-    path = str(path)
+    path = str(path).rstrip("/") or "/"
     group, plate = _plate_metadata(path)
     fields = None if fields is None else list(fields)
     positions = []
@@ -250,6 +250,9 @@ def plate_positions(path: str | Path, wells: Iterable[str] | None = None,
             positions.append(Position(key=f"{name}_{index}",
                                       image=f"{path}/{row}/{column}/{images[index]}",
                                       row=row, column=column, field=index))
+    if not positions:
+        raise PositionError(f"{path}: no positions (the plate lists no wells, or the selection "
+                            f"is empty); select at least one well and field")
     return positions
 
 
@@ -282,6 +285,9 @@ def collection_positions(pattern: str | Path) -> list[Position]:
 
     Keys come from the path relative to the glob's fixed prefix, so moving the whole folder
     keeps them; two images that would get the same key are refused rather than merged.
+    Hidden names are not matched (unless the pattern says so), so the dot-named temporaries
+    of writers still at work (`files.atomic_path`) never become positions. TIFFs get keys
+    too, but `check_positions` opens OME-Zarr only: convert them first.
     """
     pattern = str(pattern)
     matches = sorted(glob.glob(pattern, recursive=True))
