@@ -287,7 +287,8 @@ def _add_predict(sub) -> None:
     predict = sub.add_parser("predict", help="tiled prediction into OME-Zarr (NGFF 0.5)",
                              description="tiled prediction: create the raw store, predict its "
                                          "shards, gather the output; or run all three")
-    steps = predict.add_subparsers(dest="step", required=True)
+    steps = predict.add_subparsers(dest="step", required=True,
+                                   metavar="{create,shard,gather,run}")
     specs = {
         "create": (_cmd_predict_create, "create the empty raw store the shards write into "
                                         "(reads the checkpoint's description, no network)"),
@@ -322,7 +323,7 @@ def _add_predict(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="unetflow", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="<stage>")
 
     p = _add(sub, "demo-data", _cmd_demo_data, "generate the synthetic demo OME-Zarr stores")
     p.add_argument("--output-dir", required=True)
