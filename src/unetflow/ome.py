@@ -18,6 +18,8 @@ import zarr
 from unetflow.files import atomic_path
 
 __all__ = [
+    "multiscales_and_version",
+    "omero_channel_names",
     "OmeImage",
     "OmeZarrError",
     "open_image",
@@ -76,14 +78,16 @@ def spatial_axes(axes: list[str]) -> list[str]:
     return [a for a in axes if a in SPATIAL_AXES]
 
 
-def _multiscales_and_version(attrs: dict[str, Any]) -> tuple[list[dict], str, dict]:
+def multiscales_and_version(attrs: dict[str, Any]) -> tuple[list[dict], str, dict]:
+    """(multiscales, NGFF version, the metadata dict) of a group's attributes, 0.4 or 0.5."""
     if "ome" in attrs:  # NGFF 0.5
         ome = attrs["ome"]
         return ome.get("multiscales", []), str(ome.get("version", "0.5")), ome
     return attrs.get("multiscales", []), "0.4", attrs
 
 
-def _channel_names(meta: dict[str, Any], n_channels: int) -> list[str]:
+def omero_channel_names(meta: dict[str, Any], n_channels: int) -> list[str]:
+    """Channel labels from omero metadata; their indices when absent or of another count."""
     omero = meta.get("omero") or {}
     names = [str(c.get("label", i)) for i, c in enumerate(omero.get("channels", []))]
     return names if len(names) == n_channels else [str(i) for i in range(n_channels)]
@@ -118,7 +122,7 @@ def open_image(path: str | Path, level: int = 0,
         raise OmeZarrError(f"{path}: not a Zarr group ({err.__class__.__name__}); give an "
                            f"OME-Zarr image (NGFF 0.4 or 0.5), or a .tif/.tiff file that rule "
                            f"convert turns into one") from err
-    multiscales, _version, meta = _multiscales_and_version(group.attrs.asdict())
+    multiscales, _version, meta = multiscales_and_version(group.attrs.asdict())
     if not multiscales:
         raise OmeZarrError(f"{path}: not an OME-Zarr image (no 'multiscales' in its "
                            f"attributes); give the image's root group, or write it with an "
@@ -142,7 +146,7 @@ def open_image(path: str | Path, level: int = 0,
     n_channels = array.shape[axes.index("c")] if "c" in axes else 1
     return OmeImage(path=path, axes=axes, data=array, level_path=level_path, scale=scale,
                     translation=translation, units=units,
-                    channel_names=_channel_names(meta, n_channels), attrs=dict(group.attrs))
+                    channel_names=omero_channel_names(meta, n_channels), attrs=dict(group.attrs))
 
 
 def resolve_channels(image: OmeImage, channels: list[int | str] | None) -> list[int]:

@@ -48,7 +48,7 @@ import zarr
 
 from unetflow.demo import synthesize_nuclei
 from unetflow.files import atomic_path
-from unetflow.ome import _channel_names, _multiscales_and_version, open_image, spatial_axes
+from unetflow.ome import multiscales_and_version, omero_channel_names, open_image, spatial_axes
 
 __all__ = [
     "Position",
@@ -333,7 +333,7 @@ def _metadata_layout(path: str) -> _Layout | None:
     try:
         v3 = (root / "zarr.json").is_file()
         group = json.loads((root / ("zarr.json" if v3 else ".zattrs")).read_text())
-        multiscales, _, meta = _multiscales_and_version(group.get("attributes", {}) if v3
+        multiscales, _, meta = multiscales_and_version(group.get("attributes", {}) if v3
                                                         else group)
         axes = [a["name"] if isinstance(a, dict) else str(a) for a in multiscales[0]["axes"]]
         level = multiscales[0]["datasets"][0]["path"]
@@ -343,7 +343,7 @@ def _metadata_layout(path: str) -> _Layout | None:
         return None
     if len(shape) != len(axes):
         return None
-    channels = _channel_names(meta, shape[axes.index("c")] if "c" in axes else 1)
+    channels = omero_channel_names(meta, shape[axes.index("c")] if "c" in axes else 1)
     return _Layout(axes, channels, tuple(n for n, a in zip(shape, axes, strict=True)
                                          if a in spatial_axes(axes)))
 
