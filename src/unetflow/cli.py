@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
+from unetflow.config import section_settings
 from unetflow.errors import DeviceUnavailable
 
 __all__ = ["main", "build_parser"]
@@ -78,8 +79,6 @@ def check_inputs(args: argparse.Namespace) -> None:
 
 def _section(args: argparse.Namespace, section: str) -> dict[str, Any]:
     """--settings (and --execution) as a validated section with the schema's defaults."""
-    from unetflow.config import section_settings
-
     return section_settings(section, {**args.settings, **(getattr(args, "execution", None)
                                                           or {})})
 
@@ -109,7 +108,6 @@ def _cmd_normalize(args: argparse.Namespace) -> None:
 
 
 def _cmd_extract_patches(args: argparse.Namespace) -> None:
-    from unetflow.config import section_settings
     from unetflow.patches import DatasetInput, extract_patches, summarize_records
 
     datasets = [DatasetInput(**d) for d in args.datasets]
@@ -121,16 +119,11 @@ def _cmd_extract_patches(args: argparse.Namespace) -> None:
         print(f"extract_patches: {line}")
 
 
-def _model_section(args: argparse.Namespace) -> dict[str, Any]:
-    from unetflow.config import section_settings
-
-    return section_settings("model", args.model_settings)
-
-
 def _cmd_train(args: argparse.Namespace) -> None:
     from unetflow.train import Preempted, train_model
 
-    settings, model_settings = _section(args, "train"), _model_section(args)
+    settings = _section(args, "train")
+    model_settings = section_settings("model", args.model_settings)
     try:
         train_model(args.store, args.model_dir, args.task, model_settings, settings,
                     args.best, args.last, args.log, args.curve, threads=args.threads)
