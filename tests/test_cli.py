@@ -72,6 +72,8 @@ def commands(p: dict[str, str], missing: str, bad_json: str) -> dict[str, tuple[
         "convert": ([missing, out, "--chunks", bad_json], "input"),
         "summarize": (["--output", out, p["metrics"], missing], "metrics"),
         "show": ([missing], "summary"),
+        "positions": (["--dataset", "d", "--spec", bad_json, "--output", out], ""),
+        "demo-plate": (["--output", out, "--shape", bad_json], ""),
     }
 
 
@@ -104,7 +106,8 @@ def test_a_missing_input_is_one_line_naming_the_argument_and_the_path(tmp_path, 
 
 # the JSON argument of each subcommand; summarize reads JSON files (metrics) instead, and
 # compare and show read a TSV table only
-JSON_ARGUMENT = {"convert": "--chunks", "summarize": None, "compare": None, "show": None}
+JSON_ARGUMENT = {"convert": "--chunks", "summarize": None, "compare": None, "show": None,
+                 "positions": "--spec", "demo-plate": "--shape"}
 
 
 @pytest.mark.parametrize("stage", sorted(commands(existing_paths_stub(), MISSING, "{}")))
