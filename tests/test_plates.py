@@ -246,3 +246,77 @@ def test_clean_plate_has_no_labels(plate: Path) -> None:
 def test_clean_plate_path() -> None:
     assert clean_plate_path("data/demo/plate.ome.zarr") == "data/demo/plate_clean.ome.zarr"
     assert clean_plate_path("p.zarr") == "p_clean.ome.zarr"
+
+
+# --- datasets of positions: targets, the positions file, batches ---------------------------
+
+def test_dataset_positions_of_a_plate_with_labels_and_twin_targets(plate: Path) -> None:
+    """Labels give each field's labels/<name>; a twin plate gives its field of the same key."""
+    from unetflow.plates import dataset_positions
+
+    spec = {"plate": str(plate), "wells": ["B03", "A1"], "fields": [1], "labels": "nuclei"}
+    labelled = dataset_positions("screen", spec)
+    assert labelled.keys == ["A01_1", "B03_1"]
+    assert labelled.positions[1].target == f"{plate}/B/3/1/labels/nuclei"
+    assert labelled.plate["rows"] == ["A", "B"] and labelled.plate["columns"] == ["1", "2", "3"]
+    twin = dataset_positions("screen", {"plate": str(plate), "target": clean_plate_path(plate)})
+    assert len(twin.positions) == 12
+    assert twin.by_key("B03_1").target == f"{clean_plate_path(plate)}/B/3/1"
+    assert twin.target == {"kind": "plate", "source": clean_plate_path(plate), "labels": None}
+
+
+def test_dataset_positions_errors_name_the_dataset_key(plate: Path, tmp_path: Path) -> None:
+    from unetflow.plates import dataset_positions
+
+    with pytest.raises(PositionError, match=r"^dataset 'screen' \(datasets.screen\): .*well "
+                                            r"H12 does not exist"):
+        dataset_positions("screen", {"plate": str(plate), "wells": ["H12"]})
+    with pytest.raises(PositionError, match=r"datasets.screen.*no label image 'cells'"):
+        dataset_positions("screen", {"plate": str(plate), "labels": "cells"})
+    smaller = tmp_path / "twin.ome.zarr"
+    write_demo_plate(smaller, rows=1, columns=3, fields=2, shape=SHAPE, clean=False,
+                     labels=False)
+    with pytest.raises(PositionError, match=r"target plate has no position B01_0, .* \(of 12\)"):
+        dataset_positions("screen", {"plate": str(plate), "target": str(smaller)})
+    with pytest.raises(PositionError, match=r"datasets.folder.*matches nothing"):
+        dataset_positions("folder", {"collection": str(tmp_path / "none" / "*.ome.zarr")})
+
+
+def test_positions_file_round_trip_and_selection(plate: Path, tmp_path: Path) -> None:
+    from unetflow.plates import dataset_positions, read_positions, write_positions
+
+    positions = dataset_positions("screen", {"plate": str(plate), "labels": "nuclei",
+                                             "normalize": "position"})
+    path = tmp_path / "positions.json"
+    write_positions(positions, path)
+    assert read_positions(path) == positions
+    batch = read_positions(path, keys=["B03_1", "A01_0"])
+    assert batch.keys == ["A01_0", "B03_1"] and batch.normalize == "position"
+    with pytest.raises(PositionError, match="has no position 'Z99_0'"):
+        read_positions(path, keys=["Z99_0"])
+    (tmp_path / "bad.json").write_text('{"format": "something else"}')
+    with pytest.raises(PositionError, match="bad.json: not a positions file"):
+        read_positions(tmp_path / "bad.json")
+
+
+def test_position_batches_are_contiguous_and_balanced() -> None:
+    from unetflow.plates import position_batches
+
+    keys = [f"k{i:04d}" for i in range(3456)]
+    batches = position_batches(keys, 100)
+    assert len(batches) == 35
+    assert [k for b in batches for k in b] == keys
+    assert {len(b) for b in batches} <= {98, 99}
+    assert position_batches(keys[:7], 100) == [keys[:7]]
+    assert position_batches([], 100) == []
+    with pytest.raises(ValueError, match="at least 1"):
+        position_batches(keys, 0)
+
+
+def test_position_output_path() -> None:
+    from unetflow.plates import position_output_path
+
+    field = Position("B03_1", "in/B/3/1", "B", "3", 1)
+    assert position_output_path("out/p.ome.zarr/", "plate", field) == "out/p.ome.zarr/B/3/1"
+    image = Position("ctrl__img01", "in/ctrl/img01.ome.zarr")
+    assert position_output_path("out/c", "collection", image) == "out/c/ctrl__img01.ome.zarr"

@@ -43,6 +43,7 @@ __all__ = [
     "compute_dataset_stats",
     "denormalize_array",
     "normalize_array",
+    "position_stats",
     "read_stats",
     "write_stats",
 ]
@@ -484,3 +485,14 @@ def denormalize_array(y, stats: dict[str, Any], method: str = "percentile"):
     """Map a normalized regression output (C, *spatial) back to the input's intensity units."""
     offset, scale = _per_channel(stats, method, y.ndim)
     return y * scale + offset
+
+
+def position_stats(stats: dict[str, Any], key: str | None) -> dict[str, Any]:
+    """The statistics to normalize one position with: the dataset's (a single image, or a
+    plate with dataset-level statistics), or the position's own (`per_position`)."""
+    if not stats.get("per_position"):
+        return stats
+    if key not in stats["positions"]:
+        raise NormalizationError(f"the per-position statistics of dataset "
+                                 f"'{stats.get('dataset')}' have no position {key!r}")
+    return {"dataset": stats.get("dataset"), "position": key, **stats["positions"][key]}

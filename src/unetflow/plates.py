@@ -39,7 +39,7 @@ import glob
 import json
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -47,21 +47,29 @@ import numpy as np
 import zarr
 
 from unetflow.demo import synthesize_nuclei
-from unetflow.files import atomic_path
+from unetflow.files import atomic_path, write_json_atomic
 from unetflow.ome import multiscales_and_version, omero_channel_names, open_image, spatial_axes
 
 __all__ = [
     "Position",
     "PositionError",
+    "PositionSet",
     "check_positions",
     "clean_plate_path",
     "collection_positions",
+    "dataset_positions",
     "parse_well",
+    "plate_layout",
     "plate_positions",
+    "position_batches",
+    "position_output_path",
+    "read_positions",
     "well_name",
     "write_demo_plate",
+    "write_positions",
 ]
 
+POSITIONS_FORMAT = "unetflow-positions-1"
 IMAGE_SUFFIXES = (".ome.zarr", ".zarr", ".ome.tiff", ".ome.tif", ".tiff", ".tif")
 DEMO_LABELS = "nuclei"
 DEMO_PIXEL_SIZE_UM = {"z": 1.0, "y": 0.325, "x": 0.325}
@@ -85,6 +93,7 @@ class Position:
     row: str | None = None
     column: str | None = None
     field: int | None = None
+    target: str | None = None  # the position's target image (a label image or a twin's field)
 
     @property
     def well(self) -> str | None:
@@ -405,6 +414,167 @@ def check_positions(positions: Sequence[Position], labels: str | None = None) ->
             raise PositionError(message)
         if labels is not None:
             _check_labels(position, layout, labels)
+
+
+# --- datasets of positions ---------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PositionSet:
+    """A dataset made of positions: what every stage of a plate or collection reads.
+
+    Written once per dataset by `write_positions` (rule `positions`), so that jobs get the
+    positions from one small file instead of thousands of paths on their command lines.
+    `plate` is the source plate's layout (`plate_layout`) for writing an output plate with
+    the same rows and columns; `target` says where the targets come from.
+    """
+
+    dataset: str
+    kind: str  # "plate" or "collection"
+    source: str  # the plate's path, or the glob
+    positions: tuple[Position, ...]
+    plate: dict[str, Any] | None = None
+    target: dict[str, Any] | None = None  # {"kind": labels|plate|collection, "source", "labels"}
+    normalize: str = "dataset"  # statistics per "dataset" or per "position"
+
+    @property
+    def keys(self) -> list[str]:
+        return [p.key for p in self.positions]
+
+    def by_key(self, key: str) -> Position:
+        for position in self.positions:
+            if position.key == key:
+                return position
+        raise PositionError(f"dataset '{self.dataset}' has no position {key!r}; its positions "
+                            f"are {_summary(self.keys)}")
+
+    def select(self, keys: Iterable[str]) -> PositionSet:
+        """The positions named by `keys`, in the dataset's order."""
+        wanted = list(keys)
+        known = set(self.keys)
+        unknown = [k for k in wanted if k not in known]
+        if unknown:
+            self.by_key(unknown[0])
+        chosen = set(wanted)
+        return replace(self, positions=tuple(p for p in self.positions if p.key in chosen))
+
+
+def plate_layout(path: str | Path) -> dict[str, Any]:
+    """The plate's name, rows and columns (names, in the plate's order)."""
+    _, plate = _plate_metadata(str(path).rstrip("/"))
+    return {"name": plate.get("name"), "rows": [r["name"] for r in plate.get("rows", [])],
+            "columns": [c["name"] for c in plate.get("columns", [])]}
+
+
+def _twin_targets(positions: list[Position], twins: list[Position], source: str,
+                  what: str) -> list[Position]:
+    """Each position's target: the twin plate's / collection's position of the same key."""
+    by_key = {t.key: t for t in twins}
+    missing = [p.key for p in positions if p.key not in by_key]
+    if missing:
+        raise PositionError(f"{source}: the target {what} has no position "
+                            f"{_summary(missing)} (of {len(positions)}); it needs every "
+                            f"selected position of the image {what}")
+    return [replace(p, target=by_key[p.key].image) for p in positions]
+
+
+def _check_twin_shapes(positions: list[Position]) -> None:
+    for position in positions:
+        image, target = _layout(position.image), _layout(position.target)
+        if image.spatial_shape != target.spatial_shape:
+            raise PositionError(f"{position.target}: target of position {position.key} has "
+                                f"spatial shape {target.spatial_shape}, but its image "
+                                f"{position.image} has {image.spatial_shape}")
+
+
+def _targets(positions: list[Position], kind: str, spec: dict[str, Any]
+             ) -> tuple[list[Position], dict[str, Any] | None]:
+    if spec.get("labels"):
+        name = spec["labels"]
+        return ([replace(p, target=f"{p.image}/labels/{name}") for p in positions],
+                {"kind": "labels", "source": None, "labels": name})
+    if not spec.get("target"):
+        return positions, None
+    source = str(spec["target"])
+    twins = plate_positions(source) if kind == "plate" else collection_positions(source)
+    return (_twin_targets(positions, twins, source, kind),
+            {"kind": kind, "source": source, "labels": None})
+
+
+def dataset_positions(name: str, spec: dict[str, Any], check: bool = True) -> PositionSet:
+    """The positions of a configured plate or collection dataset, with their targets.
+
+    `spec` is the dataset's validated config entry (`plate` with optional `wells` and
+    `fields`, or `collection`; `labels` or `target`). With `check`, reads every position's
+    metadata (`check_positions`, and the targets' shapes): about 0.4 s per 1,000 positions.
+    Errors are PositionErrors that start with the dataset's config key.
+    """
+    kind = "plate" if spec.get("plate") else "collection"
+    key = f"datasets.{name}"
+    try:
+        if kind == "plate":
+            source = str(spec["plate"]).rstrip("/")
+            positions = plate_positions(source, spec.get("wells"), spec.get("fields"))
+            layout = plate_layout(source)
+        else:
+            source = str(spec["collection"])
+            positions, layout = collection_positions(source), None
+        positions, target = _targets(positions, kind, spec)
+        if check:
+            check_positions(positions, labels=spec.get("labels"))
+            if target is not None and target["kind"] != "labels":
+                _check_twin_shapes(positions)
+    except ValueError as err:  # PositionError, and OmeZarrError from ome.open_image
+        raise PositionError(f"dataset '{name}' ({key}): {err}") from None
+    return PositionSet(name, kind, source, tuple(positions), layout, target,
+                       spec.get("normalize") or "dataset")
+
+
+def write_positions(positions: PositionSet, path: str | Path) -> None:
+    """The positions file (JSON, atomically): what the jobs of a plate dataset read."""
+    document = {"format": POSITIONS_FORMAT, "dataset": positions.dataset,
+                "kind": positions.kind, "source": positions.source, "plate": positions.plate,
+                "target": positions.target, "normalize": positions.normalize,
+                "positions": [asdict(p) for p in positions.positions]}
+    write_json_atomic(document, path)
+
+
+def read_positions(path: str | Path, keys: Iterable[str] | None = None) -> PositionSet:
+    """A positions file, optionally narrowed to `keys` (a job's batch)."""
+    try:
+        with open(path) as fh:
+            document = json.load(fh)
+        if document.get("format") != POSITIONS_FORMAT:
+            raise ValueError(f"format {document.get('format')!r}, not {POSITIONS_FORMAT}")
+        positions = PositionSet(document["dataset"], document["kind"], document["source"],
+                                tuple(Position(**p) for p in document["positions"]),
+                                document.get("plate"), document.get("target"),
+                                document.get("normalize", "dataset"))
+    except (ValueError, KeyError, TypeError) as err:
+        raise PositionError(f"{path}: not a positions file ({err}); rerun rule positions "
+                            f"(delete the file)") from None
+    return positions if keys is None else positions.select(keys)
+
+
+def position_output_path(root: str | Path, kind: str, position: Position) -> str:
+    """Where a position's output image goes: the same well and field in an output plate,
+    or ``<root>/<key>.ome.zarr`` for a collection."""
+    root = str(root).rstrip("/")
+    if kind == "plate":
+        return f"{root}/{position.row}/{position.column}/{position.field}"
+    return f"{root}/{position.key}.ome.zarr"
+
+
+def position_batches(keys: Sequence[str], per_job: int) -> list[list[str]]:
+    """`keys` cut into ceil(n / per_job) contiguous batches whose sizes differ by at most 1.
+
+    Contiguous in plate order, so a batch is a few neighbouring wells: its job reads
+    neighbouring folders, and a rerun after a failure redoes one block of the plate.
+    """
+    if per_job < 1:
+        raise ValueError(f"positions per job must be at least 1, got {per_job}")
+    count = -(-len(keys) // per_job)
+    bounds = np.linspace(0, len(keys), count + 1).round().astype(int)
+    return [list(keys[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 # --- the demo plate ----------------------------------------------------------------------
