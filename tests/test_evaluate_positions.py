@@ -11,6 +11,7 @@ import shutil
 
 import numpy as np
 import pytest
+import zarr
 
 from conftest import run_cli
 from unetflow.evaluate import (
@@ -23,6 +24,7 @@ from unetflow.evaluate import (
 from unetflow.evaluate_positions import (
     aggregate_positions,
     evaluate_positions,
+    position_provenance,
     read_position_table,
 )
 from unetflow.ome import write_image, write_label_image
@@ -264,6 +266,7 @@ def test_the_command_line_runs_a_batch_and_joins_it(segmentation, tmp_path):
                      "screen", "--output", batch)
     assert result.returncode == 0, result.stderr
     assert f"screen {CORRUPTED}: unet.foreground_iou 0." in result.stdout
+    assert "screen A01_0: unet.foreground_iou 1\n" in result.stdout
     out = tmp_path / "metrics"
     args = ["evaluate-dataset", "--positions", path, "--task", "segmentation", "--model",
             "m", "--dataset", "screen", "--output", str(out / "m.json"), "--table",
@@ -297,3 +300,32 @@ def test_a_damaged_batch_table_is_one_line_naming_the_file(segmentation, tmp_pat
     assert result.stderr.startswith(f"unetflow evaluate-dataset: error: {damaged}: "), \
         result.stderr
     assert not out.exists()
+
+
+def test_provenance_comes_from_the_field_or_else_the_output_plate(plate, tmp_path):
+    """A field without its own record takes the output plate's; per-position statistics are
+    narrowed to the position (what denormalizes a regression output)."""
+    positions, _ = positions_file(tmp_path, "dn", {"plate": str(plate),
+                                                   "target": clean_plate_path(plate)})
+    root = tmp_path / "pred.ome.zarr"
+    stats = {"per_position": True, "dataset": "dn",
+             "positions": {k: {"channels": [{"name": k}]} for k in positions.keys}}
+    zarr.open_group(str(root), mode="w").attrs["unetflow"] = {"predict": PREDICT,
+                                                              "normalization": stats}
+    first, second = positions.positions[:2]
+    write_image(position_output_path(root, "plate", first), np.zeros((1, 8, 8), np.float32),
+                ["c", "y", "x"])
+    write_image(position_output_path(root, "plate", second), np.zeros((1, 8, 8), np.float32),
+                ["c", "y", "x"], attrs={"predict": {**PREDICT, "level": 1}})
+    inherited = position_provenance(str(root), "plate", first)
+    assert inherited["predict"] == PREDICT
+    assert inherited["normalization"]["channels"] == [{"name": first.key}]
+    assert position_provenance(str(root), "plate", second)["predict"]["level"] == 1
+
+
+def test_an_empty_batch_is_refused(segmentation, tmp_path):
+    positions, _, root = segmentation
+    with pytest.raises(ValueError, match="no positions to evaluate"):
+        evaluate_positions(positions, [], root, "segmentation", SETTINGS, 2, None, "m",
+                           "screen", str(tmp_path / "b.tsv"))
+    assert not (tmp_path / "b.tsv").exists()

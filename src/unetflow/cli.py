@@ -214,8 +214,9 @@ def _cmd_evaluate_positions(args: argparse.Namespace) -> None:
                               baseline=args.baseline)
     metric = "unet.foreground_iou" if args.task == "segmentation" else "unet.psnr"
     for row in rows:
+        value = row.get(metric)
         print(f"evaluate-positions: {args.model} on {args.dataset} {row['position']}: "
-              f"{metric} {row.get(metric)}")
+              f"{metric} {'n/a' if value is None else format(value, '.4g')}")
 
 
 def _cmd_evaluate_dataset(args: argparse.Namespace) -> None:

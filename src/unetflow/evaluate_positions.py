@@ -138,6 +138,8 @@ def evaluate_positions(position_set: PositionSet, keys: list[str] | None, predic
     for the model (`unet`) and each baseline, the prediction's path, and notes.
     """
     chosen = position_set if keys is None else position_set.select(keys)
+    if not chosen.positions:
+        raise ValueError(f"dataset '{dataset}': no positions to evaluate (--keys is empty)")
     sigma = read_sigma(baseline)
     rows = []
     for position in chosen.positions:
