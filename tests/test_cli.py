@@ -78,6 +78,8 @@ def commands(p: dict[str, str], missing: str, bad_json: str) -> dict[str, tuple[
         "convert": ([missing, out, "--chunks", bad_json], "input"),
         "summarize": (["--output", out, p["metrics"], missing], "metrics"),
         "show": ([missing], "summary"),
+        "positions": (["--dataset", "d", "--spec", bad_json, "--output", out], ""),
+        "demo-plate": (["--output", out, "--shape", bad_json], ""),
     }
 
 
@@ -111,7 +113,7 @@ def test_a_missing_input_is_one_line_naming_the_argument_and_the_path(tmp_path, 
 # the JSON argument of each subcommand; summarize reads JSON files (metrics) instead, and
 # compare, show and evaluate-dataset read TSV tables (and a positions file) only
 JSON_ARGUMENT = {"convert": "--chunks", "summarize": None, "compare": None, "show": None,
-                 "evaluate-dataset": None}
+                 "positions": "--spec", "demo-plate": "--shape", "evaluate-dataset": None}
 
 
 @pytest.mark.parametrize("stage", sorted(commands(existing_paths_stub(), MISSING, "{}")))

@@ -244,7 +244,8 @@ def _cmd_montage(args: argparse.Namespace) -> None:
     from unetflow.figures import write_montage
 
     crops = write_montage(args.prediction, args.image, args.target, args.stats, args.task,
-                          args.channels, _section(args, "evaluate"), args.output, args.title)
+                          args.channels, _section(args, "evaluate"), args.output, args.title,
+                          position=args.position)
     print(f"montage: {len(crops)} crops -> {args.output}")
 
 
@@ -268,6 +269,32 @@ def _cmd_convert(args: argparse.Namespace) -> None:
         print(f"convert: warning: no pixel size for axes {info['unknown_pixel_size']} in "
               f"{args.input}; written as 1. Give --pixel-size (or the dataset's pixel_size "
               f"in the config)", file=sys.stderr)
+
+
+def _cmd_positions(args: argparse.Namespace) -> None:
+    from unetflow.config import validate_config
+    from unetflow.plates import dataset_positions, positions_digest, write_positions
+
+    spec = validate_config({"datasets": {args.dataset: args.spec},
+                            "models": {}})["datasets"][args.dataset]
+    positions = dataset_positions(args.dataset, spec)
+    if args.digest and positions_digest(positions) != args.digest:
+        raise ValueError(f"dataset '{args.dataset}': its positions changed since the workflow "
+                         f"was planned (digest {positions_digest(positions)}, planned "
+                         f"{args.digest}); run snakemake again to plan with the new positions")
+    write_positions(positions, args.output)
+    print(f"positions: {args.dataset}: {len(positions.positions)} positions of the "
+          f"{positions.kind} {positions.source} -> {args.output}")
+
+
+def _cmd_demo_plate(args: argparse.Namespace) -> None:
+    from unetflow.plates import clean_plate_path, write_demo_plate
+
+    keys = write_demo_plate(args.output, rows=args.rows, columns=args.columns,
+                            fields=args.fields, shape=tuple(args.shape), seed=args.seed,
+                            ngff=args.ngff)
+    print(f"demo-plate: {len(keys)} fields -> {args.output} (labels/nuclei in each field), "
+          f"clean twin -> {clean_plate_path(args.output)}")
 
 
 def _cmd_summarize(args: argparse.Namespace) -> None:
@@ -443,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=_json, default=None)
     _settings(p, "evaluate")
     p.add_argument("--title", default="")
+    p.add_argument("--position", default=None,
+                   help="the position of a plate/collection shown (its statistics are used)")
 
     p = _add(sub, "compare", _cmd_compare, "bar chart of models and baselines from a summary")
     _input(p, "--summary", required=True)
@@ -466,6 +495,26 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "show", _cmd_show, "print a summary TSV as an aligned table")
     _input(p, "summary")
+
+    p = _add(sub, "positions", _cmd_positions,
+             "read and check a plate's or collection's positions into a positions file")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--spec", type=_json, required=True,
+                   help="the dataset's config entry (JSON: plate or collection, wells, "
+                        "fields, labels, target, normalize)")
+    p.add_argument("--digest", default=None,
+                   help="the positions' digest at planning: refuse if they changed since")
+    p.add_argument("--output", required=True)
+
+    p = _add(sub, "demo-plate", _cmd_demo_plate,
+             "write a synthetic HCS plate of nuclei (labels in each field) and its clean twin")
+    p.add_argument("--output", required=True)
+    p.add_argument("--rows", type=int, default=2)
+    p.add_argument("--columns", type=int, default=3)
+    p.add_argument("--fields", type=int, default=2)
+    p.add_argument("--shape", type=_json, default=[256, 256], help="a field's shape (JSON)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ngff", choices=["0.4", "0.5"], default="0.5")
     return parser
 
 

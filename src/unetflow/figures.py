@@ -23,7 +23,7 @@ from unetflow.evaluate import (
     read_summary,
 )
 from unetflow.files import atomic_path
-from unetflow.normalize import read_stats
+from unetflow.normalize import position_stats, read_stats
 from unetflow.ome import channel_first, open_image
 
 __all__ = [
@@ -150,17 +150,18 @@ def _crop_name(crop: Crop, rank: int, count: int, error: float, task: str) -> st
 
 def write_montage(prediction: str, image: str, target: str, stats_path: str, task: str,
                   channels: list | None, settings: dict[str, Any], output: str,
-                  title: str) -> list[tuple[Crop, float]]:
+                  title: str, position: str | None = None) -> list[tuple[Crop, float]]:
     """Montage PNG of input / prediction / target / error on representative crops.
 
-    `settings` is the evaluate section (montage_crops, montage_crop_size, ignore_label).
+    `settings` is the evaluate section (montage_crops, montage_crop_size, ignore_label);
+    `position` is the plate/collection position shown (for per-position statistics).
     Returns the crops shown with their mean error.
     """
     level = int(prediction_provenance(prediction).get("predict", {}).get("level", 0))
     pred = read_prediction(prediction, task)
     image_arr = np.asarray(channel_first(open_image(image, level), channels).compute())
     target_arr = read_channels_first(target, level)
-    low, high = display_range(read_stats(stats_path))
+    low, high = display_range(position_stats(read_stats(stats_path), position))
     if task == "segmentation":
         panels, error, interesting = _segmentation_panels(pred, target_arr[0],
                                                           settings["ignore_label"])

@@ -63,6 +63,7 @@ __all__ = [
     "plate_positions",
     "position_batches",
     "position_output_path",
+    "positions_digest",
     "read_positions",
     "well_name",
     "write_demo_plate",
@@ -536,6 +537,15 @@ def write_positions(positions: PositionSet, path: str | Path) -> None:
                 "target": positions.target, "normalize": positions.normalize,
                 "positions": [asdict(p) for p in positions.positions]}
     write_json_atomic(document, path)
+
+
+def positions_digest(positions: PositionSet) -> str:
+    """A short digest of which positions there are and where their images and targets are:
+    a param of rule positions, so that a plate gaining fields reruns it."""
+    import hashlib
+
+    listed = [(p.key, p.image, p.target) for p in positions.positions]
+    return hashlib.sha256(json.dumps(listed).encode()).hexdigest()[:16]
 
 
 def read_positions(path: str | Path, keys: Iterable[str] | None = None) -> PositionSet:
