@@ -63,6 +63,12 @@ def commands(p: dict[str, str], missing: str, bad_json: str) -> dict[str, tuple[
         "evaluate": (["--prediction", missing, "--image", p["image"], "--target", p["target"],
                       "--task", "segmentation", "--settings", bad_json, "--output", out,
                       "--model", "m", "--dataset", "d"], "--prediction"),
+        "evaluate-positions": (["--positions", missing, "--prediction", p["prediction"],
+                                "--task", "segmentation", "--settings", bad_json, "--model",
+                                "m", "--dataset", "d", "--output", out], "--positions"),
+        "evaluate-dataset": (["--positions", p["record"], "--task", "segmentation", "--model",
+                              "m", "--dataset", "d", "--output", out, "--table", out,
+                              "--wells", out, p["summary"], missing], "batches"),
         "tune-baseline": (["--datasets", datasets, "--settings", bad_json, "--output", out],
                           "--datasets[0].image"),
         "montage": (["--prediction", p["prediction"], "--image", missing, "--target",
@@ -105,9 +111,9 @@ def test_a_missing_input_is_one_line_naming_the_argument_and_the_path(tmp_path, 
 
 
 # the JSON argument of each subcommand; summarize reads JSON files (metrics) instead, and
-# compare and show read a TSV table only
+# compare, show and evaluate-dataset read TSV tables (and a positions file) only
 JSON_ARGUMENT = {"convert": "--chunks", "summarize": None, "compare": None, "show": None,
-                 "positions": "--spec", "demo-plate": "--shape"}
+                 "positions": "--spec", "demo-plate": "--shape", "evaluate-dataset": None}
 
 
 @pytest.mark.parametrize("stage", sorted(commands(existing_paths_stub(), MISSING, "{}")))

@@ -204,6 +204,34 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"evaluate: note: {note}")
 
 
+def _cmd_evaluate_positions(args: argparse.Namespace) -> None:
+    from unetflow.evaluate_positions import evaluate_positions
+    from unetflow.plates import read_positions
+
+    rows = evaluate_positions(read_positions(args.positions), args.keys, args.prediction,
+                              args.task, _section(args, "evaluate"), args.num_classes,
+                              args.channels, args.model, args.dataset, args.output,
+                              baseline=args.baseline)
+    metric = "unet.foreground_iou" if args.task == "segmentation" else "unet.psnr"
+    for row in rows:
+        value = row.get(metric)
+        print(f"evaluate-positions: {args.model} on {args.dataset} {row['position']}: "
+              f"{metric} {'n/a' if value is None else format(value, '.4g')}")
+
+
+def _cmd_evaluate_dataset(args: argparse.Namespace) -> None:
+    from unetflow.evaluate_positions import aggregate_positions
+    from unetflow.plates import read_positions
+
+    record = aggregate_positions(read_positions(args.positions), args.batches, args.task,
+                                 args.model, args.dataset, args.output, args.table, args.wells,
+                                 args.plate_map)
+    for method, scores in record["scores"].items():
+        shown = {k: v for k, v in scores.items() if not isinstance(v, dict)}
+        print(f"evaluate-dataset: {args.model} on {args.dataset} ({record['positions']} "
+              f"positions, {record['aggregate']}): {method}: {json.dumps(shown)}")
+
+
 def _cmd_tune_baseline(args: argparse.Namespace) -> None:
     from unetflow.evaluate import tune_gaussian_baseline
 
@@ -340,6 +368,39 @@ def _add_predict(sub) -> None:
             _input(p, "records", nargs="+", help="the shards' JSON records")
 
 
+def _add_evaluate_positions(sub) -> None:
+    """`unetflow evaluate-positions` (one batch of a plate or collection) and
+    `evaluate-dataset` (the batches joined: metrics JSON, tables, plate map)."""
+    p = _add(sub, "evaluate-positions", _cmd_evaluate_positions,
+             "score a batch of a plate's or collection's positions (one TSV row each)")
+    _input(p, "--positions", required=True, help="the dataset's positions file")
+    p.add_argument("--keys", type=_json, default=None,
+                   help="the batch's position keys (JSON list; default: all)")
+    _input(p, "--prediction", required=True, help="the output plate or collection folder")
+    p.add_argument("--task", required=True, choices=["segmentation", "regression"])
+    p.add_argument("--num-classes", type=int, default=2)
+    p.add_argument("--channels", type=_json, default=None)
+    _settings(p, "evaluate")
+    _input(p, "--baseline", default=None, help="tune-baseline's JSON (regression)")
+    for name in ("model", "dataset", "output"):
+        p.add_argument(f"--{name}", required=True)
+
+    p = _add(sub, "evaluate-dataset", _cmd_evaluate_dataset,
+             "join a dataset's batch tables: metrics JSON (mean over positions), per-position "
+             "and per-well tables, plate map")
+    _input(p, "--positions", required=True, help="the dataset's positions file")
+    p.add_argument("--task", required=True, choices=["segmentation", "regression"])
+    for name in ("model", "dataset"):
+        p.add_argument(f"--{name}", required=True)
+    p.add_argument("--output", required=True, help="the dataset's metrics JSON")
+    p.add_argument("--table", required=True, help="the per-position TSV")
+    p.add_argument("--wells", required=True, help="the per-well TSV")
+    p.add_argument("--plate-map", default=None,
+                   help="PNG of the headline metric: a plate map (a collection: its images "
+                        "sorted by the score)")
+    _input(p, "batches", nargs="+", help="the TSVs of evaluate-positions")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="unetflow", description=__doc__,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -390,6 +451,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=2)
     _settings(p, "evaluate")
     _input(p, "--baseline", default=None, help="tune-baseline's JSON (regression)")
+
+    _add_evaluate_positions(sub)
 
     p = _add(sub, "tune-baseline", _cmd_tune_baseline,
              "choose the Gaussian baseline's sigma on a model's training datasets")
