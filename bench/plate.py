@@ -80,7 +80,8 @@ def planning(rows: int, columns: int, fields: int, repeats: int) -> None:
         print(f"plan_evaluate_jobs: {counts.get('evaluate_positions', 0)}")
         print(f"plan_s: {best:.1f}")
         print(f"plan_s_per_1000_positions: {1000 * best / count:.2f}")
-        print(f"positions_per_predict_job: {count / max(1, counts.get('predict_positions', 0)):.1f}")
+        jobs = max(1, counts.get("predict_positions", 0))
+        print(f"positions_per_predict_job: {count / jobs:.1f}")
 
 
 def main() -> None:
