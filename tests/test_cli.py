@@ -79,6 +79,8 @@ def commands(p: dict[str, str], missing: str, bad_json: str) -> dict[str, tuple[
         "summarize": (["--output", out, p["metrics"], missing], "metrics"),
         "show": ([missing], "summary"),
         "positions": (["--dataset", "d", "--spec", bad_json, "--output", out], ""),
+        "convert-collection": (["--dataset", "d", "--spec", bad_json, "--output-dir", out],
+                               ""),
         "demo-plate": (["--output", out, "--shape", bad_json], ""),
     }
 

@@ -157,21 +157,28 @@ def test_a_smaller_selection_leaves_only_its_wells(plate_copy: Path) -> None:
         "B02_0", "B02_1"]
 
 
-def test_a_collection_gets_one_output_image_per_position(tmp_path: Path) -> None:
-    """A glob of images (here: the fields of a plate copied out as plain images) predicted
-    in batches, one output image per key; its targets are a second glob of the same keys."""
+def test_a_collection_of_tiffs_gets_one_output_image_per_position(tmp_path: Path) -> None:
+    """A glob of TIFF stacks (the fields of a demo plate saved as TIFF), with clean TIFFs as
+    targets under a second glob of the same keys: converted in one job, predicted in batches,
+    one output image per key."""
+    import tifffile
+
     plate = tmp_path / "src.ome.zarr"
     write_demo_plate(plate, rows=1, columns=2, fields=2, shape=(64, 64), seed=4)
     clean = Path(clean_plate_path(plate))
+    for folder in ("images/ctrl", "clean/ctrl"):
+        (tmp_path / "data" / folder).mkdir(parents=True)
     for well in ("1", "2"):
         for field in ("0", "1"):
-            name = f"w{well}f{field}.ome.zarr"
-            shutil.copytree(plate / "A" / well / field, tmp_path / "data/images" / name)
-            shutil.copytree(clean / "A" / well / field, tmp_path / "data/clean" / name)
+            name = f"ctrl/w{well}f{field}.tif"
+            for src, folder in ((plate, "images"), (clean, "clean")):
+                pixels = zarr.open_array(str(src / "A" / well / field / "s0"), mode="r")[0]
+                tifffile.imwrite(tmp_path / "data" / folder / name, pixels)
     config = copy.deepcopy(TINY_CONFIG)
     config.pop("demo")
     config["datasets"] = {
-        "cells": {"collection": "data/images/*.ome.zarr", "target": "data/clean/*.ome.zarr"},
+        "cells": {"collection": "data/images/*/*.tif", "target": "data/clean/*/*.tif",
+                  "axes": "yx"},
     }
     config["models"] = {"dn": {"task": "regression", "train_on": ["cells"],
                                "predict_on": ["cells"], "model": {"residual": True},
@@ -180,9 +187,12 @@ def test_a_collection_gets_one_output_image_per_position(tmp_path: Path) -> None
     write_config(tmp_path, config)
     run(tmp_path, "results/dn/metrics/cells.json")
     index = json.loads((tmp_path / "results/dn/predictions/cells.index.json").read_text())
-    assert sorted(index["positions"]) == ["w1f0", "w1f1", "w2f0", "w2f1"]
-    for key in index["positions"]:
+    keys = ["ctrl__w1f0", "ctrl__w1f1", "ctrl__w2f0", "ctrl__w2f1"]
+    assert sorted(index["positions"]) == keys
+    for key in keys:
         assert (tmp_path / f"results/dn/predictions/cells/{key}.ome.zarr/zarr.json").is_file()
+        converted = tmp_path / f"results/converted_collections/cells/image/{key}.ome.zarr"
+        assert (converted / "zarr.json").is_file()
     assert len(records_of(tmp_path / "results/dn/predictions/cells.batches")) == 2
 
 

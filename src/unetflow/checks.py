@@ -114,15 +114,19 @@ def _check_image_dataset(name: str, spec: dict[str, Any], level: int, produced: 
     return image, target
 
 
-def _check_positions_dataset(name: str, spec: dict[str, Any], level: int
-                             ) -> tuple[PositionSet, OmeImage, OmeImage | None]:
+def _check_positions_dataset(name: str, spec: dict[str, Any], level: int,
+                             converted: str | None
+                             ) -> tuple[PositionSet, OmeImage | None, OmeImage | None]:
     """Read and check a plate's or collection's positions (metadata of every position), and
-    open its first position (all agree on axes and channels) for the checks by model."""
+    open its first position (all agree on axes and channels) for the checks by model; a
+    collection of TIFFs not converted yet is checked by the jobs that convert and read it."""
     try:
-        positions = dataset_positions(name, spec)
+        positions = dataset_positions(name, spec, converted=converted)
     except PositionError as err:
         raise DataError(str(err)) from None
     first = positions.positions[0]
+    if not Path(first.image).exists():
+        return positions, None, None
     image = _check_image(name, {**spec, "image": first.image}, level)
     target = None
     if first.target:
@@ -136,11 +140,13 @@ def _made_by_rule(path: str, produced: set[str]) -> bool:
 
 
 def dataset_problems(config: dict[str, Any], produced: set[str] | None = None,
-                     position_sets: dict[str, PositionSet] | None = None) -> list[str]:
+                     position_sets: dict[str, PositionSet] | None = None,
+                     converted: str | None = None) -> list[str]:
     """Every problem found, one line each; paths in `produced` are made by a rule and skipped.
 
     The positions of plate and collection datasets are read (and checked) on the way; they
-    go into `position_sets` when given.
+    go into `position_sets` when given. A collection's TIFFs are read from their conversions
+    under `converted` (see plates.dataset_positions).
     """
     produced = {str(Path(p)) for p in (produced or set())}
     level = config["normalize"]["level"]
@@ -151,7 +157,8 @@ def dataset_problems(config: dict[str, Any], produced: set[str] | None = None,
             if dataset_kind(spec) == "image":
                 opened[name] = _check_image_dataset(name, spec, level, produced)
             else:
-                positions, *opened[name] = _check_positions_dataset(name, spec, level)
+                positions, *opened[name] = _check_positions_dataset(name, spec, level,
+                                                                    converted)
                 if position_sets is not None:
                     position_sets[name] = positions
         except DataError as err:
@@ -168,12 +175,12 @@ def dataset_problems(config: dict[str, Any], produced: set[str] | None = None,
     return problems
 
 
-def check_datasets(config: dict[str, Any], produced: set[str] | None = None
-                   ) -> dict[str, PositionSet]:
+def check_datasets(config: dict[str, Any], produced: set[str] | None = None,
+                   converted: str | None = None) -> dict[str, PositionSet]:
     """Raise DataError listing every problem of the configured data; return the positions of
     the plate and collection datasets (read once, at planning)."""
     position_sets: dict[str, PositionSet] = {}
-    problems = dataset_problems(config, produced, position_sets)
+    problems = dataset_problems(config, produced, position_sets, converted)
     if problems:
         raise DataError("\n".join(problems))
     return position_sets

@@ -271,13 +271,31 @@ def _cmd_convert(args: argparse.Namespace) -> None:
               f"in the config)", file=sys.stderr)
 
 
+def _cmd_convert_collection(args: argparse.Namespace) -> None:
+    from unetflow.convert import convert_tiff
+    from unetflow.files import atomic_path
+    from unetflow.plates import collection_tiffs
+
+    spec = args.spec
+    with atomic_path(args.output_dir) as tmp:
+        conversions = collection_tiffs(args.dataset, spec, tmp)
+        if not conversions:
+            raise ValueError(f"dataset '{args.dataset}': its collection has no TIFF files to "
+                             f"convert")
+        for tiff, output, role in conversions:
+            info = convert_tiff(tiff, output, axes=spec.get("axes"),
+                                pixel_size=spec.get("pixel_size"), role=role)
+            print(f"convert-collection: {tiff} -> {Path(output).relative_to(tmp)}: axes "
+                  f"{''.join(info['axes'])}, shape {info['shape']}, {info['dtype']}")
+
+
 def _cmd_positions(args: argparse.Namespace) -> None:
     from unetflow.config import validate_config
     from unetflow.plates import dataset_positions, positions_digest, write_positions
 
     spec = validate_config({"datasets": {args.dataset: args.spec},
                             "models": {}})["datasets"][args.dataset]
-    positions = dataset_positions(args.dataset, spec)
+    positions = dataset_positions(args.dataset, spec, converted=args.converted)
     if args.digest and positions_digest(positions) != args.digest:
         raise ValueError(f"dataset '{args.dataset}': its positions changed since the workflow "
                          f"was planned (digest {positions_digest(positions)}, planned "
@@ -504,7 +522,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "fields, labels, target, normalize)")
     p.add_argument("--digest", default=None,
                    help="the positions' digest at planning: refuse if they changed since")
+    p.add_argument("--converted", default=None,
+                   help="where a collection's TIFFs were converted (convert-collection)")
     p.add_argument("--output", required=True)
+
+    p = _add(sub, "convert-collection", _cmd_convert_collection,
+             "convert the TIFF images (and targets) of a collection to OME-Zarr")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--spec", type=_json, required=True,
+                   help="the dataset's config entry (JSON: collection, target, axes, "
+                        "pixel_size)")
+    p.add_argument("--output-dir", required=True)
 
     p = _add(sub, "demo-plate", _cmd_demo_plate,
              "write a synthetic HCS plate of nuclei (labels in each field) and its clean twin")

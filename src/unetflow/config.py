@@ -197,6 +197,11 @@ def _check_dataset_kinds(config: dict) -> None:
             raise ConfigError(f"config key 'datasets.{name}.{key}': only plates and "
                               f"collections have positions; dataset '{name}' is one image "
                               f"(give its labels image as target)")
+        for key in ("axes", "pixel_size"):
+            if spec.get(key) is not None and kind == "plate":
+                raise ConfigError(f"config key 'datasets.{name}.{key}': describes TIFF files, "
+                                  f"but dataset '{name}' is a plate (OME-Zarr carries its "
+                                  f"own axes and pixel sizes)")
         if spec.get("labels") and spec.get("target"):
             raise ConfigError(f"config key 'datasets.{name}.labels': give labels (a label "
                               f"image in each position) or target, not both")

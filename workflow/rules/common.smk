@@ -21,7 +21,12 @@ from unetflow.config import (
 )
 from unetflow.convert import use_converted_tiffs
 from unetflow.demo_store import demo_store_paths
-from unetflow.plates import position_batches, position_output_path, positions_digest
+from unetflow.plates import (
+    collection_tiffs,
+    position_batches,
+    position_output_path,
+    positions_digest,
+)
 
 try:
     _validated = validate_config(config)
@@ -41,6 +46,7 @@ except ConfigError as err:
 MODELS = config["models"]
 ENV = "../../envs/unetflow.yaml"
 DEMO_ROOT = "data/demo"  # where rule demo_data writes the demo stores (demo.smk)
+CONVERTED_COLLECTIONS = "results/converted_collections"  # rule convert_collection (convert.smk)
 # The data the config points to, checked from metadata before any job runs (unetflow.checks);
 # stores that rules make (demo data, TIFF conversions) are checked by the rules that read them.
 # Plates and collections: their positions are read (and checked) here, once per run, so
@@ -50,6 +56,7 @@ try:
         config,
         set(demo_store_paths(DEMO_ROOT).values())
         | {DATASETS[name][role] for name, role in TIFF_SOURCES},
+        converted=CONVERTED_COLLECTIONS,
     )
 except DataError as err:
     raise WorkflowError(f"invalid data:\n{err}") from None
@@ -83,6 +90,14 @@ POSITIONS_DATASET = "|".join(re.escape(d) for d in POSITION_SETS) or "(?!)"
 PLATE_DATASET = (
     "|".join(re.escape(d) for d, s in POSITION_SETS.items() if s.kind == "plate") or "(?!)"
 )
+# collections of TIFFs: name -> [(TIFF, conversion, role)]
+TIFF_COLLECTIONS = {
+    d: collection_tiffs(d, DATASETS[d], f"{CONVERTED_COLLECTIONS}/{d}")
+    for d, s in POSITION_SETS.items()
+    if s.kind == "collection"
+}
+TIFF_COLLECTIONS = {d: tiffs for d, tiffs in TIFF_COLLECTIONS.items() if tiffs}
+TIFF_COLLECTION_DATASET = "|".join(re.escape(d) for d in TIFF_COLLECTIONS) or "(?!)"
 COLLECTION_DATASET = (
     "|".join(re.escape(d) for d, s in POSITION_SETS.items() if s.kind != "plate") or "(?!)"
 )
@@ -416,7 +431,20 @@ def positions_inputs(wildcards):
     if spec.get("target"):
         target = position_set.target["source"]
         sources += [target] if spec.get("plate") else [p.target for p in position_set.positions]
+    if wildcards.dataset in TIFF_COLLECTIONS:  # the conversions stand in for the TIFFs
+        converted = {out for _, out, _ in TIFF_COLLECTIONS[wildcards.dataset]}
+        sources = [s for s in sources if s not in converted]
+        sources.append(f"{CONVERTED_COLLECTIONS}/{wildcards.dataset}")
     return sources
+
+
+def collection_tiff_files(wildcards):
+    return [tiff for tiff, _, _ in TIFF_COLLECTIONS[wildcards.dataset]]
+
+
+def convert_collection_spec(wildcards):
+    spec = DATASETS[wildcards.dataset]
+    return as_json({k: spec.get(k) for k in ("collection", "target", "axes", "pixel_size")})
 
 
 POSITIONS_SPEC_KEYS = ("plate", "collection", "wells", "fields", "labels", "target", "normalize")

@@ -15,6 +15,7 @@ rule positions:
     params:
         spec=positions_spec,
         digest=planned_digest,
+        converted=CONVERTED_COLLECTIONS,
     wildcard_constraints:
         dataset=POSITIONS_DATASET,
     log:
@@ -26,7 +27,8 @@ rule positions:
         ENV
     shell:
         "unetflow positions --dataset {wildcards.dataset} --spec {params.spec:q}"
-        " --digest {params.digest} --output {output:q} > {log:q} 2>&1"
+        " --digest {params.digest} --converted {params.converted} --output {output:q}"
+        " > {log:q} 2>&1"
 
 
 rule normalize_positions:
