@@ -115,7 +115,8 @@ def test_a_missing_input_is_one_line_naming_the_argument_and_the_path(tmp_path, 
 # the JSON argument of each subcommand; summarize reads JSON files (metrics) instead, and
 # compare, show and evaluate-dataset read TSV tables (and a positions file) only
 JSON_ARGUMENT = {"convert": "--chunks", "summarize": None, "compare": None, "show": None,
-                 "positions": "--spec", "demo-plate": "--shape", "evaluate-dataset": None}
+                 "positions": "--spec", "demo-plate": "--shape", "evaluate-dataset": None,
+                 "convert-collection": "--spec"}
 
 
 @pytest.mark.parametrize("stage", sorted(commands(existing_paths_stub(), MISSING, "{}")))
