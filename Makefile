@@ -43,9 +43,11 @@ demo-plate: install
 	@echo
 	@$(BIN)/unetflow show results/summary.tsv
 	@echo; echo "per well (segmentation, results/plate_seg/metrics/plate_test_seg_wells.tsv):"
-	@$(BIN)/unetflow show results/plate_seg/metrics/plate_test_seg_wells.tsv
+	@$(BIN)/unetflow show results/plate_seg/metrics/plate_test_seg_wells.tsv \
+		--columns well,positions,unet.foreground_iou,otsu.foreground_iou,unet.f1,otsu.f1
 	@echo; echo "per well (denoising, results/plate_denoise/metrics/plate_test_denoise_wells.tsv):"
-	@$(BIN)/unetflow show results/plate_denoise/metrics/plate_test_denoise_wells.tsv
+	@$(BIN)/unetflow show results/plate_denoise/metrics/plate_test_denoise_wells.tsv \
+		--columns well,positions,unet.psnr,gaussian.psnr,input.psnr,unet.ssim
 
 report: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --report report.html

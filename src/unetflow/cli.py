@@ -330,7 +330,23 @@ def _cmd_show(args: argparse.Namespace) -> None:
     from unetflow.evaluate import format_table
 
     with open(args.summary, newline="") as fh:
-        print(format_table(list(csv.DictReader(fh, delimiter="\t"))))
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    if args.columns:
+        names = args.columns.split(",")
+        unknown = [c for c in names if rows and c not in rows[0]]
+        if unknown:
+            raise ValueError(f"{args.summary}: no column {unknown[0]!r}; its columns are "
+                             f"{', '.join(rows[0])}")
+        rows = [{c: _short_number(r[c]) for c in names} for r in rows]
+    print(format_table(rows))
+
+
+def _short_number(text: str) -> str:
+    """A table cell as shown: numbers with 4 significant digits, anything else as it is."""
+    try:
+        return f"{float(text):.4g}" if text.strip() and not text.strip().isdigit() else text
+    except ValueError:
+        return text
 
 
 def _add(sub, name: str, func, help_text: str) -> argparse.ArgumentParser:
@@ -511,8 +527,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", default=None, help="also write the table as an HTML page")
     _input(p, "metrics", nargs="+")
 
-    p = _add(sub, "show", _cmd_show, "print a summary TSV as an aligned table")
+    p = _add(sub, "show", _cmd_show, "print a summary TSV (or any TSV table) aligned")
     _input(p, "summary")
+    p.add_argument("--columns", default=None,
+                   help="only these columns, comma-separated (numbers shortened to 4 digits)")
 
     p = _add(sub, "positions", _cmd_positions,
              "read and check a plate's or collection's positions into a positions file")
