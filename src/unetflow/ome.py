@@ -6,6 +6,9 @@ scales are interpreted in one place.
 
 from __future__ import annotations
 
+import itertools
+import json
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +28,9 @@ __all__ = [
     "open_image",
     "spatial_axes",
     "write_image",
+    "write_image_direct",
     "write_label_image",
+    "write_label_image_direct",
     "resolve_channels",
     "channel_first",
     "channel_first_axes",
@@ -329,3 +334,224 @@ def add_translation(group: zarr.Group, translation: dict[str, float]) -> None:
         group.attrs["ome"] = {**ome, "multiscales": multiscales}
     else:
         group.attrs["multiscales"] = multiscales
+
+
+# --- small images written directly -----------------------------------------------------------
+# A plate is thousands of small images. Through ome-zarr-py each one costs tens of ms of dask
+# graph building, tokenizing and Zarr calls whatever its size (more than the forward pass of a
+# 256^2 field); the functions below write the same store as `write_image` and
+# `write_label_image(streaming=True)` for a numpy array (same metadata, same arrays, same
+# pyramid values: ome-zarr-py's own resize on one block), writing the JSON documents and chunk
+# files themselves. When ome-zarr-py would cut a pyramid level into several blocks (or Zarr
+# would store the arrays in a way `chunkfiles` does not encode), they call those functions
+# instead. tests/test_ome.py compares the stores file by file.
+
+def _ome_resize_kwargs(method: str) -> dict[str, Any] | None:
+    """skimage's arguments for ome-zarr-py's method; None if it is not skimage's resize."""
+    from ome_zarr.dask_utils import resize
+    from ome_zarr.scale import Methods, method_dispatch
+
+    entry = method_dispatch.get(Methods(method))
+    return dict(entry["kwargs"]) if entry and entry["func"] is resize else None
+
+
+def _one_block_level(previous: np.ndarray, target: tuple[int, ...],
+                     kwargs: dict[str, Any]) -> np.ndarray | None:
+    """ome_zarr.dask_utils.resize of a one-block array, when it stays one block of `target`."""
+    from skimage.transform import resize
+
+    shape = np.array(previous.shape)
+    factors = np.array(target) / shape.astype(float)
+    block = np.maximum(1, np.round(shape * factors) / factors).astype(int)
+    if (tuple(block) != previous.shape
+            or tuple(np.ceil(shape * factors).astype(int)) != tuple(target)):
+        return None
+    return resize(previous, target, **kwargs).astype(previous.dtype)
+
+
+def _direct_pyramid(data: np.ndarray, axes: list[str], factors: list[dict[str, int]],
+                    method: str) -> list[np.ndarray] | None:
+    """The levels ome-zarr-py's `_build_pyramid` makes from `data` as one dask block."""
+    kwargs = _ome_resize_kwargs(method)
+    if kwargs is None:
+        return None
+    levels, previous = [data], dict.fromkeys(axes, 1)
+    for level in factors:
+        factor = {a: level.get(a, 1) for a in axes}
+        target = tuple((int(s // (factor[a] / previous[a])) if a in SPATIAL_AXES else s)
+                       for s, a in zip(levels[-1].shape, axes, strict=True))
+        if 0 in target:
+            return None  # ome-zarr-py warns and keeps size 1: leave that case to it
+        resized = _one_block_level(levels[-1], target, kwargs)
+        if resized is None:
+            return None
+        levels.append(resized)
+        previous = factor
+    return levels
+
+
+def _direct_multiscales(axes: list[str], shapes: list[tuple[int, ...]],
+                        scale: dict[str, float] | None, units: dict[str, str] | None,
+                        translation: dict[str, float] | None) -> dict[str, Any]:
+    """The multiscales entry ome-zarr-py writes (then `add_translation`), same arithmetic."""
+    base = {a: (scale or {}).get(a, 1.0) for a in axes}
+    scales = [{a: (full / size) * base[a] for a, full, size in zip(axes, shapes[0], shape,
+                                                                    strict=True)}
+              for shape in shapes]
+    offset = [float((translation or {}).get(a, 0.0)) for a in axes]
+    datasets = []
+    for index, level in enumerate(scales):
+        shift = [level[a] / 2 - scales[0][a] / 2 for a in axes]
+        if translation:
+            shift = [s + o for s, o in zip(shift, offset, strict=True)]
+        datasets.append({"path": f"s{index}", "coordinateTransformations": [
+            {"type": "scale", "scale": list(level.values())},
+            {"type": "translation", "translation": shift}]})
+    kinds = {"t": "time", "c": "channel"}
+    named = [{"name": a, "type": "space" if a in SPATIAL_AXES else kinds.get(a, "custom"),
+              **({"unit": units[a]} if (units or {}).get(a) else {})} for a in axes]
+    return {"axes": named, "datasets": datasets, "name": "image"}
+
+
+def _array_document(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype,
+                    axes: tuple[str, ...]) -> tuple[bytes, Any, Any] | None:
+    """(zarr.json, numcodecs codec or None, fill value) of the array Zarr creates as dask's
+    to_zarr asks it to; None when its chunks are not plain (little-endian + one codec)."""
+    from zarr.storage import MemoryStore
+
+    from unetflow.chunkfiles import little_endian_bytes, numcodecs_codec
+
+    array = zarr.create_array(store=MemoryStore(), shape=shape, chunks=chunks, dtype=dtype,
+                              compressors="auto", dimension_names=list(axes), zarr_format=3)
+    meta = array.metadata
+    serializer, compressors = meta.codecs[0], meta.codecs[1:]
+    codec = numcodecs_codec(compressors[0]) if len(compressors) == 1 else None
+    keys = meta.chunk_key_encoding
+    if (not little_endian_bytes(serializer, np.dtype(dtype).itemsize) or len(compressors) > 1
+            or (compressors and codec is None) or keys.encode_chunk_key((0,) * len(shape))
+            != "c/" + "/".join(["0"] * len(shape))):
+        return None
+    document = json.dumps(meta.to_dict(), allow_nan=False).encode()
+    return document, codec, meta.fill_value
+
+
+_ARRAY_DOCUMENTS: dict[tuple, tuple[bytes, Any, Any] | None] = {}
+
+
+def _cached_array_document(shape: tuple[int, ...], chunks: tuple[int, ...], dtype: np.dtype,
+                           axes: tuple[str, ...]) -> tuple[bytes, Any, Any] | None:
+    """The same arrays recur in every field of a plate: ask Zarr once per kind (3 ms)."""
+    key = (shape, chunks, np.dtype(dtype).str, axes)
+    if key not in _ARRAY_DOCUMENTS:
+        _ARRAY_DOCUMENTS[key] = _array_document(shape, chunks, np.dtype(dtype), axes)
+    return _ARRAY_DOCUMENTS[key]
+
+
+def _write_group_document(path: Path, attributes: dict[str, Any]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "zarr.json").write_text(json.dumps({"attributes": attributes, "zarr_format": 3,
+                                                "node_type": "group"}))
+
+
+def _write_chunks(path: Path, data: np.ndarray, chunks: tuple[int, ...], codec: Any,
+                  fill_value: Any) -> None:
+    """Chunk files as Zarr writes them: edge chunks padded with the fill value, chunks that
+    hold only the fill value left out (Zarr's write_empty_chunks: false)."""
+    grid = [range(-(-s // c)) for s, c in zip(data.shape, chunks, strict=True)]
+    for index in itertools.product(*grid):
+        region = tuple(slice(i * c, (i + 1) * c) for i, c in zip(index, chunks, strict=True))
+        part = data[region]
+        if np.all(part == fill_value):
+            continue
+        if part.shape != chunks:
+            padded = np.full(chunks, fill_value, dtype=data.dtype)
+            padded[tuple(slice(0, s) for s in part.shape)] = part
+            part = padded
+        raw = np.ascontiguousarray(part, dtype=data.dtype.newbyteorder("<")).tobytes()
+        target = path.joinpath("c", *map(str, index))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(codec.encode(raw) if codec is not None else raw)
+
+
+def _write_multiscale_direct(path: Path, data: np.ndarray, axes: list[str],
+                             factors: list[dict[str, int]], method: str,
+                             chunks: tuple[int, ...] | None, scale: dict[str, float] | None,
+                             units: dict[str, str] | None,
+                             translation: dict[str, float] | None) -> dict[str, Any] | None:
+    """Write the levels of a multiscale image into `path`; its multiscales entry, or None
+    (nothing written) when this cannot match ome-zarr-py."""
+    levels = _direct_pyramid(data, axes, factors, method)
+    if levels is None or data.dtype.byteorder == ">" or data.dtype.hasobject:
+        return None
+    arrays = []
+    for level in levels:
+        level_chunks = tuple(chunks) if chunks else level.shape
+        document = _cached_array_document(level.shape, level_chunks, level.dtype, tuple(axes))
+        if document is None:
+            return None
+        arrays.append((level, level_chunks, document))
+    for index, (level, level_chunks, (document, codec, fill)) in enumerate(arrays):
+        array_path = path / f"s{index}"
+        array_path.mkdir(parents=True, exist_ok=True)
+        (array_path / "zarr.json").write_bytes(document)
+        _write_chunks(array_path, level, level_chunks, codec, fill)
+    return _direct_multiscales(axes, [level.shape for level in levels], scale, units,
+                               translation)
+
+
+def write_image_direct(path: str | Path, data: np.ndarray, axes: list[str],
+                       scale: dict[str, float] | None = None,
+                       units: dict[str, str] | None = None, pyramid_levels: int = 1,
+                       chunks: tuple[int, ...] | None = None,
+                       attrs: dict[str, Any] | None = None,
+                       channel_names: list[str] | None = None, downsample_z: bool = False,
+                       translation: dict[str, float] | None = None) -> None:
+    """`write_image` for a numpy array: the same store, without dask (about 10x faster for
+    a 256^2 image), atomically."""
+    factors = _scale_factors(spatial_axes(axes), pyramid_levels, downsample_z)
+    with atomic_path(path) as tmp:
+        tmp.mkdir(parents=True)
+        multiscales = _write_multiscale_direct(tmp, data, axes, factors, "resize", chunks,
+                                               scale, units, translation)
+        if multiscales is None:
+            shutil.rmtree(tmp)
+            write_image(tmp, data, axes, scale=scale, units=units,
+                        pyramid_levels=pyramid_levels, chunks=chunks, attrs=attrs,
+                        channel_names=channel_names, downsample_z=downsample_z,
+                        translation=translation)
+            return
+        ome: dict[str, Any] = {"version": "0.5", "multiscales": [multiscales]}
+        if channel_names:
+            ome["omero"] = {"channels": [{"label": n, "active": True} for n in channel_names]}
+        _write_group_document(tmp, {"ome": ome, **({"unetflow": attrs} if attrs else {})})
+
+
+def write_label_image_direct(image_path: str | Path, name: str, labels: np.ndarray,
+                             axes: list[str], scale: dict[str, float] | None = None,
+                             units: dict[str, str] | None = None,
+                             chunks: tuple[int, ...] | None = None, pyramid_levels: int = 1,
+                             downsample_z: bool = False,
+                             translation: dict[str, float] | None = None) -> None:
+    """`write_label_image(..., streaming=True)` for a numpy array: the same label image,
+    without dask. Like it, writes into an image store still under its temporary name."""
+    root = Path(image_path)
+    factors = _scale_factors(spatial_axes(axes), pyramid_levels, downsample_z)
+    target = root / "labels" / name
+    multiscales = _write_multiscale_direct(target, labels, axes, factors, "nearest", chunks,
+                                           scale, units, translation)
+    if multiscales is None:
+        shutil.rmtree(target, ignore_errors=True)
+        write_label_image(root, name, labels, axes, scale=scale, units=units, chunks=chunks,
+                          pyramid_levels=pyramid_levels, downsample_z=downsample_z,
+                          translation=translation, streaming=True)
+        return
+    _write_group_document(target, {"ome": {
+        "version": "0.5", "multiscales": [multiscales],
+        "image-label": {"source": {"image": "../../"}, "version": "0.5"}}})
+    try:
+        known = json.loads((root / "labels" / "zarr.json").read_text())
+        names = known["attributes"]["ome"].get("labels", [])
+    except (OSError, ValueError, KeyError):
+        names = []
+    _write_group_document(root / "labels", {"ome": {"version": "0.5",
+                                                     "labels": sorted({*names, name})}})
