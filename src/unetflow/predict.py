@@ -29,6 +29,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,9 @@ from unetflow.ome import (
     channel_first_axes,
     open_image,
     write_image,
+    write_image_direct,
     write_label_image,
+    write_label_image_direct,
 )
 from unetflow.tiling import (
     Box,
@@ -77,6 +80,11 @@ __all__ = [
     "fold_windows",
     "predict_array",
     "prepare_job",
+    "job_runner",
+    "prediction_provenance",
+    "instance_labels",
+    "write_regression",
+    "write_segmentation",
     "create_raw_store",
     "predict_shard",
     "gather_prediction",
@@ -196,10 +204,10 @@ class TileRunner:
 class _Progress:
     """Tiles done / total on stderr (tqdm), updated from dask worker threads."""
 
-    def __init__(self, total: int, desc: str) -> None:
+    def __init__(self, total: int, desc: str, unit: str = "tile") -> None:
         from tqdm import tqdm
 
-        self._bar = tqdm(total=total, desc=desc, unit="tile", file=sys.stderr, ascii=True,
+        self._bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, ascii=True,
                          mininterval=2.0, disable=False)
         self._lock = threading.Lock()
 
@@ -418,21 +426,26 @@ class PredictionJob:
 
 
 def prepare_job(checkpoint_path: str, image_path: str, channels: list | None,
-                settings: dict[str, Any], stats_path: str | None = None) -> PredictionJob:
+                settings: dict[str, Any], stats_path: str | None = None, *,
+                description: dict[str, Any] | None = None, network: UNet | None = None,
+                stats: dict[str, Any] | None = None) -> PredictionJob:
     """Open the image lazily and plan its tiles from the checkpoint's description.
 
     The network's architecture (for the exact halo) is built without weights on the meta
-    device: nothing is loaded onto a device.
+    device: nothing is loaded onto a device. A job that prepares many images (a batch of
+    positions) passes the `description`, its skeleton `network` and the `stats` it has
+    already read, so that each image costs only its own metadata.
     """
-    description = read_description(checkpoint_path)
-    network = skeleton_model(description)
+    description = description or read_description(checkpoint_path)
+    network = network or skeleton_model(description)
     image = open_image(image_path, level=settings["level"])
     data, axes = channel_first_axes(image, channels)
     in_channels = description["model_config"]["in_channels"]
     if data.shape[0] != in_channels:
         raise ValueError(f"{image_path}: {data.shape[0]} channel(s) selected but the model "
                          f"takes {in_channels}; check datasets.*.channels")
-    stats = read_stats(stats_path) if stats_path else None
+    if stats is None and stats_path:
+        stats = read_stats(stats_path)
     plan = plan_tiles(axes[1:], data.shape[1:], network, tuple(settings["tile_shape"]),
                       settings["halo"], settings["blending"])
     return PredictionJob(checkpoint_path, description, image, axes, data, stats, settings,
@@ -521,21 +534,29 @@ def _store_boxes(lazy_boxes: Iterator[tuple[da.Array, tuple[slice, ...]]],
         pool.shutdown()
 
 
+def job_runner(job: PredictionJob) -> TileRunner:
+    """The job's network loaded on predict.device, as a TileRunner (loads the weights)."""
+    model, device = job.load_network()
+    return TileRunner(model, device, softmax=job.segmentation, amp=job.settings["amp"],
+                      batch_size=job.settings["batch_size"])
+
+
 def predict_shard(job: PredictionJob, raw_path: str | Path, shard: int, shards: int,
-                  threads: int) -> dict[str, Any]:
+                  threads: int, runner: TileRunner | None = None) -> dict[str, Any]:
     """Predict the tiles of shard `shard` of `shards` into the raw store; returns a record.
 
     Only this shard's chunks are written, so shards can run as separate jobs at once; a
-    shard that was killed is simply run again (it rewrites the same chunks).
+    shard that was killed is simply run again (it rewrites the same chunks). A caller that
+    predicts many images with one network passes its `runner` (`job_runner`), so the
+    checkpoint is loaded once.
     """
     group, meta = _open_raw(raw_path, job.plan)
     if meta["shards"] != shards:
         raise ValueError(f"{raw_path}: created for {meta['shards']} shards, not {shards}")
     boxes = shard_boxes(job.plan, shards, shard)
-    model, device = job.load_network()
+    runner = runner or job_runner(job)
+    device = runner.device
     workers = _threads(job.settings, threads)
-    runner = TileRunner(model, device, softmax=job.segmentation, amp=job.settings["amp"],
-                        batch_size=job.settings["batch_size"])
     source = job.normalized_source()
     progress = _Progress(job.plan.tile_count(boxes), f"predict shard {shard + 1}/{shards}")
     started = time.perf_counter()
@@ -597,9 +618,20 @@ def _output_layout(job: PredictionJob, channels: int) -> tuple[list[str], int | 
     return other, None
 
 
-def _place_channels(values: da.Array, position: int | None) -> da.Array:
+def _place_channels(values: da.Array | np.ndarray, position: int | None
+                    ) -> da.Array | np.ndarray:
     """(K, *other) -> the output axis order (c after t), or without c."""
-    return values[0] if position is None else da.moveaxis(values, 0, position)
+    if position is None:
+        return values[0]
+    return (np if isinstance(values, np.ndarray) else da).moveaxis(values, 0, position)
+
+
+def _writers(values: da.Array | np.ndarray) -> tuple[Any, Any]:
+    """ome's image and label writers for dask arrays, or their direct twins for numpy (the
+    same stores, without dask's cost per image: a batch of small positions)."""
+    if isinstance(values, np.ndarray):
+        return write_image_direct, write_label_image_direct
+    return write_image, partial(write_label_image, streaming=True)
 
 
 def _chunks_for(job: PredictionJob, axes: list[str], channels: int) -> tuple[int, ...]:
@@ -614,12 +646,19 @@ def _chunks_for(job: PredictionJob, axes: list[str], channels: int) -> tuple[int
     return tuple(channels if a == "c" else tiles[a] for a in axes)
 
 
-def _provenance(job: PredictionJob, model_name: str, dataset: str,
-                records: list[dict[str, Any]]) -> dict[str, Any]:
+def prediction_provenance(job: PredictionJob, model_name: str, dataset: str,
+                          records: list[dict[str, Any]],
+                          checkpoint_sha256: str | None = None) -> dict[str, Any]:
+    """What the output's `unetflow` attribute records: model, data, checkpoint, settings.
+
+    `checkpoint_sha256` saves hashing the checkpoint again (a batch of positions hashes
+    it once).
+    """
     ckpt = job.description
     return {"model": model_name, "dataset": dataset, "image": job.image.path,
             "level": job.settings["level"], "checkpoint": str(job.checkpoint_path),
-            "checkpoint_sha256": file_sha256(job.checkpoint_path), "task": ckpt["task"],
+            "checkpoint_sha256": checkpoint_sha256 or file_sha256(job.checkpoint_path),
+            "task": ckpt["task"],
             "step": ckpt.get("step"), "predict": job.settings, "halo": job.plan.halo,
             "tiles": job.plan.to_dict(), "shards": [{k: r[k] for k in
                                                     ("shard", "tiles", "seconds", "device")}
@@ -635,8 +674,11 @@ def _geometry(job: PredictionJob, axes: list[str]) -> dict[str, Any]:
             "units": {a: u for a, u in job.image.units.items() if a in axes}}
 
 
-def _write_regression(job: PredictionJob, values: da.Array, output: Path,
-                      provenance: dict[str, Any]) -> None:
+def write_regression(job: PredictionJob, values: da.Array | np.ndarray, output: Path,
+                     provenance: dict[str, Any]) -> None:
+    """The regression output (in the input's units with output_units: input) as an NGFF
+    image with its pyramid, atomically; dask arrays are computed with dask's current
+    scheduler, numpy arrays (a small position, one block) written directly."""
     if job.settings["output_units"] == "input":
         if values.shape[0] != len(job.stats["channels"]):
             raise ValueError(f"predict.output_units is 'input' but the model has "
@@ -645,57 +687,73 @@ def _write_regression(job: PredictionJob, values: da.Array, output: Path,
         values = denormalize_array(values, job.stats, job.normalization["method"])
     axes, position = _output_layout(job, values.shape[0])
     geo = _geometry(job, axes)
-    write_image(output, _place_channels(values.astype(np.float32), position), axes,
+    write, _ = _writers(values)
+    write(output, _place_channels(values.astype(np.float32), position), axes,
                 scale=geo["scale"], units=geo["units"],
                 pyramid_levels=job.settings["pyramid_levels"],
                 chunks=_chunks_for(job, axes, values.shape[0]), attrs=provenance,
                 translation=geo["translation"])
 
 
-def _write_segmentation(job: PredictionJob, probabilities: da.Array, output: Path,
-                        provenance: dict[str, Any], work: Path, workers: int) -> int:
-    """Probabilities (optional) as the image, labels under labels/prediction; returns count."""
-    classes = probabilities.argmax(axis=0).astype(np.uint32)
-    count = None
-    if job.settings["instances"]:
-        per_time_point = tuple(i for i, a in enumerate(job.plan.axes) if a == "t")
-        labels, count = connected_components(classes > 0, work / "local_labels.zarr", workers,
-                                             separate_axes=per_time_point)
-        stored = zarr.open_array(str(work / "labels.zarr"), mode="w", shape=labels.shape,
-                                 chunks=labels.chunksize, dtype=labels.dtype)
-        with dask.config.set(scheduler="threads", num_workers=workers):
-            da.store(labels, stored, lock=False)  # relabel once, read by both writes
-        labels = da.from_zarr(stored)
-    else:
-        labels = classes
-    if job.settings["probabilities"]:
-        root = probabilities
-    else:
-        root = labels[None]
+def instance_labels(job: PredictionJob, classes: da.Array, work: Path,
+                    workers: int) -> tuple[da.Array, int]:
+    """Connected components of the foreground (per time point), stored once under `work`
+    (both writes read them), and their count."""
+    per_time_point = tuple(i for i, a in enumerate(job.plan.axes) if a == "t")
+    labels, count = connected_components(classes > 0, work / "local_labels.zarr", workers,
+                                         separate_axes=per_time_point)
+    stored = zarr.open_array(str(work / "labels.zarr"), mode="w", shape=labels.shape,
+                             chunks=labels.chunksize, dtype=labels.dtype)
+    with dask.config.set(scheduler="threads", num_workers=workers):
+        da.store(labels, stored, lock=False)  # relabel once, read by both writes
+    return da.from_zarr(stored), count
+
+
+def write_segmentation(job: PredictionJob, probabilities: da.Array | np.ndarray,
+                       labels: da.Array | np.ndarray, output: Path,
+                       provenance: dict[str, Any]) -> None:
+    """Probabilities (predict.probabilities) or the labels as the image, the labels under
+    labels/prediction, atomically; dask arrays are computed with dask's current scheduler,
+    numpy arrays (a small position, one block) written directly."""
+    root = probabilities if job.settings["probabilities"] else labels[None]
     axes, position = _output_layout(job, root.shape[0])
     label_axes = [a for a in axes if a != "c"]
     geo = _geometry(job, axes)
     levels = job.settings["pyramid_levels"]
     chunks = _chunks_for(job, axes, root.shape[0])
-    with atomic_path(output) as tmp, dask.config.set(scheduler="threads", num_workers=workers):
-        write_image(tmp, _place_channels(root, position), axes, scale=geo["scale"],
-                    units=geo["units"], pyramid_levels=levels, chunks=chunks,
-                    attrs=provenance, translation=geo["translation"])
-        write_label_image(tmp, "prediction", labels, label_axes,
-                          scale={a: geo["scale"][a] for a in label_axes}, units=geo["units"],
-                          chunks=tuple(c for c, a in zip(chunks, axes, strict=True) if a != "c"),
-                          pyramid_levels=levels, translation=geo["translation"],
-                          streaming=True)
+    write, write_labels = _writers(root)
+    with atomic_path(output) as tmp:
+        write(tmp, _place_channels(root, position), axes, scale=geo["scale"],
+              units=geo["units"], pyramid_levels=levels, chunks=chunks,
+              attrs=provenance, translation=geo["translation"])
+        write_labels(tmp, "prediction", labels, label_axes,
+                     scale={a: geo["scale"][a] for a in label_axes}, units=geo["units"],
+                     chunks=tuple(c for c, a in zip(chunks, axes, strict=True) if a != "c"),
+                     pyramid_levels=levels, translation=geo["translation"])
+
+
+def _write_segmentation(job: PredictionJob, probabilities: da.Array, output: Path,
+                        provenance: dict[str, Any], work: Path, workers: int) -> int:
+    """Probabilities (optional) as the image, labels under labels/prediction; returns count."""
+    classes = probabilities.argmax(axis=0).astype(np.uint32)
+    if job.settings["instances"]:
+        labels, count = instance_labels(job, classes, work, workers)
+    else:
+        labels, count = classes, None
+    with dask.config.set(scheduler="threads", num_workers=workers):
+        write_segmentation(job, probabilities, labels, output, provenance)
     return count if count is not None else int(classes.max().compute())
 
 
 def gather_prediction(job: PredictionJob, raw_path: str | Path, records: list[dict[str, Any]],
                       output: str | Path, model_name: str, dataset: str,
-                      threads: int) -> dict[str, Any]:
+                      threads: int, provenance: dict[str, Any] | None = None
+                      ) -> dict[str, Any]:
     """Write the NGFF 0.5 output from a complete raw store: blend, pyramid, labels, metadata.
 
     Everything streams chunk by chunk; the store appears at `output` only when complete.
     No network is loaded: the checkpoint's description and the dataset's statistics suffice.
+    `provenance` replaces the default `prediction_provenance` (a position adds its own).
     """
     if job.stats is None:
         raise ValueError("the gather needs the dataset's statistics (--stats)")
@@ -707,7 +765,7 @@ def gather_prediction(job: PredictionJob, raw_path: str | Path, records: list[di
         shutil.rmtree(work)
     work.mkdir(parents=True)
     workers = _threads(job.settings, threads)
-    provenance = _provenance(job, model_name, dataset, records)
+    provenance = provenance or prediction_provenance(job, model_name, dataset, records)
     try:
         values = _blend(job, raw, work, workers)
         if job.segmentation:
@@ -715,7 +773,7 @@ def gather_prediction(job: PredictionJob, raw_path: str | Path, records: list[di
             summary = {"labels": objects}
         else:
             with dask.config.set(scheduler="threads", num_workers=workers):
-                _write_regression(job, values, output, provenance)
+                write_regression(job, values, output, provenance)
             summary = {}
     finally:
         shutil.rmtree(work, ignore_errors=True)
