@@ -190,6 +190,45 @@ def _cmd_predict_run(args: argparse.Namespace) -> None:
     print(f"predict: {args.model} on {args.dataset} -> {args.output}")
 
 
+def _position_keys(keys: Any) -> list[str] | None:
+    if keys is not None and (not isinstance(keys, list)
+                             or not all(isinstance(k, str) for k in keys)):
+        raise ValueError(f"--keys: {json.dumps(keys)[:60]} is not a JSON list of position keys")
+    return keys
+
+
+def _cmd_predict_positions(args: argparse.Namespace) -> None:
+    from unetflow.plates import read_positions
+    from unetflow.predict_positions import predict_positions
+
+    keys = _position_keys(args.keys)
+    record = predict_positions(args.checkpoint, read_positions(args.positions, keys), keys,
+                               args.stats, args.channels, _section(args, "predict"),
+                               args.model, args.dataset, args.output, args.threads,
+                               args.record)
+    print(f"predict positions: {args.model} on {args.dataset}: {len(record['predicted'])} "
+          f"predicted, {len(record['kept'])} kept (up to date) in {record['seconds']} s"
+          f"{' on ' + record['device'] if record['device'] else ''} -> {args.output}")
+
+
+def _batch_record(path: str) -> dict[str, Any]:
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}: not a batch record ({err}); rerun that batch") from err
+
+
+def _cmd_predict_finish(args: argparse.Namespace) -> None:
+    from unetflow.plates import read_positions
+    from unetflow.predict_positions import finish_plate
+
+    index = finish_plate(read_positions(args.positions), args.output,
+                         [_batch_record(p) for p in args.records], args.model, args.dataset,
+                         args.checkpoint, _section(args, "predict"), args.index)
+    print(f"predict finish: {args.model} on {args.dataset}: {len(index['positions'])} "
+          f"positions ({index['kind']}) -> {args.output}")
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from unetflow.evaluate import evaluate_prediction
 
@@ -365,12 +404,15 @@ def _settings(parser: argparse.ArgumentParser, section: str, execution: bool = F
 
 
 def _add_predict(sub) -> None:
-    """`unetflow predict create|shard|gather` (what the rules run) and `run` (all three)."""
+    """`unetflow predict create|shard|gather` (what the rules run) and `run` (all three);
+    `positions` and `finish` for plates and collections."""
     predict = sub.add_parser("predict", help="tiled prediction into OME-Zarr (NGFF 0.5)",
                              description="tiled prediction: create the raw store, predict its "
-                                         "shards, gather the output; or run all three")
+                                         "shards, gather the output; or run all three. For a "
+                                         "plate or collection: predict batches of positions, "
+                                         "then finish")
     steps = predict.add_subparsers(dest="step", required=True,
-                                   metavar="{create,shard,gather,run}")
+                                   metavar="{create,shard,gather,run,positions,finish}")
     specs = {
         "create": (_cmd_predict_create, "create the empty raw store the shards write into "
                                         "(reads the checkpoint's description, no network)"),
@@ -400,6 +442,37 @@ def _add_predict(sub) -> None:
             p.add_argument("--dataset", required=True)
         if name == "gather":
             _input(p, "records", nargs="+", help="the shards' JSON records")
+    _add_predict_positions(steps)
+
+
+def _add_predict_positions(steps) -> None:
+    """`unetflow predict positions` (one batch of a plate or collection) and `finish`."""
+    p = _add(steps, "positions", _cmd_predict_positions,
+             "predict a batch of a plate's or collection's positions, one NGFF image each "
+             "(loads the network once; keeps outputs that are up to date)")
+    _input(p, "--checkpoint", required=True)
+    _input(p, "--positions", required=True, help="the dataset's positions file")
+    p.add_argument("--keys", type=_json, default=None,
+                   help="the batch's position keys (JSON list; default: all)")
+    _input(p, "--stats", required=True)
+    p.add_argument("--channels", type=_json, default=None)
+    _settings(p, "predict", execution=True)
+    for name in ("model", "dataset"):
+        p.add_argument(f"--{name}", required=True)
+    p.add_argument("--threads", type=int, default=1, help="the job's threads")
+    p.add_argument("--output", required=True, help="the output plate or collection folder")
+    p.add_argument("--record", required=True, help="the batch's JSON record")
+
+    p = _add(steps, "finish", _cmd_predict_finish,
+             "after all batches: plate and well metadata, stale positions removed, the index")
+    _input(p, "--positions", required=True, help="the dataset's positions file")
+    _input(p, "--checkpoint", required=True)
+    _settings(p, "predict")
+    for name in ("model", "dataset"):
+        p.add_argument(f"--{name}", required=True)
+    p.add_argument("--output", required=True, help="the output plate or collection folder")
+    p.add_argument("--index", required=True, help="the index JSON to write")
+    _input(p, "records", nargs="+", help="the batches' JSON records")
 
 
 def _add_evaluate_positions(sub) -> None:
