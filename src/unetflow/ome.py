@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -469,7 +470,7 @@ def _write_chunks(path: Path, data: np.ndarray, chunks: tuple[int, ...], codec: 
             part = padded
         raw = np.ascontiguousarray(part, dtype=data.dtype.newbyteorder("<")).tobytes()
         target = path.joinpath("c", *map(str, index))
-        target.parent.mkdir(parents=True, exist_ok=True)
+        os.makedirs(target.parent, exist_ok=True)  # one mkdir per new folder (pathlib: two)
         target.write_bytes(codec.encode(raw) if codec is not None else raw)
 
 

@@ -636,14 +636,17 @@ def _writers(values: da.Array | np.ndarray) -> tuple[Any, Any]:
 
 def _chunks_for(job: PredictionJob, axes: list[str], channels: int) -> tuple[int, ...]:
     """Output chunks: predict.chunks on the model's axes (default: the tile), 1 on t and on
-    z for a 2D model, all channels together."""
+    z for a 2D model, all channels together; never larger than the image, whose one chunk
+    would otherwise be padded to the tile (16x the bytes of a 256^2 field in tiles of 1024,
+    written, compressed and read back for nothing)."""
     plan = job.plan
     configured = job.settings["chunks"]
     tiles = dict(zip(plan.axes, plan.tile, strict=True))
     if configured:
         model_names = [plan.axes[a] for a in plan.model_axes]
         tiles.update(zip(model_names[-len(configured):], configured, strict=False))
-    return tuple(channels if a == "c" else tiles[a] for a in axes)
+    sizes = dict(zip(plan.axes, plan.shape, strict=True))
+    return tuple(channels if a == "c" else min(tiles[a], sizes[a]) for a in axes)
 
 
 def prediction_provenance(job: PredictionJob, model_name: str, dataset: str,
