@@ -7,11 +7,19 @@ that the single-image path (`predict.predict_to_ome_zarr`) writes for that field
 `plates.position_output_path`, written atomically.
 
 A batch loads the checkpoint, hashes it and builds the network once; per position it pays
-only for its own pixels: it opens the field, predicts it in memory when it is small (at
-most `tiling.UNIT_MEGAPIXELS` of output: no raw store, no scratch store) and writes the
-output. Positions are predicted on `workers` threads while the main thread writes finished
-ones, so the forward passes keep the cores busy during the writes. A larger position goes
-through the raw store as a single image does (create, shard, gather), with the same network.
+only for its own pixels. Positions are worked on by the job's dask workers (threads), each
+position by one: it opens the field, predicts it in memory (at most
+`tiling.UNIT_MEGAPIXELS` of output: no raw store, no scratch store) and, when the output
+is one chunk (most fields of a screen), writes it with `ome.write_image_direct` (the store
+ome-zarr-py writes, without dask and Zarr calls). Outputs of several chunks are written by
+the main thread with dask, chunked as the raw store is; larger positions go through the raw
+store as a single image does (create, shard, gather), with the same network.
+
+Cost (64 fields of 256^2 on this 2-core machine, `bench/plate_throughput.py` and
+cProfile): the single-image path run per field cost about 300 ms per field beyond its
+forward pass (checkpoint loaded and hashed, dask graphs, raw and scratch stores, ome-zarr-py);
+here a field costs its forward pass plus about 20-40 ms, most of it creating the 24 folders
+and 15 files of its NGFF image (three levels and labels).
 
 Reruns. Each output carries a fingerprint (`position_fingerprint`) of what decides it: the
 checkpoint's contents, the predict settings that change outputs, the position's
@@ -209,46 +217,46 @@ def _single_chunk(plan: TilePlan) -> bool:
     return all(s <= t for s, t in zip(plan.shape, plan.tile, strict=True))
 
 
-def _labels_in_memory(job: PredictionJob, probabilities: np.ndarray, work: Path,
-                      workers: int) -> np.ndarray | da.Array:
-    """The output labels, as `predict.instance_labels` makes them.
-
-    On one chunk (a small field), connected components are scipy's labels of the whole
-    foreground, which is what `components.connected_components` computes for one chunk;
-    otherwise they go through it (and a scratch store under `work`).
-    """
+def _labels_of_one_chunk(job: PredictionJob, probabilities: np.ndarray) -> np.ndarray:
+    """The output labels of a position of one chunk, as `predict.instance_labels` makes
+    them: `components.connected_components` of one chunk is scipy's labels of it."""
     from scipy import ndimage
 
     classes = probabilities.argmax(axis=0).astype(np.uint32)
     if not job.settings["instances"]:
         return classes
-    if _single_chunk(job.plan):
-        return ndimage.label(classes > 0)[0].astype(np.uint32)
-    work.mkdir(parents=True, exist_ok=True)
-    lazy = da.from_array(classes, chunks=job.plan.tile)
-    return instance_labels(job, lazy, work, workers)[0]
+    return ndimage.label(classes > 0)[0].astype(np.uint32)
 
 
-def _write_in_memory(job: PredictionJob, values: np.ndarray, output: str,
-                     provenance: dict[str, Any], workers: int) -> None:
-    """Write a position's output from its model output, as the store path's gather does.
+def _write_one_chunk(job: PredictionJob, values: np.ndarray, output: str,
+                     provenance: dict[str, Any]) -> None:
+    """A position of one chunk: numpy arrays to the direct writers (the same store as the
+    gather's, without dask or Zarr calls: safe on any worker thread)."""
+    if job.segmentation:
+        write_segmentation(job, values, _labels_of_one_chunk(job, values), Path(output),
+                           provenance)
+    else:
+        write_regression(job, values, Path(output), provenance)
 
-    A position of one chunk goes to the writers as numpy arrays (`ome.write_image_direct`:
-    the same store without dask's cost per image); a larger one as dask arrays chunked as
-    the raw store is (the same pyramid), with dask in this thread.
-    """
+
+def _write_chunked(job: PredictionJob, values: np.ndarray, output: str,
+                   provenance: dict[str, Any], workers: int) -> None:
+    """A position of several chunks (but small enough for memory): dask arrays chunked as
+    the raw store is (so the same pyramid and labels as the gather's), dask in this thread
+    (it sets dask's scheduler: the main thread only)."""
+    lazy = da.from_array(values, chunks=(values.shape[0], *job.plan.tile))
     work = Path(output).with_name(f".{Path(output).name}.work")
     try:
-        labels = _labels_in_memory(job, values, work, workers) if job.segmentation else None
-        if not _single_chunk(job.plan):
-            values = da.from_array(values, chunks=(values.shape[0], *job.plan.tile))
-            if isinstance(labels, np.ndarray):
-                labels = da.from_array(labels, chunks=job.plan.tile)
-        with dask.config.set(scheduler="sync"):
-            if labels is None:
-                write_regression(job, values, Path(output), provenance)
-            else:
-                write_segmentation(job, values, labels, Path(output), provenance)
+        if job.segmentation:
+            classes = lazy.argmax(axis=0).astype(np.uint32)
+            if job.settings["instances"]:
+                work.mkdir(parents=True, exist_ok=True)
+                classes = instance_labels(job, classes, work, workers)[0]
+            with dask.config.set(scheduler="sync"):
+                write_segmentation(job, lazy, classes, Path(output), provenance)
+        else:
+            with dask.config.set(scheduler="sync"):
+                write_regression(job, lazy, Path(output), provenance)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -292,23 +300,37 @@ def _refuse_overwriting_input(todo: _Todo) -> None:
                          f"overwrite its input {todo.position.image}; give another output")
 
 
-def _prepare_and_predict(batch: _Batch, todo: _Todo) -> tuple[PredictionJob, np.ndarray | None]:
-    """Runs on a worker: open the position; predict it now if it is small."""
+@dataclass
+class _Done:
+    """What a worker hands back: the position's job, and what is left to do."""
+
+    job: PredictionJob
+    values: np.ndarray | None = None  # predicted, to be written with dask (several chunks)
+    written: bool = False  # predicted and written (one chunk)
+
+
+def _work_on(batch: _Batch, todo: _Todo) -> _Done:
+    """Runs on a worker: open the position; predict it if it fits in memory, and write it
+    too if it is one chunk (most fields of a screen)."""
     job = batch.job(todo.position)
     if not _fits_in_memory(job.plan):
-        return job, None
-    return job, _model_output(job, batch.runner)
+        return _Done(job)
+    values = _model_output(job, batch.runner)
+    if not _single_chunk(job.plan):
+        return _Done(job, values)
+    _write_one_chunk(job, values, todo.output,
+                     batch.provenance(job, todo.position, todo.fingerprint))
+    return _Done(job, written=True)
 
 
-def _in_order(batch: _Batch, todos: list[_Todo]
-              ) -> Iterator[tuple[_Todo, Future]]:
-    """Positions predicted on `batch.workers` threads, yielded in order; at most workers
-    + 1 results wait in memory."""
+def _in_order(batch: _Batch, todos: list[_Todo]) -> Iterator[tuple[_Todo, Future]]:
+    """Positions worked on by `batch.workers` threads, yielded in order; at most twice as
+    many in flight (so memory holds a few positions, never the batch)."""
     with ThreadPoolExecutor(batch.workers, thread_name_prefix="unetflow-position") as pool:
         pending: deque[tuple[_Todo, Future]] = deque()
         for todo in todos:
-            pending.append((todo, pool.submit(_prepare_and_predict, batch, todo)))
-            if len(pending) > batch.workers:
+            pending.append((todo, pool.submit(_work_on, batch, todo)))
+            if len(pending) >= 2 * batch.workers:
                 yield pending.popleft()
         while pending:
             yield pending.popleft()
@@ -316,18 +338,19 @@ def _in_order(batch: _Batch, todos: list[_Todo]
 
 def _predict_todos(batch: _Batch, todos: list[_Todo], threads: int,
                    done: Callable[[], None]) -> None:
-    """Predict and write every position of `todos`; small ones in memory, others through
-    the raw store after them (those use all the job's threads themselves)."""
+    """Predict and write every position of `todos`: small ones on the workers (in memory),
+    the others through the raw store after them (those use all the job's threads)."""
     large: list[tuple[_Todo, PredictionJob]] = []
     for todo, future in _in_order(batch, todos):
         try:
-            job, values = future.result()
-            if values is None:
-                large.append((todo, job))
+            result = future.result()
+            if not result.written and result.values is None:
+                large.append((todo, result.job))
                 continue
-            _write_in_memory(job, values, todo.output,
-                             batch.provenance(job, todo.position, todo.fingerprint),
-                             batch.workers)
+            if not result.written:
+                _write_chunked(result.job, result.values, todo.output,
+                               batch.provenance(result.job, todo.position, todo.fingerprint),
+                               batch.workers)
         except (ValueError, OSError) as err:
             raise _failed(todo, err) from err
         batch.predicted.append(todo.position.key)
