@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 import dask.array as da
 import numpy as np
 import pytest
 
+from conftest import run_cli
 from unetflow.demo import synthesize_nuclei
 from unetflow.normalize import (
     NormalizationError,
@@ -22,7 +24,13 @@ from unetflow.normalize import (
     write_stats,
 )
 from unetflow.ome import open_image, write_image
-from unetflow.plates import Position, PositionSet, dataset_positions, write_demo_plate
+from unetflow.plates import (
+    Position,
+    PositionSet,
+    dataset_positions,
+    write_demo_plate,
+    write_positions,
+)
 
 PERCENTILES = [1.0, 99.8]
 SETTINGS = {"level": 0, "percentiles": PERCENTILES, "histogram_bins": 256, "mask": None}
@@ -272,3 +280,41 @@ def test_foreground_mask_without_targets_names_the_position(collection):
     (3, None, [0, 1, 2]), (3, 10, [0, 1, 2])])
 def test_spread_indices_cover_the_whole_order(total, cap, expected):
     assert spread_indices(total, cap) == expected
+
+
+# --- the command line -------------------------------------------------------------------------
+def test_cli_normalizes_a_positions_file_per_dataset_and_per_position(plate, tmp_path):
+    chosen = plate.select(plate.keys[:4])
+    write_positions(chosen, tmp_path / "screen.json")
+    base = ["normalize", "--positions", str(tmp_path / "screen.json"), "--dataset", "screen",
+            "--settings", json.dumps({"sample_positions": 2})]
+    result = run_cli(*base, "--output", str(tmp_path / "d.json"))
+    assert result.returncode == 0, result.stderr
+    assert "(2 of 4 positions)" in result.stdout
+    stats = read_stats(tmp_path / "d.json")
+    assert stats["positions"] == {"total": 4, "used": 2, "keys": ["A01_0", "A02_1"]}
+    assert stats["histogram_bins"] == 4096  # the schema's defaults filled in
+    result = run_cli(*base, "--per", "position", "--output", str(tmp_path / "p.json"))
+    assert result.returncode == 0, result.stderr
+    assert list(read_stats(tmp_path / "p.json")["positions"]) == chosen.keys
+
+
+@pytest.mark.parametrize(("extra", "message"), [
+    (["--positions", "POSITIONS", "--image", "IMAGE"], "not allowed with argument"),
+    ([], "one of the arguments --image --positions is required"),
+    (["--per", "position", "--image", "IMAGE"], "--per chooses statistics"),
+    (["--positions", "MISSING"], "--positions: MISSING: no such file or directory"),
+    (["--positions", "POSITIONS", "--settings", '{"sample_positions": 0}'],
+     "sample_positions"),
+])
+def test_cli_takes_exactly_one_of_image_and_positions(plate, tmp_path, extra, message):
+    write_positions(plate.select(plate.keys[:1]), tmp_path / "screen.json")
+    image = plate.positions[0].image
+    extra = [{"IMAGE": image, "POSITIONS": str(tmp_path / "screen.json"),
+              "MISSING": str(tmp_path / "nothing.json")}.get(a, a) for a in extra]
+    settings = [] if "--settings" in extra else ["--settings", "{}"]
+    result = run_cli("normalize", *extra, "--dataset", "screen", *settings,
+                     "--output", str(tmp_path / "s.json"))
+    assert result.returncode in (1, 2) and result.stderr.count("\n") == 1
+    assert message.replace("MISSING", str(tmp_path / "nothing.json")) in result.stderr
+    assert not (tmp_path / "s.json").exists()
