@@ -62,7 +62,7 @@ def _dataset_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
     for i, entry in enumerate(getattr(args, "datasets", None) or []):
         if not isinstance(entry, dict):
             raise ValueError(f"--datasets[{i}]: {entry!r} is not a mapping of keys")
-        for key in ("image", "target", "stats"):
+        for key in ("image", "target", "stats", "positions"):
             if entry.get(key):
                 found.append((f"--datasets[{i}].{key}", str(entry[key])))
     return found
@@ -378,7 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "extract-patches", _cmd_extract_patches, "sample patches into a Zarr store")
     p.add_argument("--datasets", type=_json, required=True,
-                   help='[{"name", "image", "target", "stats", "channels"}, ...]')
+                   help='[{"name", "image", "target", "stats", "channels"}, ...]; a plate or '
+                        'collection gives "positions" (its positions file) instead of '
+                        '"image" and "target"')
     p.add_argument("--task", required=True, choices=["segmentation", "regression"])
     _settings(p, "patches")
     p.add_argument("--normalize", type=_json, required=True, help="the normalize section")
