@@ -68,7 +68,7 @@ __all__ = [
     "Binning",
     "ChannelSummary",
     "NormalizationError",
-    "Part",
+    "PooledImage",
     "compute_channel_stats",
     "compute_dataset_stats",
     "compute_positions_stats",
@@ -299,7 +299,7 @@ def _float_binning(lo: float, hi: float, bins: int, shift: float) -> Binning:
     return Binning(exact=False, lo=lo, width=(hi - lo) / bins, bins=bins, shift=shift)
 
 
-def _sampled_binnings(parts: list[Part], bins: int) -> dict[int, Binning]:
+def _sampled_binnings(parts: list[PooledImage], bins: int) -> dict[int, Binning]:
     """Bins over the widened range of a sample of chunks spread over the parts (at most
     SAMPLE_CHUNKS chunks from at most SAMPLE_CHUNKS parts); moments shifted by its mean."""
     chosen = [parts[i] for i in spread_indices(len(parts), SAMPLE_CHUNKS)]
@@ -410,7 +410,7 @@ def _channel_entry(summary: ChannelSummary, binning: Binning, percentiles: list[
 
 
 @dataclass(frozen=True)
-class Part:
+class PooledImage:
     """One image whose pixels are pooled into a dataset's statistics (a position of a plate,
     or the one image of a dataset): `open()` gives its lazy data (C, *spatial) and mask, and
     `name` says where it is in errors. Opened when read, so positions are never all open."""
@@ -427,7 +427,7 @@ def spread_indices(total: int, cap: int | None) -> list[int]:
     return np.unique(np.linspace(0, total - 1, cap).round().astype(int)).tolist()
 
 
-def _pass(parts: list[Part], binnings: dict[int, Binning | None]
+def _pass(parts: list[PooledImage], binnings: dict[int, Binning | None]
           ) -> dict[int, ChannelSummary]:
     """One pass over every part, merging their summaries; a part's NaN or Inf is reported
     with its own name. PARTS_AT_ONCE parts are computed together, so small positions keep
@@ -444,8 +444,9 @@ def _pass(parts: list[Part], binnings: dict[int, Binning | None]
     return merged
 
 
-def pooled_channel_stats(parts: list[Part], percentiles: list[float], bins: int, name: str,
-                         dtype: np.dtype, channels: int) -> tuple[list[dict[str, Any]], int]:
+def pooled_channel_stats(parts: list[PooledImage], percentiles: list[float], bins: int,
+                         name: str, dtype: np.dtype, channels: int
+                         ) -> tuple[list[dict[str, Any]], int]:
     """Statistics of each channel over all pixels of all `parts` (of one `dtype` and number
     of `channels`), as if they were one image; `name` is the whole in errors.
 
@@ -480,7 +481,7 @@ def compute_channel_stats(data: da.Array, percentiles: list[float], bins: int,
     Returns the per-channel entries and the number of full passes over the data (1, or 2
     when a float image's sampled range missed a requested percentile).
     """
-    part = Part(name, lambda: (data, mask))
+    part = PooledImage(name, lambda: (data, mask))
     return pooled_channel_stats([part], percentiles, bins, name, data.dtype, data.shape[0])
 
 
@@ -554,9 +555,9 @@ def _open_position(position: Position, channels: list | None, settings: dict[str
 
 
 def _position_part(position: Position, channels: list | None, settings: dict[str, Any],
-                   dataset: str, first: tuple[Position, da.Array]) -> Part:
-    """A position as a Part whose data must have the first position's dtype and channels
-    (pooled histograms share one binning)."""
+                   dataset: str, first: tuple[Position, da.Array]) -> PooledImage:
+    """A position as a PooledImage whose data must have the first position's dtype and
+    channels (pooled histograms share one binning)."""
     name = _position_name(dataset, position)
 
     def opened() -> tuple[da.Array, da.Array | None]:
@@ -570,7 +571,7 @@ def _position_part(position: Position, channels: list | None, settings: dict[str
                 f"use normalize: position)")
         return data, mask
 
-    return Part(name, opened)
+    return PooledImage(name, opened)
 
 
 def _dataset_level_stats(position_set: PositionSet, channels: list | None,

@@ -95,7 +95,7 @@ __all__ = [
     "patch_source",
     "patch_tasks",
     "sample_patches",
-    "sample_positions",
+    "sample_position_patches",
     "split_regions",
     "summarize_records",
     "write_manifest",
@@ -182,8 +182,8 @@ def split_regions(spatial_shape: tuple[int, ...], patch_shape: tuple[int, ...], 
     `block`: along the split axis the last `fraction` (at least one patch) is validation, and
     a gap of half a patch separates it from the training block. `image`: the whole image
     belongs to one split (`held_out` -> validation). `position` and `well` hold out whole
-    positions of plates and collections (`sample_positions`); a single image has no others
-    to hold out, so it is split as `block`.
+    positions of plates and collections (`sample_position_patches`); a single image has no
+    others to hold out, so it is split as `block`.
     """
     spatial_shape, patch_shape = tuple(spatial_shape), tuple(patch_shape)
     zeros = tuple(0 for _ in spatial_shape)
@@ -764,7 +764,7 @@ def _draw_leftover(left: _Leftover, rng: np.random.Generator) -> list[dict]:
     return records
 
 
-def sample_positions(ds: DatasetInput, images: list[SourceImage], stats: dict,
+def sample_position_patches(ds: DatasetInput, images: list[SourceImage], stats: dict,
                      sources: SourceSet, settings: dict[str, Any], ignore_label: int | None,
                      rng: np.random.Generator) -> list[dict]:
     """Records of a plate's or collection's patches, drawn across its positions.
@@ -1156,9 +1156,9 @@ def extract_patches(datasets: list[DatasetInput], task: str, settings: dict[str,
     """Sample patches of all `datasets`, normalize them and write store and manifest.
 
     A single-image dataset is sampled as one image; a plate or collection across its
-    positions (`sample_positions`), opening only the positions that get patches. The store
-    is written under a temporary name (`files.atomic_path`) and renamed when complete, after
-    the manifest. Returns the manifest records.
+    positions (`sample_position_patches`), opening only the positions that get patches. The
+    store is written under a temporary name (`files.atomic_path`) and renamed when complete,
+    after the manifest. Returns the manifest records.
     """
     _check_validation_datasets(datasets, settings)
     stats = {ds.name: read_stats(ds.stats) for ds in datasets}
@@ -1169,8 +1169,8 @@ def extract_patches(datasets: list[DatasetInput], task: str, settings: dict[str,
     records = []
     for ds in datasets:
         if ds.positions:
-            records += sample_positions(ds, positions[ds.name], stats[ds.name], sources,
-                                        settings, ignore_label, rng)
+            records += sample_position_patches(ds, positions[ds.name], stats[ds.name],
+                                               sources, settings, ignore_label, rng)
         else:
             records += _sample_image(ds, stats[ds.name], sources, settings, ignore_label, rng)
     with atomic_path(store) as tmp:
