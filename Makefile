@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 LOCK := envs/constraints.txt
 CORES ?= all
 
-.PHONY: demo test install install-bench lock clean-results report
+.PHONY: demo demo-plate test install install-bench lock clean-results report
 
 install: $(VENV)/.installed
 
@@ -33,6 +33,22 @@ demo: install
 	@echo
 	@$(BIN)/unetflow show results/summary.tsv
 
+# The plate demo: a synthetic 4 x 6-well plate (2 fields per well, labels in each field, a
+# clean twin plate), written before snakemake starts (plates are read when it plans).
+DEMO_PLATE := data/demo_plate/plate.ome.zarr
+demo-plate: install
+	test -e $(DEMO_PLATE) || $(BIN)/unetflow demo-plate --output $(DEMO_PLATE) \
+		--rows 4 --columns 6 --fields 2 --shape '[256, 256]' --seed 7
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile config/plate.yaml
+	@echo
+	@$(BIN)/unetflow show results/summary.tsv
+	@echo; echo "per well (segmentation, results/plate_seg/metrics/plate_test_seg_wells.tsv):"
+	@$(BIN)/unetflow show results/plate_seg/metrics/plate_test_seg_wells.tsv \
+		--columns well,positions,unet.foreground_iou,otsu.foreground_iou,unet.f1,otsu.f1
+	@echo; echo "per well (denoising, results/plate_denoise/metrics/plate_test_denoise_wells.tsv):"
+	@$(BIN)/unetflow show results/plate_denoise/metrics/plate_test_denoise_wells.tsv \
+		--columns well,positions,unet.psnr,gaussian.psnr,input.psnr,unet.ssim
+
 report: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --report report.html
 
@@ -55,4 +71,4 @@ lock:
 	mv "$$tmp/lock" $(LOCK)
 
 clean-results:
-	rm -rf results logs benchmarks .snakemake data/demo
+	rm -rf results logs benchmarks .snakemake data/demo data/demo_plate

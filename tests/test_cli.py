@@ -63,6 +63,12 @@ def commands(p: dict[str, str], missing: str, bad_json: str) -> dict[str, tuple[
         "evaluate": (["--prediction", missing, "--image", p["image"], "--target", p["target"],
                       "--task", "segmentation", "--settings", bad_json, "--output", out,
                       "--model", "m", "--dataset", "d"], "--prediction"),
+        "evaluate-positions": (["--positions", missing, "--prediction", p["prediction"],
+                                "--task", "segmentation", "--settings", bad_json, "--model",
+                                "m", "--dataset", "d", "--output", out], "--positions"),
+        "evaluate-dataset": (["--positions", p["record"], "--task", "segmentation", "--model",
+                              "m", "--dataset", "d", "--output", out, "--table", out,
+                              "--wells", out, p["summary"], missing], "batches"),
         "tune-baseline": (["--datasets", datasets, "--settings", bad_json, "--output", out],
                           "--datasets[0].image"),
         "montage": (["--prediction", p["prediction"], "--image", missing, "--target",
@@ -72,6 +78,10 @@ def commands(p: dict[str, str], missing: str, bad_json: str) -> dict[str, tuple[
         "convert": ([missing, out, "--chunks", bad_json], "input"),
         "summarize": (["--output", out, p["metrics"], missing], "metrics"),
         "show": ([missing], "summary"),
+        "positions": (["--dataset", "d", "--spec", bad_json, "--output", out], ""),
+        "convert-collection": (["--dataset", "d", "--spec", bad_json, "--output-dir", out],
+                               ""),
+        "demo-plate": (["--output", out, "--shape", bad_json], ""),
     }
 
 
@@ -103,8 +113,10 @@ def test_a_missing_input_is_one_line_naming_the_argument_and_the_path(tmp_path, 
 
 
 # the JSON argument of each subcommand; summarize reads JSON files (metrics) instead, and
-# compare and show read a TSV table only
-JSON_ARGUMENT = {"convert": "--chunks", "summarize": None, "compare": None, "show": None}
+# compare, show and evaluate-dataset read TSV tables (and a positions file) only
+JSON_ARGUMENT = {"convert": "--chunks", "summarize": None, "compare": None, "show": None,
+                 "positions": "--spec", "demo-plate": "--shape", "evaluate-dataset": None,
+                 "convert-collection": "--spec"}
 
 
 @pytest.mark.parametrize("stage", sorted(commands(existing_paths_stub(), MISSING, "{}")))

@@ -10,7 +10,10 @@ from unetflow.figures import (
     display_range,
     error_image,
     pick_crops,
+    plate_grid,
     write_comparison,
+    write_plate_map,
+    write_position_strip,
 )
 
 
@@ -67,3 +70,41 @@ def test_comparison_chart_is_a_png_written_atomically(tmp_path):
     write_comparison(str(summary), str(output))
     assert output.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
     assert [p.name for p in output.parent.iterdir()] == ["comparison.png"]  # no temporary
+
+
+ROWS96, COLUMNS96 = list("ABCDEFGH"), [str(c) for c in range(1, 13)]
+
+
+def test_plate_grid_puts_each_well_at_its_row_and_column():
+    grid, selected = plate_grid({("A", "1"): 0.5, ("H", "12"): 0.25, ("C", "4"): None},
+                                ROWS96, COLUMNS96)
+    assert grid.shape == (8, 12) and selected.sum() == 3
+    assert grid[0, 0] == 0.5 and grid[7, 11] == 0.25
+    assert selected[2, 3] and np.isnan(grid[2, 3])  # selected, no value: "n/a"
+    assert np.isnan(grid[~selected]).all()  # unselected wells are blank
+
+
+def test_plate_map_is_a_png_of_the_whole_plate(tmp_path):
+    from matplotlib.image import imread
+
+    values = {(r, c): 20.0 + i for i, (r, c) in enumerate((r, c) for r in ROWS96[:2]
+                                                          for c in COLUMNS96)}
+    values[("B", "12")] = float("inf")  # a perfect PSNR: drawn at the top of the scale
+    output = tmp_path / "map.png"
+    grid = write_plate_map(values, ROWS96, COLUMNS96, "psnr", "psnr per well", str(output))
+    assert grid.shape == (8, 12) and np.isinf(grid[1, 11]) and np.isnan(grid[2:]).all()
+    image = imread(output)
+    assert image.shape[1] > image.shape[0] > 100  # a plate is wider than tall
+    assert [p.name for p in tmp_path.iterdir()] == ["map.png"]
+
+
+def test_position_strip_orders_images_worst_first(tmp_path):
+    order = write_position_strip({"a": 0.9, "b": 0.2, "c": None, "d": 0.5}, "foreground_iou",
+                                 "t", str(tmp_path / "strip.png"))
+    assert order == ["b", "d", "a"]
+    assert write_position_strip({"a": 1.0, "b": 3.0}, "mae", "t",
+                                str(tmp_path / "mae.png")) == ["b", "a"]
+    many = {f"img{i:03d}": float(i) for i in range(100)}
+    assert write_position_strip(many, "psnr", "t", str(tmp_path / "many.png"))[:2] == [
+        "img000", "img001"]
+    assert (tmp_path / "many.png").read_bytes().startswith(b"\x89PNG")

@@ -17,11 +17,17 @@ from typing import Any
 
 import numpy as np
 
-from unetflow.config import model_section
+from unetflow.config import dataset_kind, model_section
 from unetflow.ome import OmeImage, OmeZarrError, open_image, resolve_channels
 from unetflow.patches import PatchError, split_regions
+from unetflow.plates import PositionError, PositionSet, dataset_positions
 
 __all__ = ["DataError", "check_datasets", "command_problem", "dataset_problems"]
+
+
+def _source(spec: dict[str, Any]) -> str:
+    """What a dataset reads, for messages: its image, plate or collection glob."""
+    return spec[dataset_kind(spec)]
 
 
 class DataError(ValueError):
@@ -63,7 +69,7 @@ def _check_use_by_model(model: str, config: dict, name: str, image: OmeImage,
     spatial = _spatial_shape(image)
     if len(spatial) < arch["spatial_dims"]:
         raise DataError(f"model '{model}' is {arch['spatial_dims']}D (model.spatial_dims) but "
-                        f"dataset '{name}' ({config['datasets'][name]['image']}) has only the "
+                        f"dataset '{name}' ({_source(config['datasets'][name])}) has only the "
                         f"spatial axes {image.spatial_axes}; give a {arch['spatial_dims']}D "
                         f"image, or set model.spatial_dims: {len(spatial)} for this model")
     if not training:
@@ -76,7 +82,8 @@ def _check_use_by_model(model: str, config: dict, name: str, image: OmeImage,
                         f"needs integer labels; point the target at a label image, or use "
                         f"task: regression")
     settings = model_section(config, model, "patches")
-    patch, where = settings["shape"], f"dataset '{name}' ({config['datasets'][name]['image']})"
+    patch = settings["shape"]
+    where = f"dataset '{name}' ({_source(config['datasets'][name])})"
     if len(spatial) != len(patch):
         raise DataError(f"model '{model}' trains on {len(patch)}D patches (patches.shape) but "
                         f"{where} has the spatial axes {image.spatial_axes}; train a "
@@ -86,6 +93,8 @@ def _check_use_by_model(model: str, config: dict, name: str, image: OmeImage,
         raise DataError(f"{where} has spatial shape {spatial}, smaller than the patch shape "
                         f"{patch} of model '{model}' (patches.shape); use patches no larger "
                         f"than the image")
+    if settings["validation"] in ("position", "well"):
+        return  # whole positions or wells are held out: any patch that fits will do
     try:
         split_regions(spatial, patch, settings["validation"], settings["validation_fraction"],
                       name in settings["validation_datasets"])
@@ -93,8 +102,8 @@ def _check_use_by_model(model: str, config: dict, name: str, image: OmeImage,
         raise DataError(f"{where}, model '{model}' (patches.validation): {err}") from None
 
 
-def _check_dataset(name: str, spec: dict[str, Any], level: int, produced: set[str]
-                   ) -> tuple[OmeImage | None, OmeImage | None]:
+def _check_image_dataset(name: str, spec: dict[str, Any], level: int, produced: set[str]
+                         ) -> tuple[OmeImage | None, OmeImage | None]:
     """Open what exists of a dataset; (image, target), None for paths a rule makes."""
     image = None if _made_by_rule(spec["image"], produced) else _check_image(name, spec, level)
     target = None
@@ -105,19 +114,53 @@ def _check_dataset(name: str, spec: dict[str, Any], level: int, produced: set[st
     return image, target
 
 
+def _check_positions_dataset(name: str, spec: dict[str, Any], level: int,
+                             converted: str | None
+                             ) -> tuple[PositionSet, OmeImage | None, OmeImage | None]:
+    """Read and check a plate's or collection's positions (metadata of every position), and
+    open its first position (all agree on axes and channels) for the checks by model; a
+    collection of TIFFs not converted yet is checked by the jobs that convert and read it."""
+    try:
+        positions = dataset_positions(name, spec, converted=converted)
+    except PositionError as err:
+        raise DataError(str(err)) from None
+    first = positions.positions[0]
+    if not Path(first.image).exists():
+        return positions, None, None
+    image = _check_image(name, {**spec, "image": first.image}, level)
+    target = None
+    if first.target:
+        role = "labels" if spec.get("labels") else "target"
+        target = _open(first.target, f"datasets.{name}.{role}", level)
+    return positions, image, target
+
+
 def _made_by_rule(path: str, produced: set[str]) -> bool:
     return str(Path(path)) in produced
 
 
-def dataset_problems(config: dict[str, Any], produced: set[str] | None = None) -> list[str]:
-    """Every problem found, one line each; paths in `produced` are made by a rule and skipped."""
+def dataset_problems(config: dict[str, Any], produced: set[str] | None = None,
+                     position_sets: dict[str, PositionSet] | None = None,
+                     converted: str | None = None) -> list[str]:
+    """Every problem found, one line each; paths in `produced` are made by a rule and skipped.
+
+    The positions of plate and collection datasets are read (and checked) on the way; they
+    go into `position_sets` when given. A collection's TIFFs are read from their conversions
+    under `converted` (see plates.dataset_positions).
+    """
     produced = {str(Path(p)) for p in (produced or set())}
     level = config["normalize"]["level"]
     problems: list[str] = []
     opened: dict[str, tuple[OmeImage | None, OmeImage | None]] = {}
     for name, spec in config["datasets"].items():
         try:
-            opened[name] = _check_dataset(name, spec, level, produced)
+            if dataset_kind(spec) == "image":
+                opened[name] = _check_image_dataset(name, spec, level, produced)
+            else:
+                positions, *opened[name] = _check_positions_dataset(name, spec, level,
+                                                                    converted)
+                if position_sets is not None:
+                    position_sets[name] = positions
         except DataError as err:
             problems.append(str(err))
     for model, spec in config["models"].items():
@@ -132,11 +175,15 @@ def dataset_problems(config: dict[str, Any], produced: set[str] | None = None) -
     return problems
 
 
-def check_datasets(config: dict[str, Any], produced: set[str] | None = None) -> None:
-    """Raise DataError listing every problem of the configured data."""
-    problems = dataset_problems(config, produced)
+def check_datasets(config: dict[str, Any], produced: set[str] | None = None,
+                   converted: str | None = None) -> dict[str, PositionSet]:
+    """Raise DataError listing every problem of the configured data; return the positions of
+    the plate and collection datasets (read once, at planning)."""
+    position_sets: dict[str, PositionSet] = {}
+    problems = dataset_problems(config, produced, position_sets, converted)
     if problems:
         raise DataError("\n".join(problems))
+    return position_sets
 
 
 def command_problem(command: str = "unetflow", conda: bool = False) -> str | None:

@@ -244,6 +244,34 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"evaluate: note: {note}")
 
 
+def _cmd_evaluate_positions(args: argparse.Namespace) -> None:
+    from unetflow.evaluate_positions import evaluate_positions
+    from unetflow.plates import read_positions
+
+    rows = evaluate_positions(read_positions(args.positions), args.keys, args.prediction,
+                              args.task, _section(args, "evaluate"), args.num_classes,
+                              args.channels, args.model, args.dataset, args.output,
+                              baseline=args.baseline)
+    metric = "unet.foreground_iou" if args.task == "segmentation" else "unet.psnr"
+    for row in rows:
+        value = row.get(metric)
+        print(f"evaluate-positions: {args.model} on {args.dataset} {row['position']}: "
+              f"{metric} {'n/a' if value is None else format(value, '.4g')}")
+
+
+def _cmd_evaluate_dataset(args: argparse.Namespace) -> None:
+    from unetflow.evaluate_positions import aggregate_positions
+    from unetflow.plates import read_positions
+
+    record = aggregate_positions(read_positions(args.positions), args.batches, args.task,
+                                 args.model, args.dataset, args.output, args.table, args.wells,
+                                 args.plate_map)
+    for method, scores in record["scores"].items():
+        shown = {k: v for k, v in scores.items() if not isinstance(v, dict)}
+        print(f"evaluate-dataset: {args.model} on {args.dataset} ({record['positions']} "
+              f"positions, {record['aggregate']}): {method}: {json.dumps(shown)}")
+
+
 def _cmd_tune_baseline(args: argparse.Namespace) -> None:
     from unetflow.evaluate import tune_gaussian_baseline
 
@@ -256,7 +284,8 @@ def _cmd_montage(args: argparse.Namespace) -> None:
     from unetflow.figures import write_montage
 
     crops = write_montage(args.prediction, args.image, args.target, args.stats, args.task,
-                          args.channels, _section(args, "evaluate"), args.output, args.title)
+                          args.channels, _section(args, "evaluate"), args.output, args.title,
+                          position=args.position)
     print(f"montage: {len(crops)} crops -> {args.output}")
 
 
@@ -282,6 +311,50 @@ def _cmd_convert(args: argparse.Namespace) -> None:
               f"in the config)", file=sys.stderr)
 
 
+def _cmd_convert_collection(args: argparse.Namespace) -> None:
+    from unetflow.convert import convert_tiff
+    from unetflow.files import atomic_path
+    from unetflow.plates import collection_tiffs
+
+    spec = args.spec
+    with atomic_path(args.output_dir) as tmp:
+        conversions = collection_tiffs(args.dataset, spec, tmp)
+        if not conversions:
+            raise ValueError(f"dataset '{args.dataset}': its collection has no TIFF files to "
+                             f"convert")
+        for tiff, output, role in conversions:
+            info = convert_tiff(tiff, output, axes=spec.get("axes"),
+                                pixel_size=spec.get("pixel_size"), role=role)
+            print(f"convert-collection: {tiff} -> {Path(output).relative_to(tmp)}: axes "
+                  f"{''.join(info['axes'])}, shape {info['shape']}, {info['dtype']}")
+
+
+def _cmd_positions(args: argparse.Namespace) -> None:
+    from unetflow.config import validate_config
+    from unetflow.plates import dataset_positions, positions_digest, write_positions
+
+    spec = validate_config({"datasets": {args.dataset: args.spec},
+                            "models": {}})["datasets"][args.dataset]
+    positions = dataset_positions(args.dataset, spec, converted=args.converted)
+    if args.digest and positions_digest(positions) != args.digest:
+        raise ValueError(f"dataset '{args.dataset}': its positions changed since the workflow "
+                         f"was planned (digest {positions_digest(positions)}, planned "
+                         f"{args.digest}); run snakemake again to plan with the new positions")
+    write_positions(positions, args.output)
+    print(f"positions: {args.dataset}: {len(positions.positions)} positions of the "
+          f"{positions.kind} {positions.source} -> {args.output}")
+
+
+def _cmd_demo_plate(args: argparse.Namespace) -> None:
+    from unetflow.plates import clean_plate_path, write_demo_plate
+
+    keys = write_demo_plate(args.output, rows=args.rows, columns=args.columns,
+                            fields=args.fields, shape=tuple(args.shape), seed=args.seed,
+                            ngff=args.ngff)
+    print(f"demo-plate: {len(keys)} fields -> {args.output} (labels/nuclei in each field), "
+          f"clean twin -> {clean_plate_path(args.output)}")
+
+
 def _cmd_summarize(args: argparse.Namespace) -> None:
     from unetflow.evaluate import format_table, write_summary, write_summary_html
 
@@ -297,7 +370,23 @@ def _cmd_show(args: argparse.Namespace) -> None:
     from unetflow.evaluate import format_table
 
     with open(args.summary, newline="") as fh:
-        print(format_table(list(csv.DictReader(fh, delimiter="\t"))))
+        rows = list(csv.DictReader(fh, delimiter="\t"))
+    if args.columns:
+        names = args.columns.split(",")
+        unknown = [c for c in names if rows and c not in rows[0]]
+        if unknown:
+            raise ValueError(f"{args.summary}: no column {unknown[0]!r}; its columns are "
+                             f"{', '.join(rows[0])}")
+        rows = [{c: _short_number(r[c]) for c in names} for r in rows]
+    print(format_table(rows))
+
+
+def _short_number(text: str) -> str:
+    """A table cell as shown: numbers with 4 significant digits, anything else as it is."""
+    try:
+        return f"{float(text):.4g}" if text.strip() and not text.strip().isdigit() else text
+    except ValueError:
+        return text
 
 
 def _add(sub, name: str, func, help_text: str) -> argparse.ArgumentParser:
@@ -351,6 +440,39 @@ def _add_predict(sub) -> None:
             p.add_argument("--dataset", required=True)
         if name == "gather":
             _input(p, "records", nargs="+", help="the shards' JSON records")
+
+
+def _add_evaluate_positions(sub) -> None:
+    """`unetflow evaluate-positions` (one batch of a plate or collection) and
+    `evaluate-dataset` (the batches joined: metrics JSON, tables, plate map)."""
+    p = _add(sub, "evaluate-positions", _cmd_evaluate_positions,
+             "score a batch of a plate's or collection's positions (one TSV row each)")
+    _input(p, "--positions", required=True, help="the dataset's positions file")
+    p.add_argument("--keys", type=_json, default=None,
+                   help="the batch's position keys (JSON list; default: all)")
+    _input(p, "--prediction", required=True, help="the output plate or collection folder")
+    p.add_argument("--task", required=True, choices=["segmentation", "regression"])
+    p.add_argument("--num-classes", type=int, default=2)
+    p.add_argument("--channels", type=_json, default=None)
+    _settings(p, "evaluate")
+    _input(p, "--baseline", default=None, help="tune-baseline's JSON (regression)")
+    for name in ("model", "dataset", "output"):
+        p.add_argument(f"--{name}", required=True)
+
+    p = _add(sub, "evaluate-dataset", _cmd_evaluate_dataset,
+             "join a dataset's batch tables: metrics JSON (mean over positions), per-position "
+             "and per-well tables, plate map")
+    _input(p, "--positions", required=True, help="the dataset's positions file")
+    p.add_argument("--task", required=True, choices=["segmentation", "regression"])
+    for name in ("model", "dataset"):
+        p.add_argument(f"--{name}", required=True)
+    p.add_argument("--output", required=True, help="the dataset's metrics JSON")
+    p.add_argument("--table", required=True, help="the per-position TSV")
+    p.add_argument("--wells", required=True, help="the per-well TSV")
+    p.add_argument("--plate-map", default=None,
+                   help="PNG of the headline metric: a plate map (a collection: its images "
+                        "sorted by the score)")
+    _input(p, "batches", nargs="+", help="the TSVs of evaluate-positions")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -412,6 +534,8 @@ def build_parser() -> argparse.ArgumentParser:
     _settings(p, "evaluate")
     _input(p, "--baseline", default=None, help="tune-baseline's JSON (regression)")
 
+    _add_evaluate_positions(sub)
+
     p = _add(sub, "tune-baseline", _cmd_tune_baseline,
              "choose the Gaussian baseline's sigma on a model's training datasets")
     p.add_argument("--datasets", type=_json, required=True,
@@ -428,6 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--channels", type=_json, default=None)
     _settings(p, "evaluate")
     p.add_argument("--title", default="")
+    p.add_argument("--position", default=None,
+                   help="the position of a plate/collection shown (its statistics are used)")
 
     p = _add(sub, "compare", _cmd_compare, "bar chart of models and baselines from a summary")
     _input(p, "--summary", required=True)
@@ -449,8 +575,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", default=None, help="also write the table as an HTML page")
     _input(p, "metrics", nargs="+")
 
-    p = _add(sub, "show", _cmd_show, "print a summary TSV as an aligned table")
+    p = _add(sub, "show", _cmd_show, "print a summary TSV (or any TSV table) aligned")
     _input(p, "summary")
+    p.add_argument("--columns", default=None,
+                   help="only these columns, comma-separated (numbers shortened to 4 digits)")
+
+    p = _add(sub, "positions", _cmd_positions,
+             "read and check a plate's or collection's positions into a positions file")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--spec", type=_json, required=True,
+                   help="the dataset's config entry (JSON: plate or collection, wells, "
+                        "fields, labels, target, normalize)")
+    p.add_argument("--digest", default=None,
+                   help="the positions' digest at planning: refuse if they changed since")
+    p.add_argument("--converted", default=None,
+                   help="where a collection's TIFFs were converted (convert-collection)")
+    p.add_argument("--output", required=True)
+
+    p = _add(sub, "convert-collection", _cmd_convert_collection,
+             "convert the TIFF images (and targets) of a collection to OME-Zarr")
+    p.add_argument("--dataset", required=True)
+    p.add_argument("--spec", type=_json, required=True,
+                   help="the dataset's config entry (JSON: collection, target, axes, "
+                        "pixel_size)")
+    p.add_argument("--output-dir", required=True)
+
+    p = _add(sub, "demo-plate", _cmd_demo_plate,
+             "write a synthetic HCS plate of nuclei (labels in each field) and its clean twin")
+    p.add_argument("--output", required=True)
+    p.add_argument("--rows", type=int, default=2)
+    p.add_argument("--columns", type=int, default=3)
+    p.add_argument("--fields", type=int, default=2)
+    p.add_argument("--shape", type=_json, default=[256, 256], help="a field's shape (JSON)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--ngff", choices=["0.4", "0.5"], default="0.5")
     return parser
 
 

@@ -46,10 +46,11 @@ STATS_KEYS = ("level", "percentiles", "histogram_bins", "mask")
 # results side: on a GPU it changes outputs by bf16/fp16 rounding (about 1e-2), which a
 # user switching it off to check accuracy must see. predict.shards is not here: it decides
 # which jobs exist (the gather's inputs), so changing it reruns the prediction whatever
-# the params say.
+# the params say. predict.positions_per_job groups positions into jobs: the jobs change,
+# but each position's output is kept when its fingerprint (model, settings) still holds.
 EXECUTION_KEYS = {
     "train": ("device", "amp", "compile", "num_workers", "threads", "deterministic"),
-    "predict": ("device", "threads", "dask_workers", "batch_size"),
+    "predict": ("device", "threads", "dask_workers", "batch_size", "positions_per_job"),
 }
 # keys of earlier versions, with what replaces them (said when a config still has one)
 RETIRED_KEYS = {"amp_dtype": "It was merged into amp: use amp: bf16 or amp: fp16"}
@@ -163,6 +164,64 @@ def _fill_defaults(schema: dict, node: dict, root: dict) -> None:
             _fill_defaults(resolved, node[key], root)
 
 
+SOURCE_KEYS = ("image", "plate", "collection")
+PLATE_ONLY_KEYS = ("wells", "fields")
+POSITIONS_ONLY_KEYS = ("labels",)
+
+
+def dataset_kind(spec: dict[str, Any]) -> str:
+    """"image", "plate" or "collection": which source key a (validated) dataset has."""
+    return next(k for k in SOURCE_KEYS if spec.get(k))
+
+
+def has_target(spec: dict[str, Any]) -> bool:
+    """Whether a dataset has targets: a target image/plate/glob, or a label image per field."""
+    return bool(spec.get("target") or spec.get("labels"))
+
+
+def _check_dataset_kinds(config: dict) -> None:
+    """Exactly one source per dataset, and the keys that only one kind of source takes."""
+    for name, spec in config["datasets"].items():
+        given = [k for k in SOURCE_KEYS if spec.get(k)]
+        if len(given) != 1:
+            what = "none" if not given else " and ".join(given)
+            raise ConfigError(f"config key 'datasets.{name}': give exactly one of image, plate "
+                              f"or collection (got {what})")
+        kind = given[0]
+        for key in PLATE_ONLY_KEYS:
+            if spec.get(key) is not None and kind != "plate":
+                raise ConfigError(f"config key 'datasets.{name}.{key}': selects the wells or "
+                                  f"fields of a plate, but dataset '{name}' is a {kind}")
+        if kind == "image" and (spec.get("labels") or spec.get("normalize") == "position"):
+            key = "labels" if spec.get("labels") else "normalize"
+            raise ConfigError(f"config key 'datasets.{name}.{key}': only plates and "
+                              f"collections have positions; dataset '{name}' is one image "
+                              f"(give its labels image as target)")
+        for key in ("axes", "pixel_size"):
+            if spec.get(key) is not None and kind == "plate":
+                raise ConfigError(f"config key 'datasets.{name}.{key}': describes TIFF files, "
+                                  f"but dataset '{name}' is a plate (OME-Zarr carries its "
+                                  f"own axes and pixel sizes)")
+        if spec.get("labels") and spec.get("target"):
+            raise ConfigError(f"config key 'datasets.{name}.labels': give labels (a label "
+                              f"image in each position) or target, not both")
+
+
+def _check_validation_groups(config: dict) -> None:
+    """validation: position/well holds out whole positions or wells of plates/collections."""
+    for model, spec in config["models"].items():
+        mode = model_section(config, model, "patches")["validation"]
+        if mode not in ("position", "well"):
+            continue
+        for name in spec["train_on"]:
+            kind = dataset_kind(config["datasets"][name])
+            if kind == "image" or (mode == "well" and kind != "plate"):
+                raise ConfigError(f"config key {_where(config, model, 'patches', 'validation')}"
+                                  f": '{mode}' holds out whole {mode}s, but dataset '{name}' "
+                                  f"is {'an image' if kind == 'image' else 'a collection'} "
+                                  f"(no {mode}s); use validation: block or image")
+
+
 def _check_references(config: dict) -> None:
     datasets = config["datasets"]
     for model, spec in config["models"].items():
@@ -178,7 +237,7 @@ def _check_references(config: dict) -> None:
                 raise ConfigError(f"config key 'models.{model}.patches.validation_datasets[{i}]':"
                                   f" dataset '{name}' is not defined under 'datasets'")
         for name in spec["train_on"]:
-            if not datasets[name].get("target"):
+            if not has_target(datasets[name]):
                 raise ConfigError(f"config key 'datasets.{name}.target': model '{model}' trains "
                                   f"on '{name}', which has no target; set its target path")
 
@@ -259,7 +318,9 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
         _fill_defaults(schema["properties"]["datasets"]["additionalProperties"], ds, schema)
     for spec in config["models"].values():
         spec.setdefault("predict_on", [])
+    _check_dataset_kinds(config)
     _check_references(config)
+    _check_validation_groups(config)
     _check_shapes(config)
     return config
 

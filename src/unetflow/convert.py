@@ -62,6 +62,8 @@ def use_converted_tiffs(datasets: dict[str, dict[str, Any]], root: str) -> dict[
     """
     sources = {}
     for name, ds in datasets.items():
+        if not ds.get("image"):
+            continue  # plates hold OME-Zarr; a collection's TIFFs: plates.collection_tiffs
         tiffs = [role for role in ("image", "target") if is_tiff(ds.get(role))]
         for key in ("axes", "pixel_size"):
             if ds.get(key) is not None and not tiffs:

@@ -42,6 +42,9 @@ __all__ = [
     "evaluate_segmentation",
     "evaluate_regression",
     "evaluate_prediction",
+    "score_prediction",
+    "read_sigma",
+    "read_metrics",
     "tuning_crops",
     "tune_gaussian_baseline",
     "write_json",
@@ -83,10 +86,12 @@ def prediction_provenance(path: str) -> dict[str, Any]:
     return dict(open_image(path).attrs.get("unetflow", {}))
 
 
-def read_prediction(path: str, task: str) -> dict[str, np.ndarray]:
+def read_prediction(path: str, task: str,
+                    provenance: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
     """The prediction in target units: `image` (C, *spatial) and, for segmentation,
-    `labels` (*spatial) from labels/prediction."""
-    provenance = prediction_provenance(path)
+    `labels` (*spatial) from labels/prediction. `provenance`: predict's record, when it is
+    not the store's own."""
+    provenance = prediction_provenance(path) if provenance is None else provenance
     out = {"image": read_channels_first(path)}
     if task == "segmentation":
         out["labels"] = read_channels_first(f"{path}/labels/prediction")[0]
@@ -214,11 +219,42 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _read_sigma(baseline: str | None) -> float | None:
+def read_sigma(baseline: str | None) -> float | None:
+    """The tuned Gaussian's sigma from `tune_gaussian_baseline`'s JSON; None without one."""
     if not baseline:
         return None
     with open(baseline) as fh:
         return float(json.load(fh)["sigma"])
+
+
+def score_prediction(prediction: str, image: str, target: str, task: str,
+                     settings: dict[str, Any], num_classes: int, channels: list | None,
+                     where: str, sigma: float | None = None,
+                     provenance: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Scores of the prediction and the baselines against the target, written nowhere.
+
+    What `evaluate_prediction` writes for one image, and what `evaluate_positions` records
+    for each position of a plate or collection: {"level", "scores", "notes", ...}.
+    `where` names the image in errors; `sigma` is the tuned Gaussian's (regression);
+    `provenance` replaces the prediction's own (None: read it from the store).
+    """
+    provenance = prediction_provenance(prediction) if provenance is None else provenance
+    level = _prediction_level(provenance)
+    pred = read_prediction(prediction, task, provenance)
+    img = open_image(image, level)
+    image_arr = np.asarray(channel_first(img, channels).compute())
+    target_arr = read_channels_first(target, level)
+    shape = pred["image"].shape[1:]
+    _check_same_shape(f"target {target}", target_arr.shape[1:], shape, where)
+    _check_same_shape(f"image {image}", image_arr.shape[1:], shape, where)
+    if task == "segmentation":
+        result = evaluate_segmentation(pred, image_arr, target_arr[0], num_classes,
+                                       provenance.get("predict", {}), settings["ignore_label"],
+                                       settings["iou_threshold"])
+    else:
+        spacing = tuple(img.spatial_scale()[a] for a in img.spatial_axes)
+        result = evaluate_regression(pred["image"], image_arr, target_arr, sigma, spacing)
+    return {"level": level, **result}
 
 
 def evaluate_prediction(prediction: str, image: str, target: str, task: str,
@@ -230,25 +266,9 @@ def evaluate_prediction(prediction: str, image: str, target: str, task: str,
     `settings` is the model's evaluate section (ignore_label, iou_threshold); `baseline` is
     the JSON of `tune_gaussian_baseline` (regression only).
     """
-    provenance = prediction_provenance(prediction)
-    level = _prediction_level(provenance)
-    pred = read_prediction(prediction, task)
-    img = open_image(image, level)
-    image_arr = np.asarray(channel_first(img, channels).compute())
-    target_arr = read_channels_first(target, level)
-    where = f"model '{model}', dataset '{dataset}'"
-    shape = pred["image"].shape[1:]
-    _check_same_shape(f"target {target}", target_arr.shape[1:], shape, where)
-    _check_same_shape(f"image {image}", image_arr.shape[1:], shape, where)
-    if task == "segmentation":
-        result = evaluate_segmentation(pred, image_arr, target_arr[0], num_classes,
-                                       provenance.get("predict", {}), settings["ignore_label"],
-                                       settings["iou_threshold"])
-    else:
-        spacing = tuple(img.spatial_scale()[a] for a in img.spatial_axes)
-        result = evaluate_regression(pred["image"], image_arr, target_arr, _read_sigma(baseline),
-                                     spacing)
-    record = {"model": model, "dataset": dataset, "task": task, "level": level,
+    result = score_prediction(prediction, image, target, task, settings, num_classes, channels,
+                              f"model '{model}', dataset '{dataset}'", read_sigma(baseline))
+    record = {"model": model, "dataset": dataset, "task": task, "level": result.pop("level"),
               "ignore_label": settings["ignore_label"], "prediction": prediction,
               "target": target, **result, "definitions": DEFINITIONS}
     write_json(record, output)

@@ -1,5 +1,6 @@
-"""Figures for the report: montages of crops where the model does best and worst, and a bar
-chart of every model next to its baselines.
+"""Figures for the report: montages of crops where the model does best and worst, a bar
+chart of every model next to its baselines, and for datasets of many positions a plate map
+(or, for a collection, a strip of its images) of the headline metric.
 
 Montage: one row per crop, columns input / prediction / target / error. The crops are picked
 from a grid over the image (a few z planes for stacks) by the model's error, from the lowest
@@ -22,7 +23,7 @@ from unetflow.evaluate import (
     read_summary,
 )
 from unetflow.files import atomic_path
-from unetflow.normalize import read_stats
+from unetflow.normalize import position_stats, read_stats
 from unetflow.ome import channel_first, open_image
 
 __all__ = [
@@ -33,6 +34,9 @@ __all__ = [
     "error_image",
     "write_montage",
     "write_comparison",
+    "plate_grid",
+    "write_plate_map",
+    "write_position_strip",
 ]
 
 # Okabe-Ito colours, distinguishable with colour-blindness.
@@ -146,17 +150,18 @@ def _crop_name(crop: Crop, rank: int, count: int, error: float, task: str) -> st
 
 def write_montage(prediction: str, image: str, target: str, stats_path: str, task: str,
                   channels: list | None, settings: dict[str, Any], output: str,
-                  title: str) -> list[tuple[Crop, float]]:
+                  title: str, position: str | None = None) -> list[tuple[Crop, float]]:
     """Montage PNG of input / prediction / target / error on representative crops.
 
-    `settings` is the evaluate section (montage_crops, montage_crop_size, ignore_label).
+    `settings` is the evaluate section (montage_crops, montage_crop_size, ignore_label);
+    `position` is the plate/collection position shown (for per-position statistics).
     Returns the crops shown with their mean error.
     """
     level = int(prediction_provenance(prediction).get("predict", {}).get("level", 0))
     pred = read_prediction(prediction, task)
     image_arr = np.asarray(channel_first(open_image(image, level), channels).compute())
     target_arr = read_channels_first(target, level)
-    low, high = display_range(read_stats(stats_path))
+    low, high = display_range(position_stats(read_stats(stats_path), position))
     if task == "segmentation":
         panels, error, interesting = _segmentation_panels(pred, target_arr[0],
                                                           settings["ignore_label"])
@@ -240,3 +245,123 @@ def _bars(ax, rows: list[dict[str, str]], metric: str, task: str) -> None:
         ax.set_ylim(0, 1.08)
     ax.set_title(f"{task}: {metric} (higher is better)", fontsize=9)
     ax.legend(fontsize=7)
+
+
+# --- datasets of many positions -------------------------------------------------------------
+PLATE_MAP_NUMBERS = 96  # wells up to which each well shows its value
+UNSELECTED = (0.9, 0.9, 0.9)
+STRIP_NAMES = 60  # positions up to which the strip names each one
+
+
+def plate_grid(values: dict[tuple[str, str], float | None], rows: list[str],
+               columns: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(values, selected) as (rows x columns) arrays in the plate's order; NaN where a well
+    is not selected or has no value. `values` maps (row, column) names to the well's value."""
+    grid = np.full((len(rows), len(columns)), np.nan)
+    selected = np.zeros(grid.shape, bool)
+    for (row, column), value in values.items():
+        i, j = rows.index(row), columns.index(column)
+        selected[i, j] = True
+        grid[i, j] = np.nan if value is None else value
+    return grid, selected
+
+
+def _colour_range(grid: np.ndarray, metric: str) -> tuple[float, float]:
+    """[0, 1] for bounded metrics; otherwise the finite values' range (inf: a perfect PSNR)."""
+    if metric in BOUNDED_METRICS:
+        return 0.0, 1.0
+    finite = grid[np.isfinite(grid)]
+    if not finite.size:
+        return 0.0, 1.0
+    low, high = float(finite.min()), float(finite.max())
+    return (low, high) if high > low else (low - 0.5, high + 0.5)
+
+
+def _value_text(value: float, metric: str) -> str:
+    if np.isnan(value):
+        return "n/a"
+    if np.isinf(value):
+        return "inf"
+    return f"{value:.2f}" if metric in BOUNDED_METRICS else f"{value:.3g}"
+
+
+def _well_numbers(ax, grid: np.ndarray, selected: np.ndarray, cmap, norm, metric: str) -> None:
+    """Each selected well's value, in black or white, whichever reads on its colour."""
+    for i, j in zip(*np.nonzero(selected), strict=True):
+        value = grid[i, j]
+        r, g, b, _ = (*UNSELECTED, 1) if np.isnan(value) else cmap(norm(min(value, norm.vmax)))
+        dark = 0.299 * r + 0.587 * g + 0.114 * b < 0.5
+        ax.text(j, i, _value_text(value, metric), ha="center", va="center",
+                fontsize=6 if grid.shape[1] > 12 else 7, color="white" if dark else "black")
+
+
+def write_plate_map(values: dict[tuple[str, str], float | None], rows: list[str],
+                    columns: list[str], metric: str, title: str, output: str) -> np.ndarray:
+    """PNG of a plate as screeners read it: wells in the plate's rows (A at the top) and
+    columns (1 at the left, names along the top), coloured by `metric`, with a colour bar.
+
+    Wells not in `values` stay light grey; a selected well without a value reads "n/a"; on
+    plates of up to 96 wells each well shows its value. Returns the grid drawn (NaN where
+    blank), rows x columns.
+    """
+    grid, selected = plate_grid(values, rows, columns)
+    low, high = _colour_range(grid, metric)
+    plt = _plt()
+    from matplotlib.colors import Normalize
+
+    cmap, norm = plt.get_cmap("viridis").with_extremes(bad=UNSELECTED), Normalize(low, high)
+    ny, nx = grid.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.42 * nx + 2.2), max(2.5, 0.42 * ny + 1.4)))
+    image = ax.imshow(np.ma.masked_invalid(np.where(np.isinf(grid), high, grid)), cmap=cmap,
+                      norm=norm, interpolation="nearest")
+    small = ny * nx <= 96
+    ax.set_xticks(range(nx), columns, fontsize=8 if small else 6)
+    ax.set_yticks(range(ny), rows, fontsize=8 if small else 6)
+    ax.xaxis.tick_top()
+    ax.set_xticks(np.arange(nx + 1) - 0.5, minor=True)
+    ax.set_yticks(np.arange(ny + 1) - 0.5, minor=True)
+    ax.grid(which="minor", color="white", linewidth=1.5)
+    ax.tick_params(which="minor", length=0)
+    if small:
+        _well_numbers(ax, grid, selected, cmap, norm, metric)
+    fig.colorbar(image, ax=ax, label=metric, shrink=0.9)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    _save_png(fig, output)
+    return grid
+
+
+def write_position_strip(values: dict[str, float | None], metric: str, title: str,
+                         output: str) -> list[str]:
+    """PNG of a collection's positions sorted by `metric`, worst first: one named bar each
+    for up to 60 positions, beyond that the sorted values with the five worst named.
+    A collection has no layout to draw as a plate; what a user needs is which images fail.
+    Returns the keys in the order drawn.
+    """
+    lower_better = metric in ("mae",)
+    known = {k: v for k, v in values.items() if v is not None and not np.isnan(v)}
+    order = sorted(known, key=lambda k: known[k], reverse=lower_better)
+    shown = np.array([known[k] for k in order], float)
+    low, high = _colour_range(shown, metric)
+    shown = np.where(np.isinf(shown), high, shown)
+    plt = _plt()
+    if len(order) <= STRIP_NAMES:
+        fig, ax = plt.subplots(figsize=(7, 1.2 + 0.22 * max(1, len(order))))
+        ax.barh(range(len(order)), shown, color="C0")
+        ax.set_yticks(range(len(order)), order, fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel(metric)
+    else:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.plot(range(len(order)), shown, ".", markersize=3)
+        for rank in range(min(5, len(order))):
+            ax.annotate(order[rank], (rank, shown[rank]), fontsize=6, rotation=30)
+        ax.set_xlabel(f"position, sorted by {metric} (worst first)")
+        ax.set_ylabel(metric)
+    if metric in BOUNDED_METRICS:
+        (ax.set_xlim if len(order) <= STRIP_NAMES else ax.set_ylim)(0, 1.05)
+    missing = len(values) - len(known)
+    ax.set_title(title + (f" ({missing} without a value)" if missing else ""), fontsize=9)
+    fig.tight_layout()
+    _save_png(fig, output)
+    return order

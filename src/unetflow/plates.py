@@ -57,13 +57,16 @@ __all__ = [
     "check_positions",
     "clean_plate_path",
     "collection_positions",
+    "collection_tiffs",
     "dataset_positions",
     "parse_well",
     "plate_layout",
     "plate_positions",
     "position_batches",
     "position_output_path",
+    "positions_digest",
     "read_positions",
+    "tiff_conversions",
     "well_name",
     "write_demo_plate",
     "write_positions",
@@ -500,33 +503,79 @@ def _targets(positions: list[Position], kind: str, spec: dict[str, Any]
             {"kind": kind, "source": source, "labels": None})
 
 
-def dataset_positions(name: str, spec: dict[str, Any], check: bool = True) -> PositionSet:
+def is_tiff(path: str | None) -> bool:
+    return bool(path) and str(path).lower().endswith((".tif", ".tiff"))
+
+
+def tiff_conversions(positions: Sequence[Position], root: str | Path
+                     ) -> list[tuple[str, str, str]]:
+    """(TIFF, OME-Zarr conversion, role) of every TIFF image and target of a collection:
+    the conversion of key k's image is ``<root>/image/<k>.ome.zarr``."""
+    pairs = []
+    for p in positions:
+        for role, path in (("image", p.image), ("target", p.target)):
+            if is_tiff(path):
+                pairs.append((path, f"{root}/{role}/{p.key}.ome.zarr", role))
+    return pairs
+
+
+def _use_conversions(positions: list[Position], root: str) -> list[Position]:
+    converted = {(role, tiff): out for tiff, out, role in tiff_conversions(positions, root)}
+    return [replace(p, image=converted.get(("image", p.image), p.image),
+                    target=converted.get(("target", p.target), p.target)) for p in positions]
+
+
+def dataset_positions(name: str, spec: dict[str, Any], check: bool = True,
+                      converted: str | None = None) -> PositionSet:
     """The positions of a configured plate or collection dataset, with their targets.
 
     `spec` is the dataset's validated config entry (`plate` with optional `wells` and
     `fields`, or `collection`; `labels` or `target`). With `check`, reads every position's
     metadata (`check_positions`, and the targets' shapes): about 0.4 s per 1,000 positions.
+    A collection's TIFFs are read from their conversions under `<converted>/<name>`
+    (`tiff_conversions`); while those do not exist yet, nothing is checked.
     Errors are PositionErrors that start with the dataset's config key.
     """
     kind = "plate" if spec.get("plate") else "collection"
-    key = f"datasets.{name}"
     try:
-        if kind == "plate":
-            source = str(spec["plate"]).rstrip("/")
-            positions = plate_positions(source, spec.get("wells"), spec.get("fields"))
-            layout = plate_layout(source)
-        else:
-            source = str(spec["collection"])
-            positions, layout = collection_positions(source), None
-        positions, target = _targets(positions, kind, spec)
+        source, positions, layout, target = _listed_positions(kind, spec)
+        if converted and kind == "collection" and tiff_conversions(positions, ""):
+            positions = _use_conversions(positions, f"{converted}/{name}")
+            check = check and all(Path(p.image).exists() for p in positions)
+        elif tiff_conversions(positions, ""):
+            raise PositionError(f"{source}: matches TIFF files; the workflow converts them "
+                                f"to OME-Zarr first (rule convert_collection)")
         if check:
             check_positions(positions, labels=spec.get("labels"))
             if target is not None and target["kind"] != "labels":
                 _check_twin_shapes(positions)
     except ValueError as err:  # PositionError, and OmeZarrError from ome.open_image
-        raise PositionError(f"dataset '{name}' ({key}): {err}") from None
+        raise PositionError(f"dataset '{name}' (datasets.{name}): {err}") from None
     return PositionSet(name, kind, source, tuple(positions), layout, target,
                        spec.get("normalize") or "dataset")
+
+
+def _listed_positions(kind: str, spec: dict[str, Any]
+                      ) -> tuple[str, list[Position], dict | None, dict | None]:
+    """(source, positions with their targets, plate layout, target) as listed: no checks."""
+    if kind == "plate":
+        source = str(spec["plate"]).rstrip("/")
+        positions = plate_positions(source, spec.get("wells"), spec.get("fields"))
+        layout = plate_layout(source)
+    else:
+        source = str(spec["collection"])
+        positions, layout = collection_positions(source), None
+    positions, target = _targets(positions, kind, spec)
+    return source, positions, layout, target
+
+
+def collection_tiffs(name: str, spec: dict[str, Any], root: str | Path
+                     ) -> list[tuple[str, str, str]]:
+    """`tiff_conversions` of a collection dataset into `<root>` (rule convert_collection)."""
+    try:
+        return tiff_conversions(_listed_positions("collection", spec)[1], root)
+    except ValueError as err:
+        raise PositionError(f"dataset '{name}' (datasets.{name}): {err}") from None
 
 
 def write_positions(positions: PositionSet, path: str | Path) -> None:
@@ -536,6 +585,15 @@ def write_positions(positions: PositionSet, path: str | Path) -> None:
                 "target": positions.target, "normalize": positions.normalize,
                 "positions": [asdict(p) for p in positions.positions]}
     write_json_atomic(document, path)
+
+
+def positions_digest(positions: PositionSet) -> str:
+    """A short digest of which positions there are and where their images and targets are:
+    a param of rule positions, so that a plate gaining fields reruns it."""
+    import hashlib
+
+    listed = [(p.key, p.image, p.target) for p in positions.positions]
+    return hashlib.sha256(json.dumps(listed).encode()).hexdigest()[:16]
 
 
 def read_positions(path: str | Path, keys: Iterable[str] | None = None) -> PositionSet:

@@ -26,12 +26,16 @@ import pytest
 import yaml
 
 from conftest import TINY_CONFIG
+from unetflow.plates import write_demo_plate
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 SLURM_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "slurmdbd", "mariadb-server")
 # Rules that run the network: the profile gives them a GPU partition and `gpu: 1`.
-GPU_RULES = {"train", "predict_shard"}
+GPU_RULES = {"train", "predict_shard", "predict_positions"}
+# A small plate predicted too: 2 wells x 2 fields in batches of 2 positions -> 2 jobs.
+PLATE = "data/plate.ome.zarr"
+PLATE_BATCHES = 2
 RUN_LIMIT_S = 420  # the SLURM run takes about 150 s; it is killed after this
 
 
@@ -39,13 +43,18 @@ def seg_config() -> tuple[dict, list[str]]:
     """The tiny config cut to its segmentation model, and that model's metrics as targets.
 
     One model keeps the chain of SLURM jobs (demo_data to evaluate, 8 deep) within budget;
-    the rules after evaluate (montage, summarize, compare) add depth and nothing new.
+    the rules after evaluate (montage, summarize, compare) add depth and nothing new. The
+    model also predicts a small plate (copy_workflow writes it), in PLATE_BATCHES jobs.
     """
     config = copy.deepcopy(TINY_CONFIG)
     model = config["models"]["seg"]
     config["models"] = {"seg": model}
     used = set(model["train_on"]) | set(model["predict_on"])
     config["datasets"] = {k: v for k, v in config["datasets"].items() if k in used}
+    config["datasets"]["plate"] = {"plate": PLATE, "wells": ["A01", "B02"],
+                                   "labels": "nuclei"}
+    model["predict_on"] = [*model["predict_on"], "plate"]
+    config["predict"]["positions_per_job"] = 2
     return config, [f"results/seg/metrics/{d}.json" for d in model["predict_on"]]
 
 
@@ -97,6 +106,8 @@ def copy_workflow(dest: Path) -> Path:
             shutil.copytree(REPO / name, dest / name, symlinks=True)
     os.symlink(os.readlink(REPO / "slurm"), dest / "slurm")
     (dest / "tiny.yaml").write_text(yaml.safe_dump(seg_config()[0]))
+    write_demo_plate(dest / PLATE, rows=2, columns=2, fields=2, shape=(64, 64), seed=1,
+                     clean=False)
     return dest
 
 
@@ -221,6 +232,7 @@ def test_workflow_on_slurm_equals_local_run(slurm_cluster, tmp_path):
     assert Counter(rule_of(job["Comment"]) for job in jobs) == planned, table
     assert len({job["Comment"] for job in jobs}) == len(jobs), table
     assert GPU_RULES <= planned.keys()
+    assert planned["predict_positions"] == PLATE_BATCHES, table
     for job in jobs:
         assert job["State"] == "COMPLETED", table
         gpu = "gres/gpu" in job["AllocTRES"] and "gres/gpu" in job["ReqTRES"]

@@ -2,6 +2,7 @@
 # and the input/params functions of all rules.
 import json
 import os
+import re
 
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
@@ -20,6 +21,12 @@ from unetflow.config import (
 )
 from unetflow.convert import use_converted_tiffs
 from unetflow.demo_store import demo_store_paths
+from unetflow.plates import (
+    collection_tiffs,
+    position_batches,
+    position_output_path,
+    positions_digest,
+)
 
 try:
     _validated = validate_config(config)
@@ -39,13 +46,17 @@ except ConfigError as err:
 MODELS = config["models"]
 ENV = "../../envs/unetflow.yaml"
 DEMO_ROOT = "data/demo"  # where rule demo_data writes the demo stores (demo.smk)
+CONVERTED_COLLECTIONS = "results/converted_collections"  # rule convert_collection (convert.smk)
 # The data the config points to, checked from metadata before any job runs (unetflow.checks);
 # stores that rules make (demo data, TIFF conversions) are checked by the rules that read them.
+# Plates and collections: their positions are read (and checked) here, once per run, so
+# that jobs are planned per batch of positions (POSITION_SETS: name -> plates.PositionSet).
 try:
-    check_datasets(
+    POSITION_SETS = check_datasets(
         config,
         set(demo_store_paths(DEMO_ROOT).values())
         | {DATASETS[name][role] for name, role in TIFF_SOURCES},
+        converted=CONVERTED_COLLECTIONS,
     )
 except DataError as err:
     raise WorkflowError(f"invalid data:\n{err}") from None
@@ -70,6 +81,26 @@ if workflow.remote_exec:
 onstart:
     if not workflow.touch:  # --touch only marks outputs as up to date: it runs no command
         check_unetflow_command()
+
+
+# Rules for one image and rules for plates/collections produce the same file names (metrics,
+# statistics): their dataset constraints keep them apart ("(?!)" matches nothing).
+IMAGE_DATASET = "|".join(re.escape(d) for d in DATASETS if d not in POSITION_SETS) or "(?!)"
+POSITIONS_DATASET = "|".join(re.escape(d) for d in POSITION_SETS) or "(?!)"
+PLATE_DATASET = (
+    "|".join(re.escape(d) for d, s in POSITION_SETS.items() if s.kind == "plate") or "(?!)"
+)
+# collections of TIFFs: name -> [(TIFF, conversion, role)]
+TIFF_COLLECTIONS = {
+    d: collection_tiffs(d, DATASETS[d], f"{CONVERTED_COLLECTIONS}/{d}")
+    for d, s in POSITION_SETS.items()
+    if s.kind == "collection"
+}
+TIFF_COLLECTIONS = {d: tiffs for d, tiffs in TIFF_COLLECTIONS.items() if tiffs}
+TIFF_COLLECTION_DATASET = "|".join(re.escape(d) for d in TIFF_COLLECTIONS) or "(?!)"
+COLLECTION_DATASET = (
+    "|".join(re.escape(d) for d, s in POSITION_SETS.items() if s.kind != "plate") or "(?!)"
+)
 
 
 wildcard_constraints:
@@ -103,12 +134,20 @@ def evaluated_pairs():
         (m, d)
         for m, spec in MODELS.items()
         for d in spec["predict_on"]
-        if DATASETS[d].get("target")
+        if DATASETS[d].get("target") or DATASETS[d].get("labels")
     ]
 
 
+def prediction_output(model, dataset):
+    """The prediction output that the target rule all asks for (the image, or the index of a
+    plate or collection)."""
+    if dataset in POSITION_SETS:
+        return prediction_index_path(model, dataset)
+    return prediction_path(model, dataset)
+
+
 def all_outputs(wildcards):
-    outputs = [prediction_path(m, d) for m, spec in MODELS.items() for d in spec["predict_on"]]
+    outputs = [prediction_output(m, d) for m, spec in MODELS.items() for d in spec["predict_on"]]
     outputs += [checkpoint_path(m, "best") for m in MODELS]
     if evaluated_pairs():
         outputs.append("results/summary.tsv")
@@ -178,26 +217,25 @@ def patch_datasets(model):
 
 def extract_inputs(wildcards):
     names = patch_datasets(wildcards.model)
+    images = [d for d in names if d not in POSITION_SETS]
     return {
-        "images": [DATASETS[d]["image"] for d in names],
-        "targets": [DATASETS[d]["target"] for d in names],
+        "images": [DATASETS[d]["image"] for d in images],
+        "targets": [DATASETS[d]["target"] for d in images],
+        "positions": [positions_path(d) for d in names if d in POSITION_SETS],
         "stats": [stats_path(d) for d in names],
     }
 
 
+def extract_dataset_entry(name):
+    """A dataset as extract-patches reads it: its image and target, or its positions file."""
+    entry = {"name": name, "stats": stats_path(name), "channels": DATASETS[name]["channels"]}
+    if name in POSITION_SETS:
+        return {**entry, "positions": positions_path(name)}
+    return {**entry, "image": DATASETS[name]["image"], "target": DATASETS[name]["target"]}
+
+
 def extract_datasets(wildcards):
-    return as_json(
-        [
-            {
-                "name": d,
-                "image": DATASETS[d]["image"],
-                "target": DATASETS[d]["target"],
-                "stats": stats_path(d),
-                "channels": DATASETS[d]["channels"],
-            }
-            for d in patch_datasets(wildcards.model)
-        ]
-    )
+    return as_json([extract_dataset_entry(d) for d in patch_datasets(wildcards.model)])
 
 
 def section_json(section, leave_out=()):
@@ -329,24 +367,30 @@ def baseline_arg(wildcards, input):
     return f"--baseline {single_quoted(input.baseline)}" if "baseline" in input.keys() else ""
 
 
+BASELINE_POSITIONS = 4  # positions of a plate/collection the Gaussian baseline is tuned on
+
+
+def baseline_images(name):
+    """(name, image, target) the Gaussian baseline is tuned on: the image, or a few
+    positions spread over a plate/collection (its crops are what is scored, not all pixels)."""
+    if name not in POSITION_SETS:
+        return [(name, DATASETS[name]["image"], DATASETS[name]["target"])]
+    positions = POSITION_SETS[name].positions
+    step = max(1, len(positions) // BASELINE_POSITIONS)
+    return [(f"{name}/{p.key}", p.image, p.target) for p in positions[::step][:BASELINE_POSITIONS]]
+
+
 def tune_baseline_inputs(wildcards):
-    names = MODELS[wildcards.model]["train_on"]
-    return {
-        "images": [DATASETS[d]["image"] for d in names],
-        "targets": [DATASETS[d]["target"] for d in names],
-    }
+    used = [e for d in MODELS[wildcards.model]["train_on"] for e in baseline_images(d)]
+    return {"images": [e[1] for e in used], "targets": [e[2] for e in used]}
 
 
 def tune_baseline_datasets(wildcards):
     return as_json(
         [
-            {
-                "name": d,
-                "image": DATASETS[d]["image"],
-                "target": DATASETS[d]["target"],
-                "channels": DATASETS[d]["channels"],
-            }
+            {"name": n, "image": image, "target": target, "channels": DATASETS[d]["channels"]}
             for d in MODELS[wildcards.model]["train_on"]
+            for n, image, target in baseline_images(d)
         ]
     )
 
@@ -362,4 +406,167 @@ def montage_title(wildcards):
 def report_figures():
     """Report pages that rule all asks for, so `snakemake --report` finds them all."""
     figures = [montage_path(m, d) for m, d in evaluated_pairs()]
+    figures += [
+        plate_map_path(m, d)
+        for m, d in evaluated_pairs()
+        if d in POSITION_SETS and POSITION_SETS[d].kind == "plate"
+    ]
     return figures + ["results/summary.html", "results/comparison.png"]
+
+
+# --- plates and collections: positions, batches of positions -------------------------------
+# A plate or collection is planned from its positions (read at parse time into POSITION_SETS)
+# and worked on in batches of predict.positions_per_job positions: one prediction job and one
+# evaluation job per batch, not per position. See README "Plates and collections".
+def positions_path(dataset):
+    return f"results/positions/{dataset}.json"
+
+
+def positions_inputs(wildcards):
+    """What the positions are read from: the plate, or the collection's images (and the
+    target plate); their changes rerun rule positions."""
+    spec = DATASETS[wildcards.dataset]
+    position_set = POSITION_SETS[wildcards.dataset]
+    sources = [spec["plate"]] if spec.get("plate") else [p.image for p in position_set.positions]
+    if spec.get("target"):
+        target = position_set.target["source"]
+        sources += [target] if spec.get("plate") else [p.target for p in position_set.positions]
+    if wildcards.dataset in TIFF_COLLECTIONS:  # the conversions stand in for the TIFFs
+        converted = {out for _, out, _ in TIFF_COLLECTIONS[wildcards.dataset]}
+        sources = [s for s in sources if s not in converted]
+        sources.append(f"{CONVERTED_COLLECTIONS}/{wildcards.dataset}")
+    return sources
+
+
+def collection_tiff_files(wildcards):
+    return [tiff for tiff, _, _ in TIFF_COLLECTIONS[wildcards.dataset]]
+
+
+def convert_collection_spec(wildcards):
+    spec = DATASETS[wildcards.dataset]
+    return as_json({k: spec.get(k) for k in ("collection", "target", "axes", "pixel_size")})
+
+
+POSITIONS_SPEC_KEYS = ("plate", "collection", "wells", "fields", "labels", "target", "normalize")
+
+
+def positions_spec(wildcards):
+    spec = DATASETS[wildcards.dataset]
+    return as_json({k: spec.get(k) for k in POSITIONS_SPEC_KEYS})
+
+
+def planned_digest(wildcards):
+    """A digest of the positions read at planning: when the plate gains or loses fields
+    (the config unchanged), rule positions reruns; the job checks it reads the same."""
+    return positions_digest(POSITION_SETS[wildcards.dataset])
+
+
+def normalize_positions_per(wildcards):
+    return DATASETS[wildcards.dataset]["normalize"]
+
+
+def dataset_batches(model, dataset):
+    per_job = model_section(config, model, "predict")["positions_per_job"]
+    return position_batches(POSITION_SETS[dataset].keys, per_job)
+
+
+def prediction_root(model, dataset):
+    """Where a plate's/collection's predictions go: an output plate, or a folder of images."""
+    if POSITION_SETS[dataset].kind == "plate":
+        return f"results/{model}/predictions/{dataset}.ome.zarr"
+    return f"results/{model}/predictions/{dataset}"
+
+
+def prediction_index_path(model, dataset):
+    return f"results/{model}/predictions/{dataset}.index.json"
+
+
+def batch_record_path(model, dataset, batch):
+    return f"results/{model}/predictions/{dataset}.batches/batch_{batch}.json"
+
+
+def batch_metrics_path(model, dataset, batch):
+    return f"results/{model}/metrics/{dataset}.batches/batch_{batch}.tsv"
+
+
+def plate_map_path(model, dataset):
+    return f"results/{model}/figures/{dataset}_platemap.png"
+
+
+def batch_keys(wildcards):
+    batches = dataset_batches(wildcards.model, wildcards.dataset)
+    index = int(wildcards.batch)
+    if index >= len(batches):
+        raise WorkflowError(
+            f"dataset '{wildcards.dataset}' has {len(batches)} batches of positions; "
+            f"there is no batch {index}"
+        )
+    return as_json(batches[index])
+
+
+def root_of_predictions(wildcards):
+    return prediction_root(wildcards.model, wildcards.dataset)
+
+
+def predict_positions_inputs(wildcards):
+    which = model_section(config, wildcards.model, "predict")["checkpoint"]
+    return {
+        "checkpoint": checkpoint_path(wildcards.model, which),
+        "positions": positions_path(wildcards.dataset),
+        "stats": stats_path(wildcards.dataset),
+    }
+
+
+def all_batch_records(wildcards):
+    count = len(dataset_batches(wildcards.model, wildcards.dataset))
+    return [batch_record_path(wildcards.model, wildcards.dataset, i) for i in range(count)]
+
+
+def evaluate_positions_inputs(wildcards):
+    inputs = {
+        "positions": positions_path(wildcards.dataset),
+        "record": batch_record_path(wildcards.model, wildcards.dataset, wildcards.batch),
+    }
+    if MODELS[wildcards.model]["task"] == "regression":
+        inputs["baseline"] = baseline_path(wildcards.model)
+    return inputs
+
+
+def all_batch_metrics(wildcards):
+    count = len(dataset_batches(wildcards.model, wildcards.dataset))
+    return [batch_metrics_path(wildcards.model, wildcards.dataset, i) for i in range(count)]
+
+
+def plate_map_arg(wildcards, output):
+    return f"--plate-map {single_quoted(output.plate_map)}" if "plate_map" in output.keys() else ""
+
+
+def montage_position(wildcards):
+    """The position a plate's/collection's montage shows: its first."""
+    return POSITION_SETS[wildcards.dataset].positions[0]
+
+
+def montage_positions_inputs(wildcards):
+    return {
+        "index": prediction_index_path(wildcards.model, wildcards.dataset),
+        "stats": stats_path(wildcards.dataset),
+    }
+
+
+def montage_position_args(wildcards):
+    """--prediction/--image/--target/--position of the montage's position."""
+    position = montage_position(wildcards)
+    root = prediction_root(wildcards.model, wildcards.dataset)
+    kind = POSITION_SETS[wildcards.dataset].kind
+    paths = {
+        "--prediction": position_output_path(root, kind, position),
+        "--image": position.image,
+        "--target": position.target,
+        "--position": position.key,
+    }
+    return " ".join(f"{flag} {single_quoted(path)}" for flag, path in paths.items())
+
+
+def montage_position_title(wildcards):
+    position = montage_position(wildcards).key
+    return f"model {wildcards.model} on dataset {wildcards.dataset}, position {position}"

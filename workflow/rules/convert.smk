@@ -21,3 +21,26 @@ rule convert:
     shell:
         "unetflow convert {input:q} {output:q} --role {wildcards.role} {params.options}"
         " > {log:q} 2>&1"
+
+
+# A collection of TIFFs: every image (and target) converted, in one job per dataset; the
+# positions of the dataset are then read from the conversions.
+rule convert_collection:
+    input:
+        collection_tiff_files,
+    output:
+        directory("results/converted_collections/{dataset}"),
+    params:
+        spec=convert_collection_spec,
+    wildcard_constraints:
+        dataset=TIFF_COLLECTION_DATASET,
+    log:
+        "logs/convert/{dataset}.collection.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+    conda:
+        ENV
+    shell:
+        "unetflow convert-collection --dataset {wildcards.dataset} --spec {params.spec:q}"
+        " --output-dir {output:q} > {log:q} 2>&1"

@@ -41,6 +41,8 @@ rule evaluate:
         num_classes=num_classes,
         channels=dataset_channels,
         baseline=baseline_arg,
+    wildcard_constraints:
+        dataset=IMAGE_DATASET,
     log:
         "logs/evaluate/{model}/{dataset}.log",
     threads: 1
@@ -72,6 +74,8 @@ rule montage:
         task=model_task,
         channels=dataset_channels,
         title=montage_title,
+    wildcard_constraints:
+        dataset=IMAGE_DATASET,
     log:
         "logs/montage/{model}/{dataset}.log",
     threads: 1

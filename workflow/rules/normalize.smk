@@ -7,6 +7,8 @@ rule normalize:
         settings=normalize_settings,
         channels=dataset_channels,
         target=normalize_target_arg,
+    wildcard_constraints:
+        dataset=IMAGE_DATASET,
     log:
         "logs/normalize/{dataset}.log",
     threads: 2

@@ -11,6 +11,8 @@ rule predict_create:
     params:
         settings=predict_tile_settings,
         channels=dataset_channels,
+    wildcard_constraints:
+        dataset=IMAGE_DATASET,
     log:
         "logs/predict/{model}/{dataset}.create.log",
     threads: 1
@@ -35,6 +37,7 @@ rule predict_shard:
         settings=predict_tile_settings,
         channels=dataset_channels,
     wildcard_constraints:
+        dataset=IMAGE_DATASET,
         shard=r"\d+",
     log:
         "logs/predict/{model}/{dataset}.shard_{shard}.log",
@@ -64,6 +67,8 @@ rule predict:
     params:
         settings=section_json("predict"),
         channels=dataset_channels,
+    wildcard_constraints:
+        dataset=IMAGE_DATASET,
     log:
         "logs/predict/{model}/{dataset}.log",
     benchmark:
