@@ -406,14 +406,12 @@ def test_well_validation_of_a_collection_is_one_line_naming_setting_and_dataset(
     assert {r["well"] for r in rows} == {""} and len({r["position"] for r in rows}) > 1
 
 
-def test_single_images_beside_a_plate_are_split_as_blocks(tmp_path, plate, data):
-    _, rows, _ = _extract(tmp_path, [data["a"], plate["dataset"]],
-                          **{**PLATE_PATCHES, "validation": "well"})
-    single = [r for r in rows if r["dataset"] == "a"]
-    assert {r["split"] for r in single} == {"train", "val"}
-    assert {r["position"] for r in single} == {""}
-    val_wells = {r["well"] for r in rows if r["dataset"] == "screen" and r["split"] == "val"}
-    assert not val_wells & {r["well"] for r in rows if r["split"] == "train"}
+@pytest.mark.parametrize("mode", ["well", "position"])
+def test_position_and_well_validation_refuse_single_images(tmp_path, plate, data, mode):
+    with pytest.raises(PatchError, match=f"patches.validation is '{mode}' but dataset 'a' is "
+                                         f"one image"):
+        _extract(tmp_path, [plate["dataset"], data["a"]], **{**PLATE_PATCHES,
+                                                             "validation": mode})
 
 
 def test_plate_regression_targets_from_the_twin_plate(tmp_path, plate):

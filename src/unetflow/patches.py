@@ -13,11 +13,11 @@ from metadata), per split and kind, and only the positions that get patches are 
 each is then sampled as an image. `validation: block` splits each such position as above;
 `position` / `well` hold out whole positions / whole wells, round(validation_fraction * n)
 of the n (at least 1, at least one left for training), drawn with a generator seeded by
-(`patches.seed`, the dataset's name), so no patch of a held-out well is in training; single
-images beside them are split as `block`. Foreground patches drawn for a position without
-foreground come from the split's positions with foreground instead. Each patch is
-normalized with its position's statistics (`normalize.position_stats`), and the manifest
-names its position and well.
+(`patches.seed`, the dataset's name), so no patch of a held-out well is in training (and
+every dataset must then be a plate, or for `position` a plate or collection). Foreground
+patches drawn for a position without foreground come from the split's positions with
+foreground instead. Each patch is normalized with its position's statistics
+(`normalize.position_stats`), and the manifest names its position and well.
 
 Samplers. Per split, `round(n * foreground_fraction)` patches are forced onto foreground (a
 chunk drawn with probability proportional to its foreground count, then a foreground pixel of
@@ -182,8 +182,8 @@ def split_regions(spatial_shape: tuple[int, ...], patch_shape: tuple[int, ...], 
     `block`: along the split axis the last `fraction` (at least one patch) is validation, and
     a gap of half a patch separates it from the training block. `image`: the whole image
     belongs to one split (`held_out` -> validation). `position` and `well` hold out whole
-    positions of plates and collections (`sample_position_patches`); a single image has no
-    others to hold out, so it is split as `block`.
+    positions of plates and collections (`sample_position_patches`); within a position, they
+    are `block`.
     """
     spatial_shape, patch_shape = tuple(spatial_shape), tuple(patch_shape)
     zeros = tuple(0 for _ in spatial_shape)
@@ -615,11 +615,20 @@ def _groups(images: list[SourceImage], mode: str) -> list[str]:
     return [img.well if mode == "well" else img.position for img in images]
 
 
-def _check_validation_groups(positions: dict[str, list[SourceImage]],
+def _check_validation_groups(datasets: list[DatasetInput],
+                             positions: dict[str, list[SourceImage]],
                              settings: dict[str, Any]) -> None:
+    """`validation: position | well` needs positions (and wells) to hold out: every dataset
+    a plate (well) or a plate or collection (position), each with at least two groups. As
+    the config check refuses it, so does a stage run by hand."""
     mode = settings["validation"]
     if mode not in ("position", "well"):
         return
+    for ds in datasets:
+        if not ds.positions:
+            raise PatchError(f"patches.validation is '{mode}' but dataset '{ds.name}' is one "
+                             f"image, with no {mode}s to hold out; use patches.validation: "
+                             f"block or image")
     for name, images in positions.items():
         if mode == "well" and not all(img.well for img in images):
             raise PatchError(f"patches.validation is 'well' but dataset '{name}' is a "
@@ -1163,7 +1172,7 @@ def extract_patches(datasets: list[DatasetInput], task: str, settings: dict[str,
     _check_validation_datasets(datasets, settings)
     stats = {ds.name: read_stats(ds.stats) for ds in datasets}
     positions = {ds.name: _source_images(ds) for ds in datasets if ds.positions}
-    _check_validation_groups(positions, settings)
+    _check_validation_groups(datasets, positions, settings)
     sources = SourceSet(task, tuple(settings["shape"]))
     rng = np.random.default_rng(settings["seed"])
     records = []
