@@ -330,11 +330,10 @@ def _cmd_convert_collection(args: argparse.Namespace) -> None:
 
 
 def _cmd_positions(args: argparse.Namespace) -> None:
-    from unetflow.config import validate_config
+    from unetflow.config import dataset_settings
     from unetflow.plates import dataset_positions, positions_digest, write_positions
 
-    spec = validate_config({"datasets": {args.dataset: args.spec},
-                            "models": {}})["datasets"][args.dataset]
+    spec = dataset_settings(args.dataset, args.spec)
     positions = dataset_positions(args.dataset, spec, converted=args.converted)
     if args.digest and positions_digest(positions) != args.digest:
         raise ValueError(f"dataset '{args.dataset}': its positions changed since the workflow "

@@ -76,7 +76,7 @@ from unetflow.files import atomic_path
 from unetflow.normalize import normalize_array, position_stats, read_stats
 from unetflow.ome import channel_first, open_image, spatial_axes
 from unetflow.patchstore import ShardedPatches, create_patch_array, patches_per_shard
-from unetflow.plates import _layout, read_positions
+from unetflow.plates import read_positions, spatial_shape
 
 __all__ = [
     "DatasetInput",
@@ -655,7 +655,7 @@ def held_out_groups(groups: list[str], fraction: float, seed: int, dataset: str)
 def _pixel_counts(images: list[SourceImage], level: int) -> np.ndarray:
     """Pixels of each image, read from metadata (level 0, scaled to `level` by the first
     image's ratio when per_megapixel needs absolute counts): unopened images stay so."""
-    counts = np.array([np.prod(_layout(img.image).spatial_shape) for img in images], float)
+    counts = np.array([np.prod(spatial_shape(img.image)) for img in images], float)
     if level:
         at_level = np.prod(open_image(images[0].image, level=level).spatial_shape)
         counts *= at_level / counts[0]
