@@ -547,6 +547,7 @@ SAFE_UNQUOTED = {
     "params.ignore_label",  # '--ignore-label <int>' or ''
     "params.target", "params.baseline",  # '--x <path>' quoted by common.smk's single_quoted
     "params.options",  # convert: --axes (pattern ^[tczyx]{2,5}$), --pixel-size numbers
+    "params.plate_map", "params.paths",  # '--x <path>' quoted by common.smk's single_quoted
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import filecmp
+import json
 import os
 from pathlib import Path
 
@@ -10,18 +11,33 @@ import numpy as np
 import pytest
 import zarr
 
+from conftest import run_cli
 from unetflow import patches
 from unetflow.demo import synthesize_nuclei
-from unetflow.normalize import compute_dataset_stats, normalize_array, write_stats
-from unetflow.ome import write_image
+from unetflow.normalize import (
+    compute_dataset_stats,
+    compute_positions_stats,
+    normalize_array,
+    position_stats,
+    write_stats,
+)
+from unetflow.ome import open_image, write_image
 from unetflow.patches import (
     DatasetInput,
     PatchError,
     extract_patches,
+    held_out_groups,
     prepare_target,
     read_manifest,
     split_regions,
     summarize_records,
+)
+from unetflow.plates import (
+    clean_plate_path,
+    dataset_positions,
+    read_positions,
+    write_demo_plate,
+    write_positions,
 )
 
 NORM = {"method": "percentile", "clip": False}
@@ -288,3 +304,186 @@ def test_foreground_pixels_are_sampled_uniformly_without_repeats(k):
     expected = 500 * k / 200
     assert np.abs(hits[mask.reshape(-1)] - expected).max() < 5 * np.sqrt(expected)
     assert len(patches._sample_flat(mask, 200, 500, np.random.default_rng(0))) == 200
+
+
+# --- datasets of positions (plates, collections) -------------------------------------------
+PLATE_PATCHES = {**PATCHES, "shape": [16, 16], "per_dataset": 40}
+POSITION_STATS = {**STATS, "sample_positions": None}
+
+
+def _positions_input(root: Path, name: str, spec: dict, per: str = "dataset",
+                     channels: list | None = None) -> DatasetInput:
+    """A plate or collection dataset as the rules give it: positions file and statistics."""
+    found = dataset_positions(name, spec)
+    write_positions(found, root / f"{name}_positions.json")
+    write_stats(compute_positions_stats(found, channels, POSITION_STATS, per),
+                root / f"{name}_stats.json")
+    return DatasetInput(name, stats=str(root / f"{name}_stats.json"), channels=channels,
+                        positions=str(root / f"{name}_positions.json"))
+
+
+@pytest.fixture(scope="module")
+def plate(tmp_path_factory) -> dict[str, DatasetInput]:
+    """A 2 x 2-well plate of 2 fields of 64x64, with labels and its clean twin plate."""
+    root = tmp_path_factory.mktemp("plate")
+    path = root / "plate.ome.zarr"
+    write_demo_plate(path, rows=2, columns=2, fields=2, shape=(64, 64), seed=3)
+    return {
+        "dataset": _positions_input(root, "screen", {"plate": str(path), "labels": "nuclei"}),
+        "position": _positions_input(root, "screen", {"plate": str(path), "labels": "nuclei"},
+                                     per="position"),
+        "clean": _positions_input(root, "denoise", {"plate": str(path),
+                                                    "target": clean_plate_path(path)}),
+        "collection": _positions_input(root, "fields", {"collection": f"{path}/*/*/[0-9]",
+                                                        "labels": "nuclei"}),
+    }
+
+
+def _position_pixels(positions: str, key: str, box: tuple[slice, ...], target: bool = False):
+    position = read_positions(positions).by_key(key)
+    return np.asarray(open_image(position.target if target else position.image).data)[
+        (Ellipsis, *box)]
+
+
+@pytest.mark.parametrize("per", ["dataset", "position"])
+def test_plate_patches_name_their_positions_and_hold_their_normalized_pixels(tmp_path, plate,
+                                                                            per):
+    ds = plate[per]
+    records, rows, group = _extract(tmp_path, [ds], **PLATE_PATCHES)
+    keys = read_positions(ds.positions).keys
+    assert len(rows) == 40 and {r["position"] for r in rows} <= set(keys)
+    assert all(r["well"] == r["position"].split("_")[0] for r in rows)
+    stored = group.attrs["unetflow"]["datasets"]["screen"]
+    if per == "position":  # once per dataset, only the positions that gave patches
+        assert set(stored["positions"]) == {r["position"] for r in rows}
+    for r in rows:
+        box = tuple(slice(o, o + s) for o, s in zip(r["origin"], r["shape"], strict=True))
+        stats = position_stats(stored, r["position"])
+        expected = normalize_array(_position_pixels(ds.positions, r["position"], box)[None],
+                                   stats)
+        np.testing.assert_array_equal(group[f"{r['split']}/images"][r["index"]], expected[0])
+        labels = _position_pixels(ds.positions, r["position"], box, target=True)
+        np.testing.assert_array_equal(group[f"{r['split']}/targets"][r["index"]],
+                                      (labels > 0).astype(np.int32))
+    assert any("screen: patches from" in line for line in summarize_records(records))
+
+
+def test_block_split_separates_each_positions_patches(tmp_path, plate):
+    _, rows, _ = _extract(tmp_path, [plate["dataset"]], **PLATE_PATCHES)
+    for key in {r["position"] for r in rows}:
+        mine = [r for r in rows if r["position"] == key]
+        train = [r for r in mine if r["split"] == "train"]
+        val = [r for r in mine if r["split"] == "val"]
+        gaps = [_separation(t["origin"], v["origin"], t["shape"]) for t in train for v in val]
+        assert min(gaps, default=8) >= 8
+    assert sum(r["split"] == "val" for r in rows) == round(40 * 0.25)
+
+
+@pytest.mark.parametrize(("mode", "fraction", "held"), [("well", 0.25, 1), ("well", 0.5, 2),
+                                                        ("position", 0.25, 2)])
+def test_held_out_wells_and_positions_have_no_training_patch(tmp_path, plate, mode, fraction,
+                                                             held):
+    _, rows, _ = _extract(tmp_path, [plate["dataset"]], **{
+        **PLATE_PATCHES, "validation": mode, "validation_fraction": fraction})
+    group = "well" if mode == "well" else "position"
+    val = {r[group] for r in rows if r["split"] == "val"}
+    train = {r[group] for r in rows if r["split"] == "train"}
+    keys = read_positions(plate["dataset"].positions).keys
+    everything = sorted({k.split("_")[0] for k in keys} if mode == "well" else keys)
+    assert val == held_out_groups(everything, fraction, PATCHES["seed"], "screen")
+    assert len(val) == held and not val & train
+    assert sum(r["split"] == "val" for r in rows) == round(40 * fraction)
+
+
+def test_well_validation_of_a_collection_is_one_line_naming_setting_and_dataset(tmp_path,
+                                                                               plate):
+    with pytest.raises(PatchError) as err:
+        _extract(tmp_path, [plate["collection"]], **{**PLATE_PATCHES, "validation": "well"})
+    assert "\n" not in str(err.value)
+    assert "patches.validation is 'well'" in str(err.value) and "'fields'" in str(err.value)
+    _, rows, _ = _extract(tmp_path, [plate["collection"]], **{**PLATE_PATCHES,
+                                                              "validation": "position"})
+    assert {r["well"] for r in rows} == {""} and len({r["position"] for r in rows}) > 1
+
+
+@pytest.mark.parametrize("mode", ["well", "position"])
+def test_position_and_well_validation_refuse_single_images(tmp_path, plate, data, mode):
+    with pytest.raises(PatchError, match=f"patches.validation is '{mode}' but dataset 'a' is "
+                                         f"one image"):
+        _extract(tmp_path, [plate["dataset"], data["a"]], **{**PLATE_PATCHES,
+                                                             "validation": mode})
+
+
+def test_plate_regression_targets_from_the_twin_plate(tmp_path, plate):
+    ds = plate["clean"]
+    _, rows, group = _extract(tmp_path, [ds], task="regression", **PLATE_PATCHES)
+    stats = group.attrs["unetflow"]["datasets"]["denoise"]
+    assert stats["positions"]["used"] == 8
+    for r in rows[:6]:
+        box = tuple(slice(o, o + s) for o, s in zip(r["origin"], r["shape"], strict=True))
+        clean = _position_pixels(ds.positions, r["position"], box, target=True)
+        np.testing.assert_array_equal(group[f"{r['split']}/targets"][r["index"]],
+                                      normalize_array(clean[None], stats)[0])
+
+
+def test_same_seed_gives_the_same_plate_store(tmp_path, plate):
+    for out in ("one", "two"):
+        _extract(tmp_path, [plate["position"]], out=out, **{**PLATE_PATCHES,
+                                                             "validation": "well"})
+    one, two = tmp_path / "one.zarr", tmp_path / "two.zarr"
+    _, mismatch, errors = filecmp.cmpfiles(one, two, _files(one), shallow=False)
+    assert _files(one) == _files(two) and not mismatch and not errors
+    assert (tmp_path / "one.tsv").read_text() == (tmp_path / "two.tsv").read_text()
+
+
+def test_patches_go_to_positions_by_pixel_count_and_foreground_to_where_it_is(tmp_path):
+    """A 160x160 and a 40x40 image (16:1 pixels), the big one without any foreground: the
+    small one gets about 1/17 of the patches, and every foreground patch."""
+    for name, shape, seed in (("big", (160, 160), 1), ("small", (40, 40), 2)):
+        demo = synthesize_nuclei(shape, seed=seed)
+        labels = np.zeros_like(demo.labels) if name == "big" else demo.labels
+        write_image(tmp_path / "img" / f"{name}.ome.zarr", demo.noisy[None], ["c", "y", "x"],
+                    chunks=(1, 32, 32))
+        write_image(tmp_path / "lab" / f"{name}.ome.zarr", labels[None], ["c", "y", "x"],
+                    chunks=(1, 32, 32))
+    ds = _positions_input(tmp_path, "two", {"collection": str(tmp_path / "img" / "*.ome.zarr"),
+                                            "target": str(tmp_path / "lab" / "*.ome.zarr")})
+    _, rows, _ = _extract(tmp_path, [ds], **{**PLATE_PATCHES, "per_dataset": 170,
+                                            "foreground_fraction": 0.5})
+    uniform = [r for r in rows if r["kind"] == "uniform"]
+    small = sum(r["position"] == "small" for r in uniform)
+    assert 0 < small < 3 * len(uniform) / 17  # binomial(85, 1/17): mean 5, sd 2.2
+    foreground = [r for r in rows if r["kind"] == "foreground"]
+    assert len(foreground) == round(128 * 0.5) + round(42 * 0.5)
+    assert {r["position"] for r in foreground} == {"small"}
+
+
+def test_dataset_input_is_one_image_or_positions(plate, data):
+    with pytest.raises(PatchError, match="exactly one of image"):
+        DatasetInput("x", image=data["a"].image, target=data["a"].target, stats=data["a"].stats,
+                     positions=plate["dataset"].positions)
+    with pytest.raises(PatchError, match="has no target"):
+        DatasetInput("x", image=data["a"].image, stats=data["a"].stats)
+
+
+def test_manifests_written_before_positions_still_read(tmp_path):
+    (tmp_path / "old.tsv").write_text(
+        "index\tdataset\tsplit\torigin\tshape\tforeground_fraction\tkind\n"
+        "0\ta\ttrain\t1,2\t32,32\t0.25\tuniform\n")
+    row, = read_manifest(tmp_path / "old.tsv")
+    assert (row["position"], row["well"], row["origin"]) == ("", "", (1, 2))
+
+
+def test_cli_extract_patches_takes_a_positions_entry(tmp_path, plate):
+    ds = plate["dataset"]
+    entry = {"name": "screen", "positions": ds.positions, "stats": ds.stats, "channels": None}
+    args = ["extract-patches", "--task", "segmentation", "--settings",
+            json.dumps({**PLATE_PATCHES, "validation": "well"}), "--normalize", "{}",
+            "--store", str(tmp_path / "p.zarr"), "--manifest", str(tmp_path / "p.tsv")]
+    result = run_cli(*args, "--datasets", json.dumps([entry]))
+    assert result.returncode == 0, result.stderr
+    assert "screen: patches from" in result.stdout
+    missing = {**entry, "positions": str(tmp_path / "none.json")}
+    result = run_cli(*args, "--datasets", json.dumps([missing]))
+    assert result.returncode == 1
+    assert result.stderr.startswith("unetflow extract-patches: error: --datasets[0].positions")

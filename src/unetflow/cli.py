@@ -62,7 +62,7 @@ def _dataset_paths(args: argparse.Namespace) -> list[tuple[str, str]]:
     for i, entry in enumerate(getattr(args, "datasets", None) or []):
         if not isinstance(entry, dict):
             raise ValueError(f"--datasets[{i}]: {entry!r} is not a mapping of keys")
-        for key in ("image", "target", "stats"):
+        for key in ("image", "target", "stats", "positions"):
             if entry.get(key):
                 found.append((f"--datasets[{i}].{key}", str(entry[key])))
     return found
@@ -90,21 +90,61 @@ def _cmd_demo_data(args: argparse.Namespace) -> None:
         print(f"demo_data: {name} -> {path}")
 
 
+def _print_channels(dataset: str, where: str, channels: list[dict[str, Any]]) -> None:
+    for ch in channels:
+        print(f"normalize: {dataset}{where} channel {ch['name']}: mean {ch['mean']:.4g} "
+              f"std {ch['std']:.4g} min {ch['min']:.4g} max {ch['max']:.4g} "
+              f"percentiles {ch['percentiles']}")
+
+
+def _warn_constant(dataset: str, source: str, channels: list[dict[str, Any]]) -> None:
+    for ch in channels:
+        if ch["max"] == ch["min"]:
+            print(f"normalize: warning: dataset '{dataset}' channel {ch['name']} of "
+                  f"{source} is constant ({ch['min']:.4g}); it normalizes to 0 everywhere, "
+                  f"so a model learns nothing from it: check the image", file=sys.stderr)
+
+
+def _normalize_positions(args: argparse.Namespace) -> dict[str, Any]:
+    from unetflow.normalize import compute_positions_stats
+    from unetflow.plates import read_positions
+
+    positions = read_positions(args.positions)
+    if positions.dataset != args.dataset:
+        raise ValueError(f"--positions {args.positions} holds dataset '{positions.dataset}', "
+                         f"not --dataset {args.dataset}")
+    per = args.per or positions.normalize
+    stats = compute_positions_stats(positions, args.channels, _section(args, "normalize"), per)
+    if per == "position":
+        print(f"normalize: {args.dataset}: statistics of {len(stats['positions'])} positions")
+        for key, own in stats["positions"].items():
+            _warn_constant(args.dataset, f"position {key} ({own['image']})", own["channels"])
+        return stats
+    used = stats["positions"]
+    _print_channels(args.dataset, f" ({used['used']} of {used['total']} positions)",
+                    stats["channels"])
+    _warn_constant(args.dataset, positions.source, stats["channels"])
+    return stats
+
+
 def _cmd_normalize(args: argparse.Namespace) -> None:
     from unetflow.normalize import compute_dataset_stats, write_stats
 
+    if args.positions:
+        if args.target:
+            raise ValueError("--target goes with --image; the positions file names each "
+                             "position's target")
+        write_stats(_normalize_positions(args), args.output)
+        return
+    if args.per:
+        raise ValueError("--per chooses statistics per dataset or per position of a "
+                         "--positions file; a single --image has one set")
     stats = compute_dataset_stats(args.image, args.channels, _section(args, "normalize"),
                                   args.dataset,
                                   target_path=args.target)
     write_stats(stats, args.output)
-    for ch in stats["channels"]:
-        print(f"normalize: {args.dataset} channel {ch['name']}: mean {ch['mean']:.4g} "
-              f"std {ch['std']:.4g} min {ch['min']:.4g} max {ch['max']:.4g} "
-              f"percentiles {ch['percentiles']}")
-        if ch["max"] == ch["min"]:
-            print(f"normalize: warning: dataset '{args.dataset}' channel {ch['name']} of "
-                  f"{args.image} is constant ({ch['min']:.4g}); it normalizes to 0 everywhere, "
-                  f"so a model learns nothing from it: check the image", file=sys.stderr)
+    _print_channels(args.dataset, "", stats["channels"])
+    _warn_constant(args.dataset, args.image, stats["channels"])
 
 
 def _cmd_extract_patches(args: argparse.Namespace) -> None:
@@ -329,11 +369,10 @@ def _cmd_convert_collection(args: argparse.Namespace) -> None:
 
 
 def _cmd_positions(args: argparse.Namespace) -> None:
-    from unetflow.config import validate_config
+    from unetflow.config import dataset_settings
     from unetflow.plates import dataset_positions, positions_digest, write_positions
 
-    spec = validate_config({"datasets": {args.dataset: args.spec},
-                            "models": {}})["datasets"][args.dataset]
+    spec = dataset_settings(args.dataset, args.spec)
     positions = dataset_positions(args.dataset, spec, converted=args.converted)
     if args.digest and positions_digest(positions) != args.digest:
         raise ValueError(f"dataset '{args.dataset}': its positions changed since the workflow "
@@ -518,8 +557,14 @@ def build_parser() -> argparse.ArgumentParser:
     _settings(p, "demo")
 
     p = _add(sub, "normalize", _cmd_normalize, "compute a dataset's normalization statistics")
-    _input(p, "--image", required=True)
-    _input(p, "--target")
+    source = p.add_mutually_exclusive_group(required=True)
+    _input(source, "--image", help="the dataset's one image")
+    _input(source, "--positions",
+           help="the positions file of a plate or collection (rule positions writes it)")
+    _input(p, "--target", help="with --image and normalize.mask: foreground")
+    p.add_argument("--per", choices=["dataset", "position"], default=None,
+                   help="with --positions: one set of statistics for the dataset, or one "
+                        "per position (default: the positions file's 'normalize')")
     p.add_argument("--dataset", required=True)
     p.add_argument("--channels", type=_json, default=None)
     _settings(p, "normalize")
@@ -527,7 +572,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _add(sub, "extract-patches", _cmd_extract_patches, "sample patches into a Zarr store")
     p.add_argument("--datasets", type=_json, required=True,
-                   help='[{"name", "image", "target", "stats", "channels"}, ...]')
+                   help='[{"name", "image", "target", "stats", "channels"}, ...]; a plate or '
+                        'collection gives "positions" (its positions file) instead of '
+                        '"image" and "target"')
     p.add_argument("--task", required=True, choices=["segmentation", "regression"])
     _settings(p, "patches")
     p.add_argument("--normalize", type=_json, required=True, help="the normalize section")

@@ -179,6 +179,23 @@ def has_target(spec: dict[str, Any]) -> bool:
     return bool(spec.get("target") or spec.get("labels"))
 
 
+def dataset_settings(name: str, spec: dict[str, Any],
+                     schema: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One dataset entry validated as `validate_config` does (schema, defaults, the keys
+    each kind of source takes): what `unetflow positions` reads from its --spec."""
+    schema = schema or load_schema()
+    spec = {k: v for k, v in spec.items() if v is not None}
+    definition = {**schema["properties"]["datasets"]["additionalProperties"],
+                  "$defs": schema["$defs"]}
+    errors = sorted(jsonschema.Draft202012Validator(definition).iter_errors(spec),
+                    key=lambda e: list(e.absolute_path))
+    if errors:
+        raise ConfigError(_describe(errors[0], schema, ("datasets", name)))
+    _fill_defaults(definition, spec, schema)
+    _check_dataset_kinds({"datasets": {name: spec}})
+    return spec
+
+
 def _check_dataset_kinds(config: dict) -> None:
     """Exactly one source per dataset, and the keys that only one kind of source takes."""
     for name, spec in config["datasets"].items():

@@ -6,6 +6,19 @@ separated by a gap of half a patch, so no validation patch shares a pixel with a
 patch nor touches one. With `validation: image` the datasets named in
 `patches.validation_datasets` are held out whole.
 
+Plates and collections (a dataset entry with a `positions` file instead of an image and a
+target). The dataset's patches (`per_dataset`, or `per_megapixel` of all its pixels) are
+spread over its positions by a seeded multinomial proportional to their pixel counts (read
+from metadata), per split and kind, and only the positions that get patches are opened;
+each is then sampled as an image. `validation: block` splits each such position as above;
+`position` / `well` hold out whole positions / whole wells, round(validation_fraction * n)
+of the n (at least 1, at least one left for training), drawn with a generator seeded by
+(`patches.seed`, the dataset's name), so no patch of a held-out well is in training (and
+every dataset must then be a plate, or for `position` a plate or collection). Foreground
+patches drawn for a position without foreground come from the split's positions with
+foreground instead. Each patch is normalized with its position's statistics
+(`normalize.position_stats`), and the manifest names its position and well.
+
 Samplers. Per split, `round(n * foreground_fraction)` patches are forced onto foreground (a
 chunk drawn with probability proportional to its foreground count, then a foreground pixel of
 it, which the patch contains); the rest are uniform. A candidate is rejected when its target is
@@ -45,9 +58,10 @@ from __future__ import annotations
 import csv
 import itertools
 import uuid
+import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -59,30 +73,36 @@ from dask.highlevelgraph import HighLevelGraph
 
 from unetflow.chunkfiles import BlockMemo, direct_dask_array
 from unetflow.files import atomic_path
-from unetflow.normalize import normalize_array, read_stats
+from unetflow.normalize import normalize_array, position_stats, read_stats
 from unetflow.ome import channel_first, open_image, spatial_axes
 from unetflow.patchstore import ShardedPatches, create_patch_array, patches_per_shard
+from unetflow.plates import read_positions, spatial_shape
 
 __all__ = [
     "DatasetInput",
     "PatchError",
     "Region",
     "extract_patches",
+    "held_out_groups",
     "patch_count",
     "prepare_target",
     "read_manifest",
     "PatchSource",
     "ForegroundIndex",
     "Sampler",
+    "SourceImage",
+    "SourceSet",
     "patch_source",
     "patch_tasks",
     "sample_patches",
+    "sample_position_patches",
     "split_regions",
     "summarize_records",
     "write_manifest",
 ]
 
-MANIFEST_FIELDS = ["index", "dataset", "split", "origin", "shape", "foreground_fraction", "kind"]
+MANIFEST_FIELDS = ["index", "dataset", "position", "well", "split", "origin", "shape",
+                   "foreground_fraction", "kind"]
 READ_CHUNK_BYTES = 16 << 20  # dask chunks of the source: several Zarr chunks each
 LABEL_MEMO_BYTES = 64 << 20  # labels of all datasets decoded once while they fit in this
 FOREGROUND_POINTS = 1 << 20  # sampled foreground pixels kept over all chunks (<= 24 MB)
@@ -94,13 +114,47 @@ class PatchError(ValueError):
 
 @dataclass(frozen=True)
 class DatasetInput:
-    """What patch extraction needs to know of one dataset."""
+    """What patch extraction needs to know of one dataset: one `image` and its `target`, or
+    the `positions` file of a plate or collection (each position names its target)."""
 
     name: str
+    image: str | None = None
+    target: str | None = None
+    stats: str | None = None
+    channels: list | None = None
+    positions: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.image is None) == (self.positions is None):
+            raise PatchError(f"dataset '{self.name}': give exactly one of image (one image) "
+                             f"and positions (a positions file)")
+        if self.image is not None and not self.target:
+            raise PatchError(f"dataset '{self.name}': image {self.image} has no target")
+        if not self.stats:
+            raise PatchError(f"dataset '{self.name}': no normalization statistics (stats)")
+
+
+@dataclass(frozen=True)
+class SourceImage:
+    """One image patches are drawn from, with its target: a single-image dataset, or one
+    position of a plate or collection (`position` is its key, "" for a single image)."""
+
+    dataset: str
     image: str
     target: str
-    stats: str
-    channels: list | None = None
+    position: str = ""
+    well: str = ""
+
+    @property
+    def id(self) -> tuple[str, str]:
+        return self.dataset, self.position
+
+    @property
+    def where(self) -> str:
+        """How errors name it: the dataset, and the position with its path."""
+        if not self.position:
+            return f"dataset '{self.dataset}'"
+        return f"dataset '{self.dataset}' position {self.position} ({self.image})"
 
 
 @dataclass(frozen=True)
@@ -127,7 +181,9 @@ def split_regions(spatial_shape: tuple[int, ...], patch_shape: tuple[int, ...], 
 
     `block`: along the split axis the last `fraction` (at least one patch) is validation, and
     a gap of half a patch separates it from the training block. `image`: the whole image
-    belongs to one split (`held_out` -> validation).
+    belongs to one split (`held_out` -> validation). `position` and `well` hold out whole
+    positions of plates and collections (`sample_position_patches`); within a position, they
+    are `block`.
     """
     spatial_shape, patch_shape = tuple(spatial_shape), tuple(patch_shape)
     zeros = tuple(0 for _ in spatial_shape)
@@ -405,13 +461,19 @@ def _check_patches(items: np.ndarray, stacks: list[np.ndarray], ignore_label: in
 
 @dataclass
 class Sampler:
-    """How one dataset's patches are drawn (labels are None for regression)."""
+    """How one image's patches are drawn (labels are None for regression); `source` is the
+    image (a dataset's, or one position's), which records and errors name."""
 
     name: str
     labels: PatchSource | None
     patch: tuple[int, ...]
     settings: dict[str, Any]
     ignore_label: int | None
+    source: SourceImage | None = None
+
+    @property
+    def where(self) -> str:
+        return self.source.where if self.source else f"dataset '{self.name}'"
 
     @property
     def filters(self) -> bool:
@@ -426,6 +488,11 @@ class Sampler:
         checks = _gather(cells, len(origins))
         return np.array([not ignored and fraction >= self.settings["min_foreground"]
                          for fraction, ignored in checks], bool)
+
+    def record(self, region: Region, kind: str, origin: np.ndarray) -> dict[str, Any]:
+        source = self.source or SourceImage(self.name, "", "")
+        return {"dataset": self.name, "position": source.position, "well": source.well,
+                "split": region.split, "origin": tuple(int(v) for v in origin), "kind": kind}
 
 
 def _draw_kind(ctx: Sampler, region: Region, kind: str, quota: int, rng: np.random.Generator,
@@ -443,7 +510,7 @@ def _draw_kind(ctx: Sampler, region: Region, kind: str, quota: int, rng: np.rand
             candidates = _uniform_origins(region, ctx.patch, need, rng)
         accepted = np.concatenate([accepted, candidates[ctx.accept(candidates)]])
     if len(accepted) < quota:
-        raise PatchError(f"dataset '{ctx.name}': only {len(accepted)} of {quota} {kind} "
+        raise PatchError(f"{ctx.where}: only {len(accepted)} of {quota} {kind} "
                          f"{region.split} patches had a foreground fraction of at least "
                          f"patches.min_foreground={ctx.settings['min_foreground']} and were "
                          f"not entirely ignore_label after patches.max_attempts="
@@ -453,8 +520,9 @@ def _draw_kind(ctx: Sampler, region: Region, kind: str, quota: int, rng: np.rand
 
 
 def _region_foreground(ctx: Sampler, regions: list[Region], quotas: list[int],
-                       rng: np.random.Generator) -> list[ForegroundIndex]:
-    """Foreground index of each region, all computed in one parallel pass over the labels.
+                       rng: np.random.Generator) -> list[ForegroundIndex | None]:
+    """Foreground index of each region (None where it has no foreground), all computed in
+    one parallel pass over the labels.
 
     Each chunk keeps at most as many sampled pixels as the region needs foreground patches
     (and at most FOREGROUND_POINTS over all chunks), drawn with a generator seeded from `rng`
@@ -469,47 +537,283 @@ def _region_foreground(ctx: Sampler, regions: list[Region], quotas: list[int],
                                        ctx.ignore_label))
     computed = dask.compute(*tasks)
     out = []
-    for region, cells in zip(regions, computed, strict=True):
+    for cells in computed:
         chunks = cells.ravel().tolist()
         counts = np.array([c for c, _ in chunks], np.int64)
-        if counts.sum() == 0:
-            raise PatchError(
-                f"dataset '{ctx.name}': the target has no foreground in the {region.split} "
-                f"region {region.start}-{region.stop}, so foreground-oversampled patches "
-                f"(patches.foreground_fraction={ctx.settings['foreground_fraction']}) cannot "
-                f"be drawn; check the label image, or set patches.foreground_fraction: 0")
-        out.append(ForegroundIndex(counts, [p for _, p in chunks]))
+        out.append(ForegroundIndex(counts, [p for _, p in chunks]) if counts.sum() else None)
     return out
 
 
-def _region_quotas(settings: dict[str, Any], regions: list[Region], total: int) -> list[int]:
-    if settings["validation"] != "block":
-        return [total for _ in regions]
+def _no_foreground(where: str, region: Region, settings: dict[str, Any]) -> PatchError:
+    return PatchError(
+        f"{where}: the target has no foreground in the {region.split} region "
+        f"{region.start}-{region.stop}, so foreground-oversampled patches "
+        f"(patches.foreground_fraction={settings['foreground_fraction']}) cannot "
+        f"be drawn; check the label image, or set patches.foreground_fraction: 0")
+
+
+def _split_quotas(settings: dict[str, Any], splits: list[str], total: int) -> list[int]:
+    """Patches of each split: all in one split (`image`), else `validation_fraction` of
+    them validation (at least 1 each)."""
+    if settings["validation"] == "image":
+        return [total for _ in splits]
     fraction = settings["validation_fraction"]
-    return [max(1, int(round(total * (fraction if r.split == "val" else 1 - fraction))))
-            for r in regions]
+    return [max(1, int(round(total * (fraction if split == "val" else 1 - fraction))))
+            for split in splits]
+
+
+def _draw_regions(ctx: Sampler, regions: list[Region], quotas: list[tuple[int, int]],
+                  foreground: list[ForegroundIndex | None], rng: np.random.Generator
+                  ) -> list[dict]:
+    """Records of (foreground, uniform) patches per region, drawn in region order."""
+    records = []
+    for region, counts, fg in zip(regions, quotas, foreground, strict=True):
+        for kind, n in zip(("foreground", "uniform"), counts, strict=True):
+            for origin in _draw_kind(ctx, region, kind, n, rng, fg) if n else []:
+                records.append(ctx.record(region, kind, origin))
+    return records
 
 
 def sample_patches(ctx: Sampler, spatial: tuple[int, ...], held_out: bool,
                    rng: np.random.Generator) -> list[dict]:
-    """Records {dataset, split, origin, kind} of one dataset's patches."""
+    """Records {dataset, position, well, split, origin, kind} of one image's patches."""
     settings = ctx.settings
     try:
         regions = split_regions(spatial, ctx.patch, settings["validation"],
                                 settings["validation_fraction"], held_out)
     except PatchError as err:
-        raise PatchError(f"dataset '{ctx.name}': {err}") from None
-    quotas = _region_quotas(settings, regions, patch_count(settings, spatial, ctx.name))
+        raise PatchError(f"{ctx.where}: {err}") from None
+    quotas = _split_quotas(settings, [r.split for r in regions],
+                           patch_count(settings, spatial, ctx.name))
     fraction = settings["foreground_fraction"] if ctx.labels is not None else 0.0
     n_foreground = [int(round(q * fraction)) for q in quotas]
     foreground = (_region_foreground(ctx, regions, n_foreground, rng) if any(n_foreground)
                   else [None] * len(regions))
+    for region, n_fg, fg in zip(regions, n_foreground, foreground, strict=True):
+        if n_fg and fg is None:
+            raise _no_foreground(ctx.where, region, settings)
+    return _draw_regions(ctx, regions, [(f, q - f) for f, q in zip(n_foreground, quotas,
+                                                                     strict=True)],
+                         foreground, rng)
+
+
+# --- datasets of positions (plates, collections) ------------------------------------------
+def _source_images(ds: DatasetInput) -> list[SourceImage]:
+    """The positions of a plate or collection dataset as images with their targets."""
+    found = read_positions(ds.positions)
+    missing = [p for p in found.positions if not p.target]
+    if missing:
+        raise PatchError(f"dataset '{ds.name}' position {missing[0].key} ({missing[0].image}) "
+                         f"has no target; give the dataset labels (a label image in every "
+                         f"field) or a target plate or collection")
+    return [SourceImage(ds.name, p.image, p.target, p.key, p.well or "")
+            for p in found.positions]
+
+
+def _groups(images: list[SourceImage], mode: str) -> list[str]:
+    """What `validation: position | well` holds out whole: each image's group."""
+    return [img.well if mode == "well" else img.position for img in images]
+
+
+def _check_validation_groups(datasets: list[DatasetInput],
+                             positions: dict[str, list[SourceImage]],
+                             settings: dict[str, Any]) -> None:
+    """`validation: position | well` needs positions (and wells) to hold out: every dataset
+    a plate (well) or a plate or collection (position), each with at least two groups. As
+    the config check refuses it, so does a stage run by hand."""
+    mode = settings["validation"]
+    if mode not in ("position", "well"):
+        return
+    for ds in datasets:
+        if not ds.positions:
+            raise PatchError(f"patches.validation is '{mode}' but dataset '{ds.name}' is one "
+                             f"image, with no {mode}s to hold out; use patches.validation: "
+                             f"block or image")
+    for name, images in positions.items():
+        if mode == "well" and not all(img.well for img in images):
+            raise PatchError(f"patches.validation is 'well' but dataset '{name}' is a "
+                             f"collection, whose positions have no wells; use "
+                             f"patches.validation: position to hold out whole images")
+        count = len(set(_groups(images, mode)))
+        if count < 2:
+            raise PatchError(f"patches.validation is '{mode}' but dataset '{name}' has only "
+                             f"{count} {mode}; holding one out needs at least 2 (one for "
+                             f"training), or use patches.validation: block")
+
+
+def held_out_groups(groups: list[str], fraction: float, seed: int, dataset: str) -> set[str]:
+    """The groups (positions or wells) held out for validation: round(fraction * n) of the
+    n distinct groups, at least 1 and at most n - 1, drawn by a generator seeded with
+    (patches.seed, the dataset's name), so a dataset's split stays the same whatever else
+    the model trains on."""
+    distinct = list(dict.fromkeys(groups))
+    count = min(len(distinct) - 1, max(1, int(round(fraction * len(distinct)))))
+    rng = np.random.default_rng([seed, zlib.crc32(dataset.encode())])
+    return {distinct[i] for i in rng.choice(len(distinct), size=count, replace=False)}
+
+
+def _pixel_counts(images: list[SourceImage], level: int) -> np.ndarray:
+    """Pixels of each image, read from metadata (level 0, scaled to `level` by the first
+    image's ratio when per_megapixel needs absolute counts): unopened images stay so."""
+    counts = np.array([np.prod(spatial_shape(img.image)) for img in images], float)
+    if level:
+        at_level = np.prod(open_image(images[0].image, level=level).spatial_shape)
+        counts *= at_level / counts[0]
+    return counts
+
+
+def _image_splits(images: list[SourceImage], settings: dict[str, Any], held_out: bool
+                  ) -> dict[str, np.ndarray]:
+    """Per split, which images may give its patches."""
+    mode = settings["validation"]
+    everyone = np.ones(len(images), bool)
+    if mode == "block":
+        return {"train": everyone, "val": everyone}
+    if mode == "image":
+        return {"val" if held_out else "train": everyone}
+    name = images[0].dataset
+    held = held_out_groups(_groups(images, mode), settings["validation_fraction"],
+                           settings["seed"], name)
+    val = np.array([g in held for g in _groups(images, mode)])
+    return {"train": ~val, "val": val}
+
+
+def _allocate(images: list[SourceImage], pixels: np.ndarray, settings: dict[str, Any],
+              fraction: float, held_out: bool, rng: np.random.Generator
+              ) -> dict[str, np.ndarray]:
+    """Patches per image, per split: (n_images, 2) counts of foreground and uniform patches.
+
+    The dataset's patch count is cut into splits as for one image, and each split's
+    foreground and uniform patches are spread over the images that may give them by a
+    seeded multinomial proportional to their pixel counts.
+    """
+    total = patch_count(settings, (int(pixels.sum()),), images[0].dataset)
+    splits = _image_splits(images, settings, held_out)
+    out = {}
+    for split, quota in zip(splits, _split_quotas(settings, list(splits), total), strict=True):
+        weights = np.where(splits[split], pixels, 0.0)
+        n_fg = int(round(quota * fraction))
+        out[split] = np.stack([rng.multinomial(n, weights / weights.sum())
+                               for n in (n_fg, quota - n_fg)], axis=1)
+    return out
+
+
+@dataclass
+class _Leftover:
+    """Foreground patches of one split whose image had no foreground in its region; the
+    regions of that split with foreground (sampler, region, index) that can take them; the
+    images known to have none there."""
+
+    count: int = 0
+    places: list[tuple[Sampler, Region, ForegroundIndex]] = field(default_factory=list)
+    empty: set[int] = field(default_factory=set)
+
+
+def _split_regions_of(ctx: Sampler, spatial: tuple[int, ...], settings: dict[str, Any],
+                      splits: list[str]) -> list[Region]:
+    """The regions of one image for `splits`: a block split of the image under
+    `validation: block`, else the whole image for its one split."""
+    if settings["validation"] != "block":
+        return [Region(split, (0,) * len(spatial), tuple(spatial)) for split in splits]
+    try:
+        regions = split_regions(spatial, ctx.patch, "block", settings["validation_fraction"],
+                                False)
+    except PatchError as err:
+        raise PatchError(f"{ctx.where}: {err}") from None
+    return [r for r in regions if r.split in splits]
+
+
+def _sample_position(ctx: Sampler, spatial: tuple[int, ...], counts: dict[str, np.ndarray],
+                     index: int, leftover: dict[str, _Leftover], rng: np.random.Generator
+                     ) -> list[dict]:
+    """Patches of one position; foreground patches its regions cannot hold are left over."""
+    wanted = [split for split in counts if counts[split][index].sum()]
+    regions = _split_regions_of(ctx, spatial, ctx.settings, wanted)
+    quotas = [tuple(int(n) for n in counts[r.split][index]) for r in regions]
+    foreground = (_region_foreground(ctx, regions, [fg for fg, _ in quotas], rng)
+                  if any(fg for fg, _ in quotas) else [None] * len(regions))
+    for i, (region, fg) in enumerate(zip(regions, foreground, strict=True)):
+        left = leftover[region.split]
+        if fg is None and quotas[i][0]:
+            left.count += quotas[i][0]
+            left.empty.add(index)
+            quotas[i] = (0, quotas[i][1])
+        elif fg is not None:
+            left.places.append((ctx, region, fg))
+    return _draw_regions(ctx, regions, quotas, foreground, rng)
+
+
+def _find_foreground(images: list[SourceImage], eligible: np.ndarray, split: str,
+                     left: _Leftover, open_sampler: Callable, rng: np.random.Generator) -> None:
+    """When no position drawn for `split` has foreground: open the split's other positions
+    in a seeded order until one has (its region is where the left-over patches go)."""
+    for index in rng.permutation(np.flatnonzero(eligible)):
+        if left.places:
+            return
+        if index in left.empty:
+            continue
+        ctx, spatial = open_sampler(images[index])
+        region, = _split_regions_of(ctx, spatial, ctx.settings, [split])
+        fg, = _region_foreground(ctx, [region], [left.count], rng)
+        if fg is None:
+            left.empty.add(int(index))
+        else:
+            left.places.append((ctx, region, fg))
+
+
+def _draw_leftover(left: _Leftover, rng: np.random.Generator) -> list[dict]:
+    """Foreground patches of positions without foreground, drawn instead from the places
+    that have some, in proportion to their foreground."""
+    weights = np.array([fg.counts.sum() for _, _, fg in left.places], float)
     records = []
-    for region, quota, n_fg, fg in zip(regions, quotas, n_foreground, foreground, strict=True):
-        for kind, n in (("foreground", n_fg), ("uniform", quota - n_fg)):
-            for origin in _draw_kind(ctx, region, kind, n, rng, fg) if n else []:
-                records.append({"dataset": ctx.name, "split": region.split,
-                                "origin": tuple(int(v) for v in origin), "kind": kind})
+    for (ctx, region, fg), n in zip(left.places,
+                                    rng.multinomial(left.count, weights / weights.sum()),
+                                    strict=True):
+        records += _draw_regions(ctx, [region], [(int(n), 0)], [fg], rng)
+    return records
+
+
+def sample_position_patches(ds: DatasetInput, images: list[SourceImage], stats: dict,
+                     sources: SourceSet, settings: dict[str, Any], ignore_label: int | None,
+                     rng: np.random.Generator) -> list[dict]:
+    """Records of a plate's or collection's patches, drawn across its positions.
+
+    The dataset's patches (`patch_count` of all its pixels) go to positions by a seeded
+    multinomial proportional to their pixel counts (`_allocate`), per split and kind; only
+    positions that get patches are opened. `validation: block` splits each such position as
+    one image; `position` / `well` hold whole positions / wells out (`held_out_groups`);
+    `image` holds out the whole dataset when it is in validation_datasets. Foreground patches
+    drawn for a position without foreground go to the split's positions that have some (if
+    none of those drawn has any, others are opened in a seeded order until one has).
+    """
+    segmentation = sources.task == "segmentation"
+    fraction = settings["foreground_fraction"] if segmentation else 0.0
+    held_out = ds.name in settings.get("validation_datasets", [])
+    pixels = _pixel_counts(images, stats["level"] if settings.get("per_megapixel") else 0)
+    counts = _allocate(images, pixels, settings, fraction, held_out, rng)
+    leftover = {split: _Leftover() for split in counts}
+
+    def open_sampler(img: SourceImage) -> tuple[Sampler, tuple[int, ...]]:
+        source = sources.open(img, ds.channels, stats)
+        return (Sampler(ds.name, sources.labels(img), sources.patch, settings, ignore_label,
+                        img), source.arrays[0].shape[1:])
+
+    records = []
+    for index, img in enumerate(images):
+        if any(c[index].sum() for c in counts.values()):
+            records += _sample_position(*open_sampler(img), counts, index, leftover, rng)
+    eligible = _image_splits(images, settings, held_out)
+    for split, left in leftover.items():
+        if not left.count:
+            continue
+        _find_foreground(images, eligible[split], split, left, open_sampler, rng)
+        if not left.places:
+            raise PatchError(
+                f"dataset '{ds.name}': no position's target has foreground in its {split} "
+                f"region, so foreground-oversampled patches (patches.foreground_fraction="
+                f"{settings['foreground_fraction']}) cannot be drawn; check the label images, "
+                f"or set patches.foreground_fraction: 0")
+        records += _draw_leftover(left, rng)
     return records
 
 
@@ -552,19 +856,19 @@ def _open_source(path: str, level: int, channels: list | None,
     return channel_first(image, channels), chosen
 
 
-def _open_pair(ds: DatasetInput, task: str, level: int,
+def _open_pair(img: SourceImage, channels: list | None, task: str, level: int,
                memo: BlockMemo | None = None) -> tuple[da.Array, da.Array]:
     """Image and target, the target's decoded blocks kept in `memo` for the second pass over
     it (foreground indexing reads it, then patch writing)."""
-    image, spatial_chunks = _open_source(ds.image, level, ds.channels)
-    target, _ = _open_source(ds.target, level, None, spatial_chunks, memo)
+    image, spatial_chunks = _open_source(img.image, level, channels)
+    target, _ = _open_source(img.target, level, None, spatial_chunks, memo)
     if target.shape[1:] != image.shape[1:]:
-        raise PatchError(f"dataset '{ds.name}': image {ds.image} has spatial shape "
-                         f"{image.shape[1:]} but target {ds.target} has {target.shape[1:]}; "
+        raise PatchError(f"{img.where}: image {img.image} has spatial shape "
+                         f"{image.shape[1:]} but target {img.target} has {target.shape[1:]}; "
                          f"give the target of this image at the same resolution")
     if task == "segmentation":
         if not np.issubdtype(target.dtype, np.integer):
-            raise PatchError(f"dataset '{ds.name}': segmentation target {ds.target} has dtype "
+            raise PatchError(f"{img.where}: segmentation target {img.target} has dtype "
                              f"{target.dtype}; it must hold integer labels")
         target = target[0]
     return image, target
@@ -628,49 +932,61 @@ def _create_arrays(group: zarr.Group, split: str, n: int, channels: int,
     return ShardedPatches(images), ShardedPatches(targets)
 
 
-def _assign_indices(records: list[dict], sources: dict[str, PatchSource]) -> None:
-    """Number each split's patches by (dataset, chunk of origin): a chunk's patches are
+def _source_id(record: dict) -> tuple[str, str]:
+    return record["dataset"], record.get("position", "")
+
+
+def _assign_indices(records: list[dict], sources: dict[tuple[str, str], PatchSource]) -> None:
+    """Number each split's patches by (image, chunk of origin): a chunk's patches are
     written with one call, and chunks are visited in storage order."""
-    order = {name: i for i, name in enumerate(sources)}
+    order = {sid: i for i, sid in enumerate(sources)}
     home: list[tuple[int, ...]] = [()] * len(records)
-    for name, source in sources.items():
-        rows = [i for i, r in enumerate(records) if r["dataset"] == name]
+    by_source: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for i, r in enumerate(records):
+        by_source[_source_id(r)].append(i)
+    for sid, source in sources.items():
+        rows = by_source.get(sid, [])
         if rows:
             chunks = source.chunk_of(np.array([records[i]["origin"] for i in rows]))
             for i, chunk in zip(rows, chunks.tolist(), strict=True):
                 home[i] = tuple(chunk)
     for split in ("train", "val"):
         rows = [i for i, r in enumerate(records) if r["split"] == split]
-        rows.sort(key=lambda i: (order[records[i]["dataset"]], home[i], records[i]["origin"]))
+        rows.sort(key=lambda i: (order[_source_id(records[i])], home[i], records[i]["origin"]))
         for index, i in enumerate(rows):
             records[i]["index"] = index
 
 
-def _write_split(records: list[dict], split: str, sources: dict[str, PatchSource],
-                 stats: dict[str, dict], group: zarr.Group, task: str, normalize: dict,
-                 num_classes: int, ignore_label: int | None) -> da.Array | None:
+def _write_split(records: list[dict], split: str,
+                 sources: dict[tuple[str, str], PatchSource],
+                 stats: dict[tuple[str, str], dict], group: zarr.Group, task: str,
+                 normalize: dict, num_classes: int, ignore_label: int | None
+                 ) -> da.Array | None:
     """Lazy writes of one split: chunk tasks normalize and encode the patches of each source
     chunk, shard tasks gather the encoded patches of their index range and write the shard
     files. One cell per shard: its (store index, foreground fraction)."""
     chosen = [r for r in records if r["split"] == split]
     if not chosen:
         return None
-    first = sources[chosen[0]["dataset"]]
+    first = sources[_source_id(chosen[0])]
     image0, target0 = first.arrays
     lead = () if task == "segmentation" else (target0.shape[0],)
     images, targets = _create_arrays(group, split, len(chosen), image0.shape[0], lead,
                                      first.patch,
                                      "int32" if task == "segmentation" else "float32")
     chunk_tasks, spans = [], []  # spans: (task key, lowest and highest store index)
-    for name, source in sources.items():
-        mine = [r for r in chosen if r["dataset"] == name]
+    by_source: dict[tuple[str, str], list[dict]] = defaultdict(list)
+    for r in chosen:
+        by_source[_source_id(r)].append(r)
+    for sid, source in sources.items():
+        mine = by_source.get(sid)
         if not mine:
             continue
         origins = np.array([r["origin"] for r in mine])
         indices = np.array([r["index"] for r in mine])
         groups = _home_groups(source, origins)
         cells = patch_tasks(source, origins, _encode_block, groups=groups, indices=indices,
-                            images=images, targets=targets, stats=stats[name],
+                            images=images, targets=targets, stats=stats[sid],
                             normalize=normalize, task=task, num_classes=num_classes,
                             ignore_label=ignore_label)
         chunk_tasks.append(cells)
@@ -687,9 +1003,9 @@ def _write_split(records: list[dict], split: str, sources: dict[str, PatchSource
     return da.Array(graph, name, chunks=((1,) * len(layer),), dtype=object)
 
 
-def _write_store(records: list[dict], sources: dict[str, PatchSource], stats: dict[str, dict],
-                 group: zarr.Group, task: str, normalize: dict, num_classes: int,
-                 ignore_label: int | None) -> None:
+def _write_store(records: list[dict], sources: dict[tuple[str, str], PatchSource],
+                 stats: dict[tuple[str, str], dict], group: zarr.Group, task: str,
+                 normalize: dict, num_classes: int, ignore_label: int | None) -> None:
     """Write both splits in one parallel dask computation (source chunks shared by the
     splits are read once); fill in the foreground fractions."""
     _assign_indices(records, sources)
@@ -718,16 +1034,24 @@ def write_manifest(records: list[dict], path: str | Path, patch: tuple[int, ...]
 
 def read_manifest(path: str | Path) -> list[dict]:
     """Manifest rows with origins and shapes as int tuples, foreground fractions as floats
-    (None for regression)."""
+    (None for regression); position and well are "" for single images (and in manifests
+    written before plates)."""
     with open(path, newline="") as fh:
         rows = list(csv.DictReader(fh, delimiter="\t"))
     for row in rows:
+        row.setdefault("position", "")
+        row.setdefault("well", "")
         row["origin"] = tuple(int(v) for v in row["origin"].split(","))
         row["shape"] = tuple(int(v) for v in row["shape"].split(","))
         row["index"] = int(row["index"])
         fraction = row["foreground_fraction"]
         row["foreground_fraction"] = float(fraction) if fraction != "" else None
     return rows
+
+
+def _listed(names: list[str], limit: int = 12) -> str:
+    shown = names if len(names) <= limit else [*names[:limit - 2], "...", names[-1]]
+    return ", ".join(shown)
 
 
 def summarize_records(records: list[dict]) -> list[str]:
@@ -740,6 +1064,14 @@ def summarize_records(records: list[dict]) -> list[str]:
         known = [f for f in fractions if isinstance(f, float)]
         mean = f", mean foreground {np.mean(known):.3f}" if known else ""
         lines.append(f"{dataset} {split} {kind}: {len(fractions)} patches{mean}")
+    for dataset in dict.fromkeys(r["dataset"] for r in records if r.get("position")):
+        mine = [r for r in records if r["dataset"] == dataset]
+        used = {split: sorted({r["position"] for r in mine if r["split"] == split})
+                for split in ("train", "val")}
+        wells = sorted({r["well"] for r in mine if r["split"] == "val" and r.get("well")})
+        lines.append(f"{dataset}: patches from {len(used['train'])} positions for training, "
+                     f"{len(used['val'])} for validation"
+                     + (f" (wells {_listed(wells)})" if wells else ""))
     splits = Counter(r["split"] for r in records)
     lines.append(f"total: {splits['train']} train, {splits['val']} val patches")
     return lines
@@ -761,27 +1093,70 @@ def _check_validation_datasets(datasets: list[DatasetInput], settings: dict[str,
                          f"at least one must remain for training")
 
 
-def _prepare_sources(datasets: list[DatasetInput], task: str, patch: tuple[int, ...]
-                     ) -> tuple[dict[str, PatchSource], dict[str, dict]]:
-    sources, stats = {}, {}
-    channels = None
-    # one budget for all datasets: labels decoded by the foreground pass, kept for writing
-    memo = BlockMemo(LABEL_MEMO_BYTES) if task == "segmentation" else None
-    for ds in datasets:
-        stats[ds.name] = read_stats(ds.stats)
-        image, target = _open_pair(ds, task, stats[ds.name]["level"], memo)
+@dataclass
+class SourceSet:
+    """The images opened for extraction, by `SourceImage.id`, in the order they were opened
+    (the store's order), with the statistics each is normalized with."""
+
+    task: str
+    patch: tuple[int, ...]
+    sources: dict[tuple[str, str], PatchSource] = field(default_factory=dict)
+    stats: dict[tuple[str, str], dict] = field(default_factory=dict)
+    first: tuple[str, int] | None = None  # where the first image came from, its channels
+    # one budget for all images: labels decoded by the foreground pass, kept for writing
+    memo: BlockMemo | None = None
+
+    def __post_init__(self) -> None:
+        if self.task == "segmentation":
+            self.memo = BlockMemo(LABEL_MEMO_BYTES)
+
+    def open(self, img: SourceImage, channels: list | None, stats: dict) -> PatchSource:
+        """Open `img` (at its statistics' level); it must hold a patch and have the
+        channels of the first image opened."""
+        image, target = _open_pair(img, channels, self.task, stats["level"], self.memo)
         spatial = image.shape[1:]
-        if len(patch) != len(spatial) or any(p > s for p, s in zip(patch, spatial, strict=True)):
-            raise PatchError(f"dataset '{ds.name}': patch shape {patch} does not fit the image "
-                             f"of spatial shape {spatial}; use patches.shape no larger than the "
-                             f"image, with one entry per spatial axis")
-        if channels is not None and image.shape[0] != channels:
-            raise PatchError(f"dataset '{ds.name}' has {image.shape[0]} channel(s) but "
-                             f"'{datasets[0].name}' has {channels}; pooled datasets must "
+        if len(self.patch) != len(spatial) or any(
+                p > n for p, n in zip(self.patch, spatial, strict=True)):
+            raise PatchError(f"{img.where}: patch shape {self.patch} does not fit the image "
+                             f"of spatial shape {spatial}; use patches.shape no larger than "
+                             f"the image, with one entry per spatial axis")
+        if self.first is not None and image.shape[0] != self.first[1]:
+            raise PatchError(f"{img.where} has {image.shape[0]} channel(s) but "
+                             f"{self.first[0]} has {self.first[1]}; pooled datasets must "
                              f"have the same channels (select them with datasets.*.channels)")
-        channels = image.shape[0]
-        sources[ds.name] = patch_source([image, target], patch)
-    return sources, stats
+        self.first = self.first or (img.where, image.shape[0])
+        self.sources[img.id] = patch_source([image, target], self.patch)
+        self.stats[img.id] = position_stats(stats, img.position or None)
+        return self.sources[img.id]
+
+    def labels(self, img: SourceImage) -> PatchSource | None:
+        """The target alone, for the sampler (None for regression, which draws uniformly)."""
+        if self.task != "segmentation":
+            return None
+        return patch_source([self.sources[img.id].arrays[1]], self.patch)
+
+
+def _stats_for_store(stats: dict[str, dict], sources: SourceSet) -> dict[str, dict]:
+    """The statistics the store's patches were normalized with, once per dataset: a
+    dataset-level file as it is, per-position statistics only for the positions that gave
+    patches (the store's attributes go into every checkpoint)."""
+    out = {}
+    for name, found in stats.items():
+        if found.get("per_position"):
+            used = [key for dataset, key in sources.sources if dataset == name]
+            found = {**found, "positions": {key: found["positions"][key] for key in used}}
+        out[name] = found
+    return out
+
+
+def _sample_image(ds: DatasetInput, stats: dict, sources: SourceSet, settings: dict[str, Any],
+                  ignore_label: int | None, rng: np.random.Generator) -> list[dict]:
+    """Patches of a single-image dataset."""
+    img = SourceImage(ds.name, ds.image, ds.target)
+    source = sources.open(img, ds.channels, stats)
+    ctx = Sampler(ds.name, sources.labels(img), sources.patch, settings, ignore_label, img)
+    held_out = ds.name in settings.get("validation_datasets", [])
+    return sample_patches(ctx, source.arrays[0].shape[1:], held_out, rng)
 
 
 def extract_patches(datasets: list[DatasetInput], task: str, settings: dict[str, Any],
@@ -789,24 +1164,30 @@ def extract_patches(datasets: list[DatasetInput], task: str, settings: dict[str,
                     store: str | Path, manifest: str | Path) -> list[dict]:
     """Sample patches of all `datasets`, normalize them and write store and manifest.
 
-    The store is written under a temporary name (`files.atomic_path`) and renamed when
-    complete, after the manifest. Returns the manifest records.
+    A single-image dataset is sampled as one image; a plate or collection across its
+    positions (`sample_position_patches`), opening only the positions that get patches. The
+    store is written under a temporary name (`files.atomic_path`) and renamed when complete,
+    after the manifest. Returns the manifest records.
     """
     _check_validation_datasets(datasets, settings)
-    patch = tuple(settings["shape"])
-    sources, stats = _prepare_sources(datasets, task, patch)
+    stats = {ds.name: read_stats(ds.stats) for ds in datasets}
+    positions = {ds.name: _source_images(ds) for ds in datasets if ds.positions}
+    _check_validation_groups(datasets, positions, settings)
+    sources = SourceSet(task, tuple(settings["shape"]))
     rng = np.random.default_rng(settings["seed"])
     records = []
     for ds in datasets:
-        source = sources[ds.name]
-        labels = (patch_source([source.arrays[1]], patch) if task == "segmentation" else None)
-        ctx = Sampler(ds.name, labels, patch, settings, ignore_label)
-        held_out = ds.name in settings.get("validation_datasets", [])
-        records += sample_patches(ctx, source.arrays[0].shape[1:], held_out, rng)
+        if ds.positions:
+            records += sample_position_patches(ds, positions[ds.name], stats[ds.name],
+                                               sources, settings, ignore_label, rng)
+        else:
+            records += _sample_image(ds, stats[ds.name], sources, settings, ignore_label, rng)
     with atomic_path(store) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
-        group.attrs["unetflow"] = {"task": task, "patch_shape": list(patch),
-                                   "normalize": normalize, "datasets": stats}
-        _write_store(records, sources, stats, group, task, normalize, num_classes, ignore_label)
-        write_manifest(records, manifest, patch)
+        group.attrs["unetflow"] = {"task": task, "patch_shape": list(sources.patch),
+                                   "normalize": normalize,
+                                   "datasets": _stats_for_store(stats, sources)}
+        _write_store(records, sources.sources, sources.stats, group, task, normalize,
+                     num_classes, ignore_label)
+        write_manifest(records, manifest, sources.patch)
     return records

@@ -203,7 +203,10 @@ def normalize_target_arg(wildcards, input):
 
 
 def normalize_settings(wildcards):
-    return as_json(normalization_stats_settings(config))
+    settings = normalization_stats_settings(config)
+    if wildcards.dataset in POSITION_SETS:  # how many positions dataset statistics read
+        settings["sample_positions"] = config["normalize"]["sample_positions"]
+    return as_json(settings)
 
 
 def dataset_channels(wildcards):

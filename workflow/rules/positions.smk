@@ -27,7 +27,7 @@ rule positions:
         ENV
     shell:
         "unetflow positions --dataset {wildcards.dataset} --spec {params.spec:q}"
-        " --digest {params.digest} --converted {params.converted} --output {output:q}"
+        " --digest {params.digest:q} --converted {params.converted:q} --output {output:q}"
         " > {log:q} 2>&1"
 
 
@@ -50,7 +50,7 @@ rule normalize_positions:
     conda:
         ENV
     shell:
-        "unetflow normalize --positions {input.positions:q} --per {params.per}"
+        "unetflow normalize --positions {input.positions:q} --per {params.per:q}"
         " --dataset {wildcards.dataset} --channels {params.channels:q}"
         " --settings {params.settings:q} --output {output:q} > {log:q} 2>&1"
 
