@@ -223,7 +223,7 @@ def test_settings_that_decide_outputs_repredict_and_execution_settings_do_not(pl
     out = tmp_path / "screen_pred.ome.zarr"
     in_batches(plate, plate["seg"], out, tmp_path, per_job=8)
     faster = in_batches(plate, plate["seg"], out, tmp_path, per_job=8, batch_size=2,
-                        dask_workers=2, threads=1, shards=3)
+                        dask_workers=2, threads=1, shards=3, positions_per_job=3)
     assert faster[0]["predicted"] == []
     changed = in_batches(plate, plate["seg"], out, tmp_path, per_job=8, pyramid_levels=3)
     assert changed[0]["predicted"] == plate["positions"].keys

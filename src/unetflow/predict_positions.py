@@ -81,8 +81,9 @@ __all__ = [
 
 FINGERPRINT_FORMAT = "unetflow-position-prediction-1"
 # predict keys that do not decide a position's output, besides the execution keys: shards
-# (which jobs a single image gets) and checkpoint (best/last: the file's hash decides)
-NOT_OUTPUT_KEYS = ("shards", "checkpoint")
+# and positions_per_job (which jobs there are) and checkpoint (best/last: the file's hash
+# decides)
+NOT_OUTPUT_KEYS = ("shards", "positions_per_job", "checkpoint")
 INDEX_FORMAT = "unetflow-position-index-1"
 PLATE_FORMAT = "unetflow-predicted-plate-1"  # the output plate's provenance
 
@@ -94,7 +95,7 @@ def position_fingerprint(checkpoint_sha256: str, settings: dict[str, Any],
 
     Of the statistics only the per-channel figures count (what normalization reads), not
     bookkeeping such as which positions were read; of the predict section, the keys that
-    change outputs (`config.result_settings` less shards and checkpoint).
+    change outputs (`config.result_settings` less NOT_OUTPUT_KEYS).
     """
     document = {"format": FINGERPRINT_FORMAT, "checkpoint_sha256": checkpoint_sha256,
                 "predict": result_settings("predict", settings, leave_out=NOT_OUTPUT_KEYS),
