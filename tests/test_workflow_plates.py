@@ -131,19 +131,25 @@ def test_a_failed_batch_is_the_only_one_rerun(plate_copy: Path) -> None:
     chunk = next(p for p in sorted((plate_copy / PLATE / "B/2/0/s0").rglob("*"))
                  if p.is_file() and p.name != "zarr.json")
     good = chunk.read_bytes()
-    for p in (plate_copy / OUTPUT / "B/2").glob("*"):
+    for p in (plate_copy / OUTPUT / "B/2").glob("[0-9]*"):  # the well's fields
         shutil.rmtree(p)
+    # what a batch that failed in the first run leaves: no record, no index after it
     (plate_copy / "results/seg/predictions/screen.batches/batch_1.json").unlink()
+    (plate_copy / INDEX).unlink()
     chunk.write_bytes(b"not a zstd frame")
     failed = run(plate_copy, "--keep-going", check=False)
     assert failed.returncode != 0
+    assert "Error in rule predict_positions" in failed.stdout + failed.stderr
     chunk.write_bytes(good)
     dry = run(plate_copy, "-n")
     jobs = planned_jobs(dry.stdout + dry.stderr)
     assert ("predict_positions", "model=seg, dataset=screen, batch=1") in jobs
     assert not any(rule == "predict_positions" and "batch=0" in w for rule, w in jobs)
     run(plate_copy)
-    assert sorted(records(plate_copy)["batch_1.json"]["predicted"]) == ["B02_0", "B02_1"]
+    # B02_0 failed; B02_1 is kept when its worker wrote it (atomically) before the job ended
+    record = records(plate_copy)["batch_1.json"]
+    assert "B02_0" in record["predicted"]
+    assert sorted(record["predicted"] + record["kept"]) == ["B02_0", "B02_1"]
 
 
 def test_a_smaller_selection_leaves_only_its_wells(plate_copy: Path) -> None:
@@ -185,7 +191,7 @@ def test_a_collection_of_tiffs_gets_one_output_image_per_position(tmp_path: Path
                                "patches": {"validation": "position"}}}
     config["predict"]["positions_per_job"] = 3
     write_config(tmp_path, config)
-    run(tmp_path, "results/dn/metrics/cells.json")
+    run(tmp_path, "results/dn/metrics/cells.json", "results/dn/predictions/cells.index.json")
     index = json.loads((tmp_path / "results/dn/predictions/cells.index.json").read_text())
     keys = ["ctrl__w1f0", "ctrl__w1f1", "ctrl__w2f0", "ctrl__w2f1"]
     assert sorted(index["positions"]) == keys

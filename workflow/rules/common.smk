@@ -384,8 +384,14 @@ def baseline_images(name):
 
 
 def tune_baseline_inputs(wildcards):
-    used = [e for d in MODELS[wildcards.model]["train_on"] for e in baseline_images(d)]
-    return {"images": [e[1] for e in used], "targets": [e[2] for e in used]}
+    names = MODELS[wildcards.model]["train_on"]
+    used = [e for d in names if d not in TIFF_COLLECTIONS for e in baseline_images(d)]
+    return {
+        "images": [e[1] for e in used],
+        "targets": [e[2] for e in used],
+        # the conversions of a collection of TIFFs are made as one folder
+        "converted": [f"{CONVERTED_COLLECTIONS}/{d}" for d in names if d in TIFF_COLLECTIONS],
+    }
 
 
 def tune_baseline_datasets(wildcards):
