@@ -300,6 +300,9 @@ def test_snakemake_never_takes_a_killed_prediction_for_complete(
     assert ("predict", "model=seg, dataset=te_seg") in planned_jobs(dry.stdout + dry.stderr)
 
     snakemake(work, "--unlock", *options)
+    # finish what the kill cut short besides te_seg (tr_seg2), so that only te_seg's gather
+    # is in flight when Snakemake alone is killed next
+    snakemake(work, targets[1], "--rerun-incomplete", *options)
     proc = _kill_during_gather(work, targets, options, store, scratch, whole_run=False)
     _wait_for_orphans(proc)
     assert store.exists() and not scratch.exists()  # the orphan finished it
