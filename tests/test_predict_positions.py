@@ -298,8 +298,8 @@ def test_a_collection_in_two_batches_equals_the_single_image_path(collection, tm
     records = [predict_positions(collection[task], position_set, keys, collection["stats"],
                                  None, predict_defaults(tile_shape=tile, **overrides), "m",
                                  "cells", out, 2, None)
-               for keys in position_batches(position_set.keys, 2)]
-    assert [r["predicted"] for r in records] == [["ctrl__img0", "ctrl__img1"], ["drug__img2"]]
+               for keys in position_batches(position_set.keys, 1)[::-1]]  # 3, last first
+    assert [r["predicted"] for r in records] == [["drug__img2"], ["ctrl__img1"], ["ctrl__img0"]]
     for position in position_set.positions:
         want = tmp_path / f"{position.key}_oracle.ome.zarr"
         predict_to_ome_zarr(collection[task], position.image, collection["stats"], None,

@@ -189,7 +189,7 @@ def test_a_collection_of_tiffs_gets_one_output_image_per_position(tmp_path: Path
     config["models"] = {"dn": {"task": "regression", "train_on": ["cells"],
                                "predict_on": ["cells"], "model": {"residual": True},
                                "patches": {"validation": "position"}}}
-    config["predict"]["positions_per_job"] = 3
+    config["predict"]["positions_per_job"] = 2
     write_config(tmp_path, config)
     run(tmp_path, "results/dn/metrics/cells.json", "results/dn/predictions/cells.index.json")
     index = json.loads((tmp_path / "results/dn/predictions/cells.index.json").read_text())

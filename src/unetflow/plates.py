@@ -629,14 +629,19 @@ def position_output_path(root: str | Path, kind: str, position: Position) -> str
 
 
 def position_batches(keys: Sequence[str], per_job: int) -> list[list[str]]:
-    """`keys` cut into ceil(n / per_job) contiguous batches whose sizes differ by at most 1.
+    """`keys` cut into max(1, n // per_job) contiguous batches whose sizes differ by at most 1.
 
-    Contiguous in plate order, so a batch is a few neighbouring wells: its job reads
-    neighbouring folders, and a rerun after a failure redoes one block of the plate.
+    So every batch holds at least `per_job` positions (fewer only when the dataset has
+    fewer) and less than twice as many: a 384-well x 9-field plate with the default 100 is
+    34 jobs of 101-102 positions, at most one job per 100 positions. Contiguous in plate
+    order, so a batch is a few neighbouring wells: its job reads neighbouring folders, and a
+    rerun after a failure redoes one block of the plate.
     """
     if per_job < 1:
         raise ValueError(f"positions per job must be at least 1, got {per_job}")
-    count = -(-len(keys) // per_job)
+    if not keys:
+        return []
+    count = max(1, len(keys) // per_job)
     bounds = np.linspace(0, len(keys), count + 1).round().astype(int)
     return [list(keys[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
