@@ -11,6 +11,7 @@ high percentile of the dataset's normalization statistics.
 
 from __future__ import annotations
 
+import textwrap
 from typing import Any
 
 import numpy as np
@@ -325,7 +326,7 @@ def write_plate_map(values: dict[tuple[str, str], float | None], rows: list[str]
     if small:
         _well_numbers(ax, grid, selected, cmap, norm, metric)
     fig.colorbar(image, ax=ax, label=metric, shrink=0.9)
-    ax.set_title(title, fontsize=9)
+    fig.suptitle(textwrap.fill(title, width=max(40, int(9 * fig.get_figwidth()))), fontsize=9)
     fig.tight_layout()
     _save_png(fig, output)
     return grid
