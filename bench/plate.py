@@ -97,7 +97,7 @@ def main() -> None:
     if not args.skip_throughput:
         from plate_throughput import main as throughput  # bench/plate_throughput.py
 
-        throughput([])
+        throughput(["--repeats", str(args.repeats)])
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ def write_side_by_side(positions, rows: int, per_row: int, path: Path) -> tuple[
     return image.shape
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--columns", type=int, default=4)
@@ -84,7 +84,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="unetflow-plate-bench-") as tmp:
         root = Path(tmp)
         write_demo_plate(root / "plate.ome.zarr", rows=args.rows, columns=args.columns,
