@@ -51,12 +51,20 @@ def records(workdir: Path) -> dict[str, dict]:
     return {p.name: json.loads(p.read_text()) for p in sorted(folder.glob("batch_*.json"))}
 
 
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under `folder` with its size and modification time (ns)."""
+    return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 @pytest.fixture(scope="module")
 def plate_run(tmp_path_factory) -> Path:
     workdir = tmp_path_factory.mktemp("plate_run")
     write_demo_plate(workdir / PLATE, rows=2, columns=3, fields=2, shape=(64, 64), seed=2)
     write_config(workdir, plate_config(["B01", "B02"]))
+    before = snapshot(workdir / "data")
     run(workdir)
+    assert snapshot(workdir / "data") == before, "the workflow wrote into its input plates"
     return workdir
 
 
