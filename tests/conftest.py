@@ -45,6 +45,17 @@ TINY_CONFIG = {
 
 
 @pytest.fixture
+def one_torch_thread():
+    """The CPU is shared: one torch thread per worker is fast and predictable."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def tiny_config() -> dict:
     """A fresh copy of the tiny config (edit freely)."""
     return copy.deepcopy(TINY_CONFIG)

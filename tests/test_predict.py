@@ -32,13 +32,7 @@ TINY = dict(depth=2, base_features=4)
 STATS_SETTINGS = {"level": 0, "percentiles": [1.0, 99.8], "histogram_bins": 256, "mask": None}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """The CPU is shared: one torch thread per worker is fast and predictable."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_model(dims: int = 2, channels_out: int = 1, seed: int = 0, **kwargs) -> UNet:

@@ -37,12 +37,7 @@ from unetflow.predict_positions import finish_plate, predict_positions, stored_f
 STATS_SETTINGS = {"level": 0, "percentiles": [1.0, 99.8], "histogram_bins": 256, "mask": None}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

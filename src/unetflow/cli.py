@@ -204,17 +204,18 @@ def _cmd_predict_shard(args: argparse.Namespace) -> None:
           f"{record['seconds']} s ({record['megapixels_per_s']} Mpx/s on {record['device']})")
 
 
-def _shard_record(path: str) -> dict[str, Any]:
+def _job_record(path: str, what: str) -> dict[str, Any]:
+    """The JSON record a shard or batch job wrote; a damaged one names the job to rerun."""
     try:
         return json.loads(Path(path).read_text())
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not a shard record ({err}); rerun that shard") from err
+        raise ValueError(f"{path}: not a {what} record ({err}); rerun that {what}") from err
 
 
 def _cmd_predict_gather(args: argparse.Namespace) -> None:
     from unetflow.predict import gather_prediction
 
-    records = [_shard_record(p) for p in args.records]
+    records = [_job_record(p, "shard") for p in args.records]
     job = _prediction_job(args)
     summary = gather_prediction(job, args.raw, records, args.output, args.model, args.dataset,
                                 args.threads)
@@ -251,19 +252,12 @@ def _cmd_predict_positions(args: argparse.Namespace) -> None:
           f"{' on ' + record['device'] if record['device'] else ''} -> {args.output}")
 
 
-def _batch_record(path: str) -> dict[str, Any]:
-    try:
-        return json.loads(Path(path).read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not a batch record ({err}); rerun that batch") from err
-
-
 def _cmd_predict_finish(args: argparse.Namespace) -> None:
     from unetflow.plates import read_positions
     from unetflow.predict_positions import finish_plate
 
     index = finish_plate(read_positions(args.positions), args.output,
-                         [_batch_record(p) for p in args.records], args.model, args.dataset,
+                         [_job_record(p, "batch") for p in args.records], args.model, args.dataset,
                          args.checkpoint, _section(args, "predict"), args.index)
     print(f"predict finish: {args.model} on {args.dataset}: {len(index['positions'])} "
           f"positions ({index['kind']}) -> {args.output}")

@@ -83,13 +83,11 @@ onstart:
         check_unetflow_command()
 
 
-# Rules for one image and rules for plates/collections produce the same file names (metrics,
-# statistics): their dataset constraints keep them apart ("(?!)" matches nothing).
-IMAGE_DATASET = "|".join(re.escape(d) for d in DATASETS if d not in POSITION_SETS) or "(?!)"
-POSITIONS_DATASET = "|".join(re.escape(d) for d in POSITION_SETS) or "(?!)"
-PLATE_DATASET = (
-    "|".join(re.escape(d) for d, s in POSITION_SETS.items() if s.kind == "plate") or "(?!)"
-)
+def name_pattern(names):
+    """A wildcard constraint matching exactly these dataset names ("(?!)" matches none)."""
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
 # collections of TIFFs: name -> [(TIFF, conversion, role)]
 TIFF_COLLECTIONS = {
     d: collection_tiffs(d, DATASETS[d], f"{CONVERTED_COLLECTIONS}/{d}")
@@ -97,10 +95,13 @@ TIFF_COLLECTIONS = {
     if s.kind == "collection"
 }
 TIFF_COLLECTIONS = {d: tiffs for d, tiffs in TIFF_COLLECTIONS.items() if tiffs}
-TIFF_COLLECTION_DATASET = "|".join(re.escape(d) for d in TIFF_COLLECTIONS) or "(?!)"
-COLLECTION_DATASET = (
-    "|".join(re.escape(d) for d, s in POSITION_SETS.items() if s.kind != "plate") or "(?!)"
-)
+# Rules for one image and rules for plates/collections produce the same file names (metrics,
+# statistics): their dataset constraints keep them apart.
+IMAGE_DATASET = name_pattern(d for d in DATASETS if d not in POSITION_SETS)
+POSITIONS_DATASET = name_pattern(POSITION_SETS)
+PLATE_DATASET = name_pattern(d for d, s in POSITION_SETS.items() if s.kind == "plate")
+COLLECTION_DATASET = name_pattern(d for d, s in POSITION_SETS.items() if s.kind != "plate")
+TIFF_COLLECTION_DATASET = name_pattern(TIFF_COLLECTIONS)
 
 
 wildcard_constraints:
