@@ -7,8 +7,9 @@ import pytest
 from unetflow.blockwise import block_shape, map_blocks_ordered, plan_blocks, read_region
 
 
-@pytest.mark.parametrize("shape,block,halo", [((37, 50), (16, 16), 3), ((9, 20, 31), (4, 8, 16), (1, 2, 3)),
-                                               ((5,), (5,), 0)])
+@pytest.mark.parametrize("shape,block,halo", [((37, 50), (16, 16), 3),
+                                              ((9, 20, 31), (4, 8, 16), (1, 2, 3)),
+                                              ((5,), (5,), 0)])
 def test_blocks_cover_each_pixel_once_with_their_halo(shape, block, halo):
     count = np.zeros(shape, int)
     halos = (halo,) * len(shape) if isinstance(halo, int) else halo
