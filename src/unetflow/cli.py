@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -682,14 +683,28 @@ def _stage(args: argparse.Namespace) -> str:
     return " ".join(x for x in (args.command, getattr(args, "step", None)) if x)
 
 
+def peak_memory_line(stage: str, seconds: float) -> str:
+    """What a job cost, as the last line of its log: the peak resident memory of this
+    process (and of its largest child process, e.g. a data loader worker) and the wall
+    time. Users size `mem_mb` from it; bench/scale.py reads it from every job's log."""
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    child = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    children = f" (largest child process {child:.0f} MB)" if child > 0 else ""
+    return f"unetflow {stage}: peak RSS {own:.0f} MB{children}, {seconds:.1f} s"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    started = time.monotonic()
     try:
         check_inputs(args)
         args.func(args)
     except USER_ERRORS as err:
         print(f"unetflow {_stage(args)}: error: {err}", file=sys.stderr)
         sys.exit(1)
+    print(peak_memory_line(_stage(args), time.monotonic() - started), flush=True)
 
 
 if __name__ == "__main__":
