@@ -269,8 +269,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
     record = evaluate_prediction(args.prediction, args.image, args.target, args.task,
                                  _section(args, "evaluate"), args.num_classes, args.channels,
-                                 args.model,
-                                 args.dataset, args.output, baseline=args.baseline)
+                                 args.model, args.dataset, args.output, baseline=args.baseline,
+                                 crop_scores=args.crop_scores)
     for method, scores in record["scores"].items():
         shown = {k: v for k, v in scores.items() if not isinstance(v, dict)}
         print(f"evaluate: {args.model} on {args.dataset}: {method}: {json.dumps(shown)}")
@@ -521,7 +521,7 @@ def _add_evaluate_positions(sub) -> None:
     p.add_argument("--task", required=True, choices=["segmentation", "regression"])
     p.add_argument("--num-classes", type=int, default=2)
     p.add_argument("--channels", type=_json, default=None)
-    _settings(p, "evaluate")
+    _settings(p, "evaluate", execution=True)
     _input(p, "--baseline", default=None, help="tune-baseline's JSON (regression)")
     for name in ("model", "dataset", "output"):
         p.add_argument(f"--{name}", required=True)
@@ -598,8 +598,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--task", required=True, choices=["segmentation", "regression"])
     p.add_argument("--channels", type=_json, default=None)
     p.add_argument("--num-classes", type=int, default=2)
-    _settings(p, "evaluate")
+    _settings(p, "evaluate", execution=True)
     _input(p, "--baseline", default=None, help="tune-baseline's JSON (regression)")
+    p.add_argument("--crop-scores", default=None,
+                   help="also write the montage's per-crop errors here (TSV)")
 
     _add_evaluate_positions(sub)
 

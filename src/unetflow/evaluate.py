@@ -6,7 +6,8 @@ Baselines, computed on the same pixels as the model:
     on the model's training data (`tune_gaussian_baseline`, rule `tune_baseline`);
   - segmentation: Otsu's threshold on the first input channel, then connected components.
 The definitions of every metric are in `unetflow.metrics`; the metrics JSON repeats them.
-Images are read whole, at the resolution level the prediction was made at.
+Images are read block by block (`unetflow.scoring`), at the resolution level the prediction
+was made at, so memory does not grow with the image.
 """
 
 from __future__ import annotations
@@ -17,16 +18,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+import dask.array as da
 import numpy as np
 
 from unetflow.files import atomic_path, write_json_atomic, write_text_atomic
 from unetflow.metrics import (
-    class_scores,
-    gaussian_smooth,
-    instance_scores,
-    label_objects,
-    otsu_instances,
-    regression_scores,
     tune_gaussian_sigma,
 )
 from unetflow.normalize import denormalize_array
@@ -36,13 +32,10 @@ __all__ = [
     "DEFINITIONS",
     "SUMMARY_METRICS",
     "read_channels_first",
-    "read_prediction",
     "prediction_provenance",
-    "is_instance_target",
-    "evaluate_segmentation",
-    "evaluate_regression",
+    "prediction_level",
+    "open_prediction",
     "evaluate_prediction",
-    "score_prediction",
     "read_sigma",
     "read_metrics",
     "tuning_crops",
@@ -77,7 +70,8 @@ SUMMARY_METRICS = {
 
 # --- reading ------------------------------------------------------------------------------
 def read_channels_first(path: str, level: int = 0, channels: list | None = None) -> np.ndarray:
-    """An OME-Zarr image as a numpy array (C, *spatial) at resolution `level`."""
+    """An OME-Zarr image as a numpy array (C, *spatial) at resolution `level`, whole: for
+    small images only (a position's field, a test); the stages stream (`unetflow.scoring`)."""
     return np.asarray(channel_first(open_image(path, level), channels).compute())
 
 
@@ -86,119 +80,24 @@ def prediction_provenance(path: str) -> dict[str, Any]:
     return dict(open_image(path).attrs.get("unetflow", {}))
 
 
-def read_prediction(path: str, task: str,
-                    provenance: dict[str, Any] | None = None) -> dict[str, np.ndarray]:
-    """The prediction in target units: `image` (C, *spatial) and, for segmentation,
+def prediction_level(provenance: dict[str, Any]) -> int:
+    """The resolution level of the input that the prediction was made at."""
+    return int(provenance.get("predict", {}).get("level", 0))
+
+
+def open_prediction(path: str, task: str,
+                    provenance: dict[str, Any] | None = None) -> dict[str, da.Array]:
+    """The prediction in target units, lazily: `image` (C, *spatial) and, for segmentation,
     `labels` (*spatial) from labels/prediction. `provenance`: predict's record, when it is
     not the store's own."""
     provenance = prediction_provenance(path) if provenance is None else provenance
-    out = {"image": read_channels_first(path)}
+    out = {"image": channel_first(open_image(path))}
     if task == "segmentation":
-        out["labels"] = read_channels_first(f"{path}/labels/prediction")[0]
+        out["labels"] = channel_first(open_image(f"{path}/labels/prediction"))[0]
     elif provenance.get("predict", {}).get("output_units") == "normalized":
         out["image"] = denormalize_array(out["image"], provenance["normalization"],
                                          provenance["normalize"]["method"])
     return out
-
-
-def _prediction_level(provenance: dict[str, Any]) -> int:
-    return int(provenance.get("predict", {}).get("level", 0))
-
-
-def _check_same_shape(name: str, a: tuple[int, ...], b: tuple[int, ...], where: str) -> None:
-    if a != b:
-        raise ValueError(f"{where}: {name} has spatial shape {a} but the prediction has {b}; "
-                         f"they must cover the same pixels")
-
-
-# --- segmentation -------------------------------------------------------------------------
-def is_instance_target(truth: np.ndarray, num_classes: int, ignore_label: int | None) -> bool:
-    """A binary task whose target holds more than one object id is an instance target."""
-    if num_classes != 2:
-        return False
-    ids = np.unique(truth)
-    ids = ids[(ids != 0) & (ids != (ignore_label if ignore_label is not None else 0))]
-    return len(ids) > 1
-
-
-def _predicted_classes(pred: dict[str, np.ndarray], settings: dict[str, Any],
-                       num_classes: int) -> np.ndarray | None:
-    """Class map of the prediction; None when predict kept only instances of >2 classes."""
-    if num_classes == 2:
-        return (pred["labels"] != 0).astype(np.int64)
-    if not settings.get("instances", True):
-        return pred["labels"].astype(np.int64)
-    if settings.get("probabilities", False):
-        return pred["image"].argmax(axis=0)
-    return None
-
-
-def _true_classes(truth: np.ndarray, num_classes: int) -> np.ndarray:
-    return (truth != 0).astype(np.int64) if num_classes == 2 else truth.astype(np.int64)
-
-
-def _method_scores(classes: np.ndarray, true_classes: np.ndarray, num_classes: int,
-                   instances: np.ndarray | None, truth: np.ndarray | None, valid: np.ndarray,
-                   iou_threshold: float) -> dict[str, Any]:
-    """Class scores, and instance matching when `truth` holds instances."""
-    scores: dict[str, Any] = class_scores(classes, true_classes, num_classes, valid)
-    if truth is not None and instances is not None:
-        matching = instance_scores(truth, instances, valid, iou_threshold)
-        scores.update({k: matching[k] for k in ("precision", "recall", "f1", "mean_ap")})
-        scores["instance_matching"] = matching
-    return scores
-
-
-def evaluate_segmentation(pred: dict[str, np.ndarray], image: np.ndarray, truth: np.ndarray,
-                          num_classes: int, predict_settings: dict[str, Any],
-                          ignore_label: int | None, iou_threshold: float) -> dict[str, Any]:
-    """Scores of the model and of the Otsu baseline; `truth` is (*spatial) labels."""
-    valid = np.ones(truth.shape, bool) if ignore_label is None else truth != ignore_label
-    instance_target = is_instance_target(truth, num_classes, ignore_label)
-    classes = _predicted_classes(pred, predict_settings, num_classes)
-    notes = []
-    if classes is None:
-        classes = (pred["labels"] != 0).astype(np.int64)
-        notes.append("per-class scores of the model need predict.probabilities: true or "
-                     "predict.instances: false; the model's class scores are foreground only")
-    model_instances = (pred["labels"] if predict_settings.get("instances", True)
-                       else label_objects(pred["labels"] != 0))
-    true_classes = _true_classes(truth, num_classes)
-    instance_truth = truth if instance_target else None
-    otsu = otsu_instances(image[0])
-    scores = {
-        "unet": _method_scores(classes, true_classes, num_classes, model_instances,
-                               instance_truth, valid, iou_threshold),
-        # Otsu separates foreground from background only: scored as a two-class answer.
-        "otsu": _method_scores((otsu != 0).astype(np.int64), (true_classes != 0).astype(np.int64),
-                               2, otsu, instance_truth, valid, iou_threshold),
-    }
-    if not instance_target:
-        notes.append("instance metrics skipped: the target is not an instance label image "
-                     "(binary task with more than one object id)")
-    return {"scores": scores, "notes": notes, "instance_target": instance_target,
-            "excluded_pixels": int(np.count_nonzero(~valid))}
-
-
-# --- regression ---------------------------------------------------------------------------
-def evaluate_regression(pred: np.ndarray, image: np.ndarray, target: np.ndarray,
-                        sigma: float | None, spacing: tuple[float, ...]) -> dict[str, Any]:
-    """Scores of the model, the input and the tuned Gaussian, all with the target's range."""
-    data_range = float(target.max()) - float(target.min()) or 1.0
-    scores = {"unet": regression_scores(pred, target, data_range)}
-    notes = []
-    if image.shape != target.shape:
-        notes.append(f"baselines skipped: input shape {image.shape} differs from target "
-                     f"shape {target.shape}")
-    else:
-        scores["input"] = regression_scores(image, target, data_range)
-        if sigma is None:
-            notes.append("Gaussian baseline skipped: no tuned sigma given")
-        else:
-            smoothed = gaussian_smooth(image, sigma, spacing)
-            scores["gaussian"] = {**regression_scores(smoothed, target, data_range),
-                                  "sigma": sigma}
-    return {"scores": scores, "notes": notes, "data_range": data_range}
 
 
 # --- the evaluate stage -------------------------------------------------------------------
@@ -227,50 +126,32 @@ def read_sigma(baseline: str | None) -> float | None:
         return float(json.load(fh)["sigma"])
 
 
-def score_prediction(prediction: str, image: str, target: str, task: str,
-                     settings: dict[str, Any], num_classes: int, channels: list | None,
-                     where: str, sigma: float | None = None,
-                     provenance: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Scores of the prediction and the baselines against the target, written nowhere.
-
-    What `evaluate_prediction` writes for one image, and what `evaluate_positions` records
-    for each position of a plate or collection: {"level", "scores", "notes", ...}.
-    `where` names the image in errors; `sigma` is the tuned Gaussian's (regression);
-    `provenance` replaces the prediction's own (None: read it from the store).
-    """
-    provenance = prediction_provenance(prediction) if provenance is None else provenance
-    level = _prediction_level(provenance)
-    pred = read_prediction(prediction, task, provenance)
-    img = open_image(image, level)
-    image_arr = np.asarray(channel_first(img, channels).compute())
-    target_arr = read_channels_first(target, level)
-    shape = pred["image"].shape[1:]
-    _check_same_shape(f"target {target}", target_arr.shape[1:], shape, where)
-    _check_same_shape(f"image {image}", image_arr.shape[1:], shape, where)
-    if task == "segmentation":
-        result = evaluate_segmentation(pred, image_arr, target_arr[0], num_classes,
-                                       provenance.get("predict", {}), settings["ignore_label"],
-                                       settings["iou_threshold"])
-    else:
-        spacing = tuple(img.spatial_scale()[a] for a in img.spatial_axes)
-        result = evaluate_regression(pred["image"], image_arr, target_arr, sigma, spacing)
-    return {"level": level, **result}
-
-
 def evaluate_prediction(prediction: str, image: str, target: str, task: str,
                         settings: dict[str, Any], num_classes: int, channels: list | None,
-                        model: str, dataset: str, output: str,
-                        baseline: str | None = None) -> dict[str, Any]:
+                        model: str, dataset: str, output: str, baseline: str | None = None,
+                        crop_scores: str | None = None) -> dict[str, Any]:
     """Score the prediction and the baselines against the target; write the metrics JSON.
 
-    `settings` is the model's evaluate section (ignore_label, iou_threshold); `baseline` is
-    the JSON of `tune_gaussian_baseline` (regression only).
+    `settings` is the model's evaluate section (ignore_label, iou_threshold, and how the
+    passes run: block_pixels, workers); `baseline` is the JSON of `tune_gaussian_baseline`
+    (regression only). With `crop_scores`, also writes the montage's per-crop errors there
+    (TSV; settings["montage_crop_size"]), so the montage reads only the crops it draws.
+    The image is read block by block (`unetflow.scoring`); object labels that need making
+    go to a scratch folder beside `output`, removed at the end.
     """
+    from unetflow.scoring import score_prediction  # scoring builds on this module
+
+    Path(output).parent.mkdir(parents=True, exist_ok=True)
     result = score_prediction(prediction, image, target, task, settings, num_classes, channels,
-                              f"model '{model}', dataset '{dataset}'", read_sigma(baseline))
+                              f"model '{model}', dataset '{dataset}'", read_sigma(baseline),
+                              crop_size=settings["montage_crop_size"] if crop_scores else None,
+                              scratch_dir=Path(output).parent)
+    crops = result.pop("crop_scores", None)
     record = {"model": model, "dataset": dataset, "task": task, "level": result.pop("level"),
               "ignore_label": settings["ignore_label"], "prediction": prediction,
               "target": target, **result, "definitions": DEFINITIONS}
+    if crops is not None:
+        crops.write_tsv(crop_scores)
     write_json(record, output)
     return record
 

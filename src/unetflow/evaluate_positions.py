@@ -2,7 +2,7 @@
 collection): per position, per well and for the whole dataset.
 
 Each position is scored exactly as `evaluate.evaluate_prediction` scores one image
-(`evaluate.score_prediction`: the model, and Otsu or the input and the tuned Gaussian as
+(`scoring.score_prediction`: the model, and Otsu or the input and the tuned Gaussian as
 baselines), one position's arrays in memory at a time. A job evaluates a batch of positions
 and writes one TSV row per position (`evaluate_positions`); `aggregate_positions` joins the
 batches into:
@@ -31,16 +31,11 @@ from typing import Any
 import numpy as np
 import zarr
 
-from unetflow.evaluate import (
-    DEFINITIONS,
-    prediction_provenance,
-    read_sigma,
-    score_prediction,
-    write_json,
-)
+from unetflow.evaluate import DEFINITIONS, prediction_provenance, read_sigma, write_json
 from unetflow.files import atomic_path
 from unetflow.normalize import position_stats
 from unetflow.plates import PositionSet, position_output_path
+from unetflow.scoring import score_prediction
 
 __all__ = [
     "HEADLINE_METRIC",

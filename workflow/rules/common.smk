@@ -406,7 +406,11 @@ def tune_baseline_datasets(wildcards):
 
 
 def montage_inputs(wildcards):
-    return {**evaluate_inputs(wildcards), "stats": stats_path(wildcards.dataset)}
+    """What the montage draws from, and the per-crop errors that evaluate summed (so the
+    montage reads only the crops it shows)."""
+    crops = f"results/{wildcards.model}/metrics/{wildcards.dataset}.crops.tsv"
+    return {**evaluate_inputs(wildcards), "stats": stats_path(wildcards.dataset),
+            "crop_scores": crops}
 
 
 def montage_title(wildcards):

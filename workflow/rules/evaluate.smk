@@ -28,15 +28,16 @@ rule evaluate:
     input:
         unpack(evaluation_inputs),
     output:
-        report(
+        metrics=report(
             "results/{model}/metrics/{dataset}.json",
             caption="../report/metrics.rst",
             category="3. Metrics in detail",
             subcategory="{model}",
             labels={"model": "{model}", "dataset": "{dataset}"},
         ),
+        crops="results/{model}/metrics/{dataset}.crops.tsv",
     params:
-        settings=evaluate_settings("ignore_label", "iou_threshold"),
+        settings=evaluate_settings("ignore_label", "iou_threshold", "montage_crop_size"),
         task=model_task,
         num_classes=num_classes,
         channels=dataset_channels,
@@ -48,14 +49,16 @@ rule evaluate:
     threads: 1
     resources:
         mem_mb=4000,
+        execution=execution_json("evaluate"),
     conda:
         ENV
     shell:
         "unetflow evaluate --prediction {input.prediction:q} --image {input.image:q}"
         " --target {input.target:q} --task {params.task} --num-classes {params.num_classes}"
         " --channels {params.channels:q} --settings {params.settings:q} {params.baseline}"
-        " --model {wildcards.model} --dataset {wildcards.dataset} --output {output:q}"
-        " > {log:q} 2>&1"
+        " --execution {resources.execution:q} --model {wildcards.model}"
+        " --dataset {wildcards.dataset} --output {output.metrics:q}"
+        " --crop-scores {output.crops:q} > {log:q} 2>&1"
 
 
 rule montage:
@@ -81,12 +84,14 @@ rule montage:
     threads: 1
     resources:
         mem_mb=4000,
+        execution=execution_json("evaluate"),
     conda:
         ENV
     shell:
         "unetflow montage --prediction {input.prediction:q} --image {input.image:q}"
         " --target {input.target:q} --stats {input.stats:q} --task {params.task}"
         " --channels {params.channels:q} --settings {params.settings:q}"
+        " --crop-scores {input.crop_scores:q} --execution {resources.execution:q}"
         " --title {params.title:q} --output {output:q} > {log:q} 2>&1"
 
 

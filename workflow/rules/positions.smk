@@ -134,13 +134,15 @@ rule evaluate_positions:
     threads: 1
     resources:
         mem_mb=4000,
+        execution=execution_json("evaluate"),
     conda:
         ENV
     shell:
         "unetflow evaluate-positions --positions {input.positions:q} --keys {params.batch_keys:q}"
         " --prediction {params.root:q} --task {params.task}"
         " --num-classes {params.num_classes} --channels {params.channels:q}"
-        " --settings {params.settings:q} {params.baseline} --model {wildcards.model}"
+        " --settings {params.settings:q} --execution {resources.execution:q} {params.baseline}"
+        " --model {wildcards.model}"
         " --dataset {wildcards.dataset} --output {output:q} > {log:q} 2>&1"
 
 
