@@ -175,6 +175,8 @@ def instance_overlaps(
 def _count_matches(ti: np.ndarray, pi: np.ndarray, iou: np.ndarray, threshold: float) -> int:
     """Matched pairs at IoU ≥ threshold, each object used once, higher IoU first."""
     keep = np.flatnonzero(iou >= threshold)
+    if len(np.unique(ti[keep])) == len(np.unique(pi[keep])) == len(keep):
+        return len(keep)  # no object in two pairs (always so above 0.5): every pair matches
     order = keep[np.argsort(-iou[keep], kind="stable")]
     used_true, used_pred, tp = set(), set(), 0
     for k in order:
