@@ -1,0 +1,210 @@
+"""Image metrics as sums over blocks, so evaluation reads an image one block at a time.
+
+Each metric of `unetflow.metrics` (the in-memory oracle) splits into three steps: what one
+block contributes (`of`, a few numbers or a small table), how two contributions merge
+(`merge`; the empty value is the class called without arguments), and the metric at the end
+(`scores` / `value`). Contributions hold no pixels: their size grows with the number of
+channels, classes or objects, never with the image, and merging them in any order gives the
+oracle's result to float tolerance.
+
+- Regression: squared and absolute error sums, and Pearson r from per-block means and
+  (co)moments merged with Chan et al.'s parallel formulas (raw sums of squares cancel
+  catastrophically on a large image with a large mean).
+- SSIM: the sum of scikit-image's SSIM map over each block's core pixels in the image's
+  interior; the block is read with a halo of (win - 1) // 2 pixels so its windows are whole.
+- Semantic segmentation: the confusion matrix of valid pixels.
+- Instance segmentation: object areas and the pixel count of every overlapping (true,
+  predicted) pair, keyed by the label images' own ids, so an object crossing blocks adds up.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from scipy.ndimage import uniform_filter
+
+from unetflow.blockwise import Block
+from unetflow.metrics import ssim_window
+
+__all__ = [
+    "RegressionSums",
+    "ssim_window",
+    "SsimSum",
+]
+
+
+# --- regression ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RegressionSums:
+    """Error sums and Pearson moments over all channels and pixels seen, in float64.
+
+    Means and centred (co)moments rather than raw sums of squares, so Pearson r keeps its
+    precision on large images with a large mean; minima and maxima, so a constant image is
+    recognised exactly (and give the target's data range when it is not known in advance).
+    """
+
+    count: int = 0
+    squared_error: float = 0.0
+    absolute_error: float = 0.0
+    pred_mean: float = 0.0
+    target_mean: float = 0.0
+    pred_m2: float = 0.0
+    target_m2: float = 0.0
+    co_moment: float = 0.0
+    pred_min: float = math.inf
+    pred_max: float = -math.inf
+    target_min: float = math.inf
+    target_max: float = -math.inf
+
+    @classmethod
+    def of(cls, pred: np.ndarray, target: np.ndarray) -> RegressionSums:
+        """One block's sums; `pred` and `target` are (C, *spatial) in the same units."""
+        if pred.shape != target.shape:
+            raise ValueError(f"prediction shape {pred.shape} differs from target shape "
+                             f"{target.shape}")
+        if pred.size == 0:
+            return cls()
+        p = pred.astype(np.float64).ravel()
+        t = target.astype(np.float64).ravel()
+        diff = p - t
+        squared = float(diff @ diff)
+        absolute = float(np.abs(diff, out=diff).sum())
+        p_mean, t_mean = float(p.mean()), float(t.mean())
+        p -= p_mean
+        t -= t_mean
+        return cls(p.size, squared, absolute, p_mean, t_mean, float(p @ p), float(t @ t),
+                   float(p @ t), float(pred.min()), float(pred.max()), float(target.min()),
+                   float(target.max()))
+
+    def merge(self, other: RegressionSums) -> RegressionSums:
+        """Both blocks' sums: Chan et al.'s update of means and (co)moments."""
+        if not other.count:
+            return self
+        if not self.count:
+            return other
+        n = self.count + other.count
+        d_pred, d_target = other.pred_mean - self.pred_mean, other.target_mean - self.target_mean
+        weight = self.count * other.count / n
+        return RegressionSums(
+            n, self.squared_error + other.squared_error,
+            self.absolute_error + other.absolute_error,
+            self.pred_mean + d_pred * other.count / n,
+            self.target_mean + d_target * other.count / n,
+            self.pred_m2 + other.pred_m2 + d_pred * d_pred * weight,
+            self.target_m2 + other.target_m2 + d_target * d_target * weight,
+            self.co_moment + other.co_moment + d_pred * d_target * weight,
+            min(self.pred_min, other.pred_min), max(self.pred_max, other.pred_max),
+            min(self.target_min, other.target_min), max(self.target_max, other.target_max))
+
+    def pearson_r(self) -> float | None:
+        """Pearson correlation of all pixels seen; None when either image is constant."""
+        if self.pred_min == self.pred_max or self.target_min == self.target_max:
+            return None
+        denominator = math.sqrt(self.pred_m2 * self.target_m2)
+        return self.co_moment / denominator if denominator > 0 else None
+
+    def scores(self, data_range: float, ssim: float) -> dict[str, Any]:
+        """`metrics.regression_scores` of the whole image: PSNR for `data_range`, the SSIM
+        computed separately (`SsimSum`), MAE and Pearson r."""
+        if not self.count:
+            raise ValueError("regression scores of no pixels: merge at least one block first")
+        mse = self.squared_error / self.count
+        psnr = float(10 * np.log10(data_range**2 / mse)) if mse > 0 else math.inf
+        return {"psnr": psnr, "ssim": float(ssim), "mae": self.absolute_error / self.count,
+                "pearson_r": self.pearson_r(), "data_range": float(data_range)}
+
+
+# --- SSIM ---------------------------------------------------------------------------------
+def _ssim_map(x: np.ndarray, y: np.ndarray, win: int, data_range: float) -> np.ndarray:
+    """scikit-image's SSIM map of two single-channel float64 images (uniform window, sample
+    covariance, K1 = 0.01, K2 = 0.03), cropped by (win - 1) // 2 on every side: only where
+    every window lies inside the arrays."""
+    pad = (win - 1) // 2
+    inside = (slice(pad, -pad),) * x.ndim
+
+    def mean(image: np.ndarray) -> np.ndarray:
+        return uniform_filter(image, win)[inside]
+
+    ux, uy = mean(x), mean(y)
+    cov_norm = win**x.ndim / (win**x.ndim - 1)
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    # skimage's formula, evaluated in place: a block's arrays are megapixels
+    vx, vy, vxy = mean(x * x), mean(y * y), mean(x * y)
+    for v, (a, b) in ((vx, (ux, ux)), (vy, (uy, uy)), (vxy, (ux, uy))):
+        v -= a * b
+        v *= cov_norm
+    a1 = ux * uy
+    a1 *= 2
+    a1 += c1
+    vxy *= 2
+    vxy += c2  # A2
+    b1 = ux * ux
+    b1 += uy * uy
+    b1 += c1
+    vx += vy
+    vx += c2  # B2
+    a1 *= vxy
+    b1 *= vx
+    a1 /= b1
+    return a1
+
+
+def _interior_of_core(block: Block, spatial_shape: tuple[int, ...],
+                      pad: int) -> tuple[slice, ...] | None:
+    """The block's core pixels at least `pad` from every image border (skimage averages SSIM
+    over those only), in image coordinates; None when there are none."""
+    region = tuple(slice(max(c.start, pad), min(c.stop, s - pad))
+                   for c, s in zip(block.core, spatial_shape, strict=True))
+    return region if all(r.start < r.stop for r in region) else None
+
+
+@dataclass(frozen=True)
+class SsimSum:
+    """The SSIM map summed over the image's interior pixels of every channel, and their count:
+    the mean over channels of scikit-image's SSIM is total / count, as every channel has the
+    same interior."""
+
+    total: float = 0.0
+    count: int = 0
+
+    @classmethod
+    def of(cls, pred_ext: np.ndarray, target_ext: np.ndarray, block: Block,
+           spatial_shape: tuple[int, ...], data_range: float, win: int) -> SsimSum:
+        """One block's SSIM sum; `pred_ext`, `target_ext` are (C, *spatial) read over
+        `block.extended`, whose halo must be at least (win - 1) // 2 (`ssim_window`)."""
+        if pred_ext.shape != target_ext.shape:
+            raise ValueError(f"prediction shape {pred_ext.shape} differs from target shape "
+                             f"{target_ext.shape}")
+        extended = tuple(e.stop - e.start for e in block.extended)
+        if pred_ext.shape[1:] != extended:
+            raise ValueError(f"arrays of spatial shape {pred_ext.shape[1:]} were not read over "
+                             f"the block's extended region {block.extended}")
+        if win < 3 or win % 2 == 0:
+            raise ValueError(f"SSIM window {win}: must be odd and at least 3 (ssim_window)")
+        pad = (win - 1) // 2
+        region = _interior_of_core(block, spatial_shape, pad)
+        if region is None:
+            return cls()
+        read = tuple(slice(r.start - pad - e.start, r.stop + pad - e.start)
+                     for r, e in zip(region, block.extended, strict=True))
+        if any(r.start < 0 or r.stop > n for r, n in zip(read, extended, strict=True)):
+            raise ValueError(f"block {block.core} read over {block.extended}: SSIM's window "
+                             f"{win} needs a halo of at least {pad} pixels")
+        total = 0.0
+        for pred, target in zip(pred_ext, target_ext, strict=True):  # one channel's memory
+            ssim_map = _ssim_map(pred[read].astype(np.float64), target[read].astype(np.float64),
+                                 win, data_range)
+            total += float(ssim_map.sum())
+        return cls(total, len(pred_ext) * math.prod(r.stop - r.start for r in region))
+
+    def merge(self, other: SsimSum) -> SsimSum:
+        return SsimSum(self.total + other.total, self.count + other.count)
+
+    def value(self) -> float:
+        """`metrics.ssim` of the whole image."""
+        if not self.count:
+            raise ValueError("SSIM of no pixels: merge at least one block first")
+        return self.total / self.count

@@ -1,0 +1,130 @@
+"""Metrics summed over blocks against the in-memory oracle (`unetflow.metrics`) on the same
+small arrays, split into blocks that do not divide them."""
+
+from functools import reduce
+
+import numpy as np
+import pytest
+from scipy import ndimage
+
+from unetflow.blockwise import plan_blocks
+from unetflow.metric_sums import (
+    RegressionSums,
+    SsimSum,
+    ssim_window,
+)
+from unetflow.metrics import regression_scores, ssim
+
+SHAPES = [((37, 41), (16, 16)), ((9, 13, 11), (4, 8, 5))]  # (image, block): 2D and 3D, odd
+
+
+def core(array: np.ndarray, block) -> np.ndarray:
+    return array[(..., *block.core)]
+
+
+def regression_pair(spatial: tuple[int, ...], channels: int, offset: float = 0.0, seed: int = 0):
+    """A smooth target and a noisy, biased prediction of it, (C, *spatial) float32."""
+    rng = np.random.default_rng(seed)
+    target = ndimage.gaussian_filter(rng.random((channels, *spatial)), (0, *[2] * len(spatial)))
+    pred = 0.9 * target + 0.05 * rng.standard_normal(target.shape)
+    return (pred + offset).astype(np.float32), (target + offset).astype(np.float32)
+
+
+def streamed_regression(pred, target, block) -> RegressionSums:
+    blocks = plan_blocks(target.shape[1:], block)
+    return reduce(RegressionSums.merge,
+                  (RegressionSums.of(core(pred, b), core(target, b)) for b in blocks),
+                  RegressionSums())
+
+
+def streamed_ssim(pred, target, block, data_range, halo=None) -> SsimSum:
+    win = ssim_window(target.shape[1:])
+    blocks = plan_blocks(target.shape[1:], block, (win - 1) // 2 if halo is None else halo)
+    return reduce(SsimSum.merge, (SsimSum.of(pred[(..., *b.extended)], target[(..., *b.extended)],
+                                             b, target.shape[1:], data_range, win)
+                                  for b in blocks), SsimSum())
+
+
+# --- regression ---------------------------------------------------------------------------
+@pytest.mark.parametrize(("spatial", "block"), SHAPES)
+def test_regression_scores_equal_the_oracle(spatial, block):
+    pred, target = regression_pair(spatial, channels=3)
+    expected = regression_scores(pred, target)
+    sums = streamed_regression(pred, target, block)
+    data_range = sums.target_max - sums.target_min
+    ssim_value = streamed_ssim(pred, target, block, data_range).value()
+    scores = sums.scores(data_range, ssim_value)
+    assert scores.keys() == expected.keys()
+    for key in expected:
+        assert scores[key] == pytest.approx(expected[key], rel=1e-9, abs=1e-12), key
+
+
+def test_pearson_keeps_its_precision_on_a_large_mean():
+    """1e4 + signal of amplitude ~0.1: raw sums of squares would lose about 8 of 16 digits."""
+    pred, target = regression_pair((63, 65), channels=2, offset=1e4, seed=1)
+    expected = regression_scores(pred, target, data_range=1.0)["pearson_r"]
+    forward = streamed_regression(pred, target, (8, 16))
+    backward = streamed_regression(pred[:, ::-1, ::-1], target[:, ::-1, ::-1], (8, 16))
+    assert forward.pearson_r() == pytest.approx(expected, rel=1e-9)
+    assert backward.pearson_r() == pytest.approx(expected, rel=1e-9)
+
+
+def test_perfect_and_constant_predictions():
+    _, target = regression_pair((20, 21), channels=1)
+    perfect = streamed_regression(target, target, (8, 8)).scores(1.0, 1.0)
+    assert perfect["psnr"] == np.inf and perfect["mae"] == 0.0
+    assert perfect["pearson_r"] == pytest.approx(1.0, rel=1e-12)
+    for value in (0.0, 0.1, 3.7):
+        constant = np.full_like(target, value)
+        scores = streamed_regression(constant, target, (8, 8)).scores(1.0, 0.0)
+        expected = regression_scores(constant, target, 1.0)
+        assert scores.pop("pearson_r") is expected.pop("pearson_r") is None
+        assert scores == pytest.approx(expected | {"ssim": 0.0}, rel=1e-9)
+
+
+def test_empty_regression_sums_merge_as_nothing_and_have_no_scores():
+    pred, target = regression_pair((5, 6), channels=1)
+    one = RegressionSums.of(pred, target)
+    assert one.merge(RegressionSums()) == one == RegressionSums().merge(one)
+    with pytest.raises(ValueError, match="no pixels"):
+        RegressionSums().scores(1.0, 1.0)
+    with pytest.raises(ValueError, match=r"\(1, 5, 6\) differs"):
+        RegressionSums.of(pred, target[:, :, :5])
+
+
+# --- SSIM ---------------------------------------------------------------------------------
+@pytest.mark.parametrize(("spatial", "block", "halo"), [
+    ((37, 41), (16, 16), 3),
+    ((37, 41), (2, 3), 3),  # blocks thinner than the border skimage crops
+    ((37, 41), (16, 16), 5),  # a halo wider than the window needs
+    ((5, 40), (2, 16), 2),  # a thin image: window 5
+    ((9, 13, 11), (4, 8, 5), 3),
+])
+def test_ssim_equals_the_oracle(spatial, block, halo):
+    pred, target = regression_pair(spatial, channels=2, seed=2)
+    data_range = float(target.max() - target.min())
+    streamed = streamed_ssim(pred, target, block, data_range, halo)
+    assert streamed.count == 2 * np.prod([s - ssim_window(spatial) + 1 for s in spatial])
+    assert streamed.value() == pytest.approx(ssim(pred, target, data_range), rel=1e-9)
+
+
+def test_ssim_window_is_what_the_oracle_uses():
+    assert ssim_window((64, 64)) == 7 and ssim_window((5, 40)) == 5 and ssim_window((6, 9)) == 5
+    with pytest.raises(ValueError, match=r"at least 3 pixels.*\(2, 9\)"):
+        ssim_window((2, 9))
+
+
+def test_ssim_refuses_a_halo_narrower_than_its_window():
+    pred, target = regression_pair((20, 20), channels=1)
+    block = plan_blocks((20, 20), (8, 8), 2)[4]  # an inner block, halo 2 < 3
+    with pytest.raises(ValueError, match="halo of at least 3"):
+        SsimSum.of(pred[(..., *block.extended)], target[(..., *block.extended)], block,
+                   (20, 20), 1.0, 7)
+    with pytest.raises(ValueError, match=r"spatial shape \(20, 20\) were not read over"):
+        SsimSum.of(pred, target, block, (20, 20), 1.0, 7)
+    with pytest.raises(ValueError, match=r"\(2, 20, 20\) differs"):
+        SsimSum.of(np.concatenate([pred, pred]), target, block, (20, 20), 1.0, 7)
+    with pytest.raises(ValueError, match="window 4"):
+        SsimSum.of(pred, target, plan_blocks((20, 20), (20, 20))[0], (20, 20), 1.0, 4)
+    with pytest.raises(ValueError, match="no pixels"):
+        SsimSum().value()
