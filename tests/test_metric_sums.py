@@ -11,9 +11,11 @@ from unetflow.blockwise import plan_blocks
 from unetflow.metric_sums import (
     RegressionSums,
     SsimSum,
+    class_scores_from_confusion,
+    confusion,
     ssim_window,
 )
-from unetflow.metrics import regression_scores, ssim
+from unetflow.metrics import class_scores, regression_scores, ssim
 
 SHAPES = [((37, 41), (16, 16)), ((9, 13, 11), (4, 8, 5))]  # (image, block): 2D and 3D, odd
 
@@ -128,3 +130,34 @@ def test_ssim_refuses_a_halo_narrower_than_its_window():
         SsimSum.of(pred, target, plan_blocks((20, 20), (20, 20))[0], (20, 20), 1.0, 4)
     with pytest.raises(ValueError, match="no pixels"):
         SsimSum().value()
+
+
+# --- semantic segmentation ----------------------------------------------------------------
+@pytest.mark.parametrize(("spatial", "block"), SHAPES)
+def test_class_scores_from_summed_confusion_equal_the_oracle(spatial, block):
+    rng = np.random.default_rng(3)
+    truth = rng.integers(0, 3, spatial)
+    pred = np.where(rng.random(spatial) < 0.7, truth, rng.integers(0, 3, spatial))
+    valid = rng.random(spatial) < 0.8
+    truth = np.where(valid, truth, 255)  # the ignore_label, outside the classes
+    num_classes = 4  # class 3 absent from both: IoU and Dice 1.0
+    summed = sum(confusion(core(pred, b), core(truth, b), core(valid, b), num_classes)
+                 for b in plan_blocks(spatial, block))
+    assert summed.dtype == np.int64 and summed.sum() == valid.sum()
+    assert class_scores_from_confusion(summed) == class_scores(pred, truth, num_classes, valid)
+    no_mask = sum(confusion(core(pred, b), core(np.where(valid, truth, 0), b), None, 4)
+                  for b in plan_blocks(spatial, block))
+    assert class_scores_from_confusion(no_mask) == class_scores(pred, np.where(valid, truth, 0), 4)
+
+
+def test_confusion_rows_are_true_classes_and_refuses_classes_it_cannot_hold():
+    truth = np.array([[0, 1, 1], [2, 2, 2]])
+    pred = np.array([[0, 1, 2], [2, 2, 0]])
+    np.testing.assert_array_equal(confusion(pred, truth, None, 3),
+                                  [[1, 0, 0], [0, 1, 1], [1, 0, 2]])
+    nothing_valid = confusion(pred, truth + 7, np.zeros(truth.shape, bool), 3)
+    np.testing.assert_array_equal(nothing_valid, np.zeros((3, 3)))
+    with pytest.raises(ValueError, match="true class 2 is outside 0..1"):
+        confusion(pred.clip(0, 1), truth, None, 2)
+    with pytest.raises(ValueError, match="predicted class -1"):
+        confusion(pred - 1, truth, None, 3)

@@ -27,12 +27,14 @@ import numpy as np
 from scipy.ndimage import uniform_filter
 
 from unetflow.blockwise import Block
-from unetflow.metrics import ssim_window
+from unetflow.metrics import iou_dice, ssim_window
 
 __all__ = [
     "RegressionSums",
     "ssim_window",
     "SsimSum",
+    "confusion",
+    "class_scores_from_confusion",
 ]
 
 
@@ -208,3 +210,42 @@ class SsimSum:
         if not self.count:
             raise ValueError("SSIM of no pixels: merge at least one block first")
         return self.total / self.count
+
+
+# --- semantic segmentation ----------------------------------------------------------------
+def confusion(pred_classes: np.ndarray, true_classes: np.ndarray, valid: np.ndarray | None,
+              num_classes: int) -> np.ndarray:
+    """(K, K) int64 pixel counts of valid pixels: rows the true class, columns the predicted.
+
+    Confusion matrices of blocks add up to the image's. A class outside 0..K-1 among valid
+    pixels is an error: the matrix could not hold it, and the scores would silently differ.
+    """
+    if pred_classes.shape != true_classes.shape:
+        raise ValueError(f"class map shapes differ: target {true_classes.shape}, "
+                         f"prediction {pred_classes.shape}")
+    if valid is not None:
+        pred_classes, true_classes = pred_classes[valid], true_classes[valid]
+    counts = np.zeros((num_classes, num_classes), np.int64)
+    if pred_classes.size == 0:
+        return counts
+    for name, classes in (("predicted", pred_classes), ("true", true_classes)):
+        low, high = classes.min(), classes.max()
+        if low < 0 or high >= num_classes:
+            raise ValueError(f"{name} class {low if low < 0 else high} is outside "
+                             f"0..{num_classes - 1} (num_classes {num_classes})")
+    flat = true_classes.astype(np.int64).ravel() * num_classes + pred_classes.ravel()
+    counts += np.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
+    return counts
+
+
+def class_scores_from_confusion(confusion: np.ndarray) -> dict[str, float]:
+    """`metrics.class_scores` (IoU and Dice per class and of the foreground) from the
+    confusion matrix of the whole image."""
+    foreground = iou_dice(int(confusion[1:, 1:].sum()), int(confusion[:, 1:].sum()),
+                          int(confusion[1:, :].sum()))
+    scores = {"foreground_iou": foreground[0], "foreground_dice": foreground[1]}
+    for k in range(confusion.shape[0]):
+        iou, dice = iou_dice(int(confusion[k, k]), int(confusion[:, k].sum()),
+                             int(confusion[k, :].sum()))
+        scores[f"iou_class_{k}"], scores[f"dice_class_{k}"] = iou, dice
+    return scores
