@@ -9,13 +9,14 @@ from scipy import ndimage
 
 from unetflow.blockwise import plan_blocks
 from unetflow.metric_sums import (
+    ObjectOverlaps,
     RegressionSums,
     SsimSum,
     class_scores_from_confusion,
     confusion,
     ssim_window,
 )
-from unetflow.metrics import class_scores, regression_scores, ssim
+from unetflow.metrics import class_scores, instance_scores, regression_scores, ssim
 
 SHAPES = [((37, 41), (16, 16)), ((9, 13, 11), (4, 8, 5))]  # (image, block): 2D and 3D, odd
 
@@ -161,3 +162,112 @@ def test_confusion_rows_are_true_classes_and_refuses_classes_it_cannot_hold():
         confusion(pred.clip(0, 1), truth, None, 2)
     with pytest.raises(ValueError, match="predicted class -1"):
         confusion(pred - 1, truth, None, 3)
+
+
+# --- instance segmentation ----------------------------------------------------------------
+def blobs(spatial: tuple[int, ...], seed: int, level: float = 0.8,
+          sigma: float = 1.5) -> np.ndarray:
+    """Objects as components of smoothed noise above `level` standard deviations: a few
+    blocks wide, so many cross block borders; a higher level shrinks and splits them."""
+    smooth = ndimage.gaussian_filter(np.random.default_rng(seed).random(spatial), sigma)
+    return ndimage.label((smooth - smooth.mean()) / smooth.std() > level)[0]
+
+
+def relabel(labels: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    """Labels 1..n renamed to `ids` (0 stays background)."""
+    return np.concatenate([np.zeros(1, np.uint64), ids.astype(np.uint64)])[labels]
+
+
+def streamed_overlaps(truth, pred, valid, block) -> ObjectOverlaps:
+    parts = (ObjectOverlaps.of(core(truth, b), core(pred, b),
+                               None if valid is None else core(valid, b))
+             for b in plan_blocks(truth.shape, block))
+    return reduce(ObjectOverlaps.merge, parts, ObjectOverlaps())
+
+
+def assert_instance_scores_equal(truth, pred, valid, block):
+    overlaps = streamed_overlaps(truth, pred, valid, block)
+    for threshold in (0.3, 0.5, 0.7):
+        expected = instance_scores(truth, pred, valid, threshold)
+        assert overlaps.scores(threshold) == expected, threshold
+    assert overlaps.true_objects == expected["true_objects"]
+
+
+@pytest.mark.parametrize(("spatial", "block", "sigma"), [((45, 51), (16, 16), 1.5),
+                                                          ((13, 19, 17), (8, 8, 8), 1.2)])
+def test_instance_scores_equal_the_oracle_with_objects_across_blocks(spatial, block, sigma):
+    truth = blobs(spatial, seed=4, sigma=sigma)
+    pred = blobs(spatial, seed=4, level=1.0, sigma=sigma)  # IoUs from 0 to 1
+    pred[pred == 3] = 0  # a missed object
+    assert truth.max() > 5 and pred.max() > 5
+    valid = np.ones(spatial, bool)
+    valid[(slice(3, 12),) * len(spatial)] = False
+    assert_instance_scores_equal(truth, pred, None, block)
+    assert_instance_scores_equal(truth, pred, valid, block)
+
+
+def test_large_uint64_ids():
+    """Ids spread far apart (a block sorts them) and ids packed just below 2**64 (a block
+    counts them directly), as global ids of out-of-core components can be."""
+    truth, pred = blobs((40, 44), seed=5), blobs((40, 44), seed=6)
+    rng = np.random.default_rng(7)
+    spread = np.uint64(2**40) + rng.permutation(truth.max()).astype(np.uint64) * np.uint64(2**20)
+    top = np.uint64(2**64 - 1) - rng.permutation(pred.max()).astype(np.uint64)
+    truth, pred = relabel(truth, spread), relabel(pred, top)
+    assert_instance_scores_equal(truth, pred, truth != spread[0], (16, 16))
+
+
+def test_blocks_without_background():
+    """Objects tiling the whole image: blocks whose every pixel is in an object."""
+    truth = relabel(np.repeat(np.arange(1, 4), 4)[:, None] * np.ones((1, 10), int),
+                    np.array([2**50, 2**60, 3], np.uint64))
+    pred = np.ones((12, 10), np.uint16)
+    pred[5:, 4:] = 2
+    assert_instance_scores_equal(truth, pred, None, (3, 3))
+    assert_instance_scores_equal(truth, pred, None, (12, 10))
+
+
+def test_ties_in_iou_go_to_the_first_pair_in_id_order():
+    """At threshold 0.25, true object a ties at IoU 1/3 with predicted objects b and c, and b
+    overlaps true object d at 1/4: a takes whichever of b, c has the smaller id, so the id
+    order decides between 1 and 2 matches."""
+    truth = np.array([[1, 2, 2, 0, 2, 1]] * 2)
+    pred = np.array([[2, 1, 0, 2, 0, 1]] * 2)
+    for pred_ids, tp in [([7, 2**33], 1), ([2**33, 7], 2)]:
+        t = relabel(truth, np.array([5, 2**40], np.uint64))
+        p = relabel(pred, np.array(pred_ids, np.uint64))
+        expected = instance_scores(t, p, threshold=0.25)
+        assert expected["tp"] == tp
+        assert streamed_overlaps(t, p, None, (1, 2)).scores(0.25) == expected
+
+
+def test_merges_in_any_order_and_empty_images():
+    truth, pred = blobs((30, 30), seed=8), blobs((30, 30), seed=9)
+    parts = [ObjectOverlaps.of(core(truth, b), core(pred, b))
+             for b in plan_blocks((30, 30), (4, 4))]
+    folded = reduce(ObjectOverlaps.merge, parts)
+    tree = parts
+    while len(tree) > 1:
+        tree = [reduce(ObjectOverlaps.merge, tree[i:i + 3]) for i in range(0, len(tree), 3)]
+    expected = instance_scores(truth, pred)
+    assert folded.scores(0.5) == tree[0].scores(0.5) == expected
+    zeros = np.zeros((6, 7), np.uint32)
+    nothing = streamed_overlaps(zeros, zeros, None, (4, 4))
+    assert nothing.scores(0.5) == instance_scores(zeros, zeros) == ObjectOverlaps().scores(0.5)
+    assert ObjectOverlaps().true_objects == 0
+    missed = streamed_overlaps(truth, np.zeros_like(truth), None, (7, 7))
+    assert missed.scores(0.5) == instance_scores(truth, np.zeros_like(truth))
+
+
+def test_boolean_masks_are_one_object_each():
+    truth, pred = blobs((20, 22), seed=10) > 0, blobs((20, 22), seed=10, level=1.0) > 0
+    assert_instance_scores_equal(truth, pred, None, (8, 8))
+
+
+def test_object_overlaps_refuse_labels_that_are_not_ids():
+    with pytest.raises(ValueError, match="negative id -3"):
+        ObjectOverlaps.of(np.array([[0, -3]]), np.array([[0, 1]]))
+    with pytest.raises(ValueError, match="dtype float32"):
+        ObjectOverlaps.of(np.zeros((2, 2), np.float32), np.zeros((2, 2), np.uint8))
+    with pytest.raises(ValueError, match=r"target \(2, 2\), prediction \(2, 3\)"):
+        ObjectOverlaps.of(np.zeros((2, 2), np.uint8), np.zeros((2, 3), np.uint8))

@@ -20,14 +20,14 @@ oracle's result to float tolerance.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from scipy.ndimage import uniform_filter
 
 from unetflow.blockwise import Block
-from unetflow.metrics import iou_dice, ssim_window
+from unetflow.metrics import iou_dice, match_scores, ssim_window
 
 __all__ = [
     "RegressionSums",
@@ -35,6 +35,7 @@ __all__ = [
     "SsimSum",
     "confusion",
     "class_scores_from_confusion",
+    "ObjectOverlaps",
 ]
 
 
@@ -249,3 +250,179 @@ def class_scores_from_confusion(confusion: np.ndarray) -> dict[str, float]:
                              int(confusion[k, :].sum()))
         scores[f"iou_class_{k}"], scores[f"dice_class_{k}"] = iou, dice
     return scores
+
+
+# --- instance segmentation ----------------------------------------------------------------
+def _sum_by_key(keys: list[np.ndarray], counts: np.ndarray) -> tuple[list[np.ndarray],
+                                                                      np.ndarray]:
+    """Rows with equal keys (one array per key column) summed, sorted by the keys in order."""
+    if counts.size == 0:
+        return keys, counts
+    order = np.lexsort(keys[::-1])
+    keys = [k[order] for k in keys]
+    changed = np.zeros(counts.size, bool)
+    changed[0] = True
+    for k in keys:
+        changed[1:] |= k[1:] != k[:-1]
+    starts = np.flatnonzero(changed)
+    return [k[starts] for k in keys], np.add.reduceat(counts[order], starts)
+
+
+@dataclass(frozen=True)
+class _Table:
+    """Areas of true and predicted objects and pixel counts of overlapping pairs, by id
+    (uint64), each sorted by its ids (pairs by true id, then predicted id)."""
+
+    true_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    true_areas: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    pred_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    pred_areas: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    pair_true: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    pair_pred: np.ndarray = field(default_factory=lambda: np.zeros(0, np.uint64))
+    pair_counts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    @property
+    def rows(self) -> int:
+        return len(self.true_ids) + len(self.pred_ids) + len(self.pair_counts)
+
+    @staticmethod
+    def combined(tables: list[_Table]) -> _Table:
+        """One table holding the sums of all."""
+        def cat(name: str) -> np.ndarray:
+            return np.concatenate([getattr(t, name) for t in tables])
+
+        (true_ids,), true_areas = _sum_by_key([cat("true_ids")], cat("true_areas"))
+        (pred_ids,), pred_areas = _sum_by_key([cat("pred_ids")], cat("pred_areas"))
+        (pair_true, pair_pred), pair_counts = _sum_by_key(
+            [cat("pair_true"), cat("pair_pred")], cat("pair_counts"))
+        return _Table(true_ids, true_areas, pred_ids, pred_areas, pair_true, pair_pred,
+                      pair_counts)
+
+
+def _object_index(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct object ids of a flat label array (sorted, uint64, 0 left out), each
+    pixel's index (0 for background, i for ids[i - 1]) and each id's pixel count. Counted
+    directly when the ids span little more than the pixels (a block's objects usually do,
+    whatever their offset), sorted otherwise (ids up to 2**64 - 1)."""
+    objects = labels != 0
+    if not objects.any():
+        return np.zeros(0, np.uint64), np.zeros(labels.size, np.intp), np.zeros(0, np.int64)
+    low = int(labels.min(where=objects, initial=np.iinfo(labels.dtype).max))
+    span = int(labels.max()) - low + 1
+    if span > 4 * labels.size + 1024:
+        ids, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+        if ids[0] == 0:
+            return ids[1:].astype(np.uint64), inverse.ravel(), counts[1:]
+        return ids.astype(np.uint64), inverse.ravel() + 1, counts
+    offset = labels - labels.dtype.type(low - 1)  # objects 1..span; background wraps
+    offset[~objects] = 0
+    offset = offset.astype(np.intp)
+    counts = np.bincount(offset, minlength=span + 1)
+    present = np.flatnonzero(counts[1:]) + 1
+    lookup = np.zeros(span + 1, np.intp)
+    lookup[present] = np.arange(1, len(present) + 1)
+    return present.astype(np.uint64) + np.uint64(low - 1), lookup[offset], counts[present]
+
+
+def _pair_counts(true_index: np.ndarray, pred_index: np.ndarray,
+                 n_pred: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct (true index, predicted index) pairs of pixels in both objects (indices from
+    1), as keys (true - 1) * n_pred + (pred - 1), sorted, with their pixel counts."""
+    both = (true_index != 0) & (pred_index != 0)
+    keys = (true_index[both] - 1).astype(np.int64) * n_pred + (pred_index[both] - 1)
+    if keys.size and int(keys.max()) < 4 * keys.size + 1024:
+        counts = np.bincount(keys)
+        present = np.flatnonzero(counts)
+        return present, counts[present]
+    return np.unique(keys, return_counts=True)
+
+
+def _check_labels(name: str, labels: np.ndarray) -> np.ndarray:
+    if labels.dtype == bool:
+        return labels.astype(np.uint8)
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{name} labels have dtype {labels.dtype}; object ids are integers")
+    if labels.size and np.issubdtype(labels.dtype, np.signedinteger) and labels.min() < 0:
+        raise ValueError(f"{name} labels hold the negative id {labels.min()}; object ids are "
+                         f"positive (0 is background)")
+    return labels
+
+
+def _table_of(true_labels: np.ndarray, pred_labels: np.ndarray) -> _Table:
+    """One block's table from flat label arrays (ids > 0 are objects)."""
+    true_ids, true_index, true_areas = _object_index(true_labels)
+    pred_ids, pred_index, pred_areas = _object_index(pred_labels)
+    keys, pair_counts = _pair_counts(true_index, pred_index, len(pred_ids))
+    n_pred = max(len(pred_ids), 1)
+    return _Table(true_ids, true_areas.astype(np.int64), pred_ids, pred_areas.astype(np.int64),
+                  true_ids[keys // n_pred], pred_ids[keys % n_pred], pair_counts.astype(np.int64))
+
+
+class ObjectOverlaps:
+    """Areas of true and predicted objects and the pixel count of every overlapping (true id,
+    predicted id) pair, summed over blocks: instance matching of an image that is never in
+    memory. Ids are the label images' own (any positive integers up to 2**64 - 1, e.g. the
+    global ids of out-of-core connected components), so an object crossing blocks adds up.
+
+    Memory is O(objects + pairs): merged tables are buffered and compacted (equal ids summed)
+    once the buffer outgrows the largest table, so a fold over many blocks costs about
+    O(n log n) in their rows, not O(blocks * rows).
+    """
+
+    def __init__(self) -> None:
+        self._tables: tuple[_Table, ...] = ()
+
+    @classmethod
+    def _holding(cls, tables: tuple[_Table, ...]) -> ObjectOverlaps:
+        overlaps = cls()
+        overlaps._tables = tables
+        return overlaps
+
+    @classmethod
+    def of(cls, true_labels: np.ndarray, pred_labels: np.ndarray,
+           valid: np.ndarray | None = None) -> ObjectOverlaps:
+        """One block's objects and overlaps; pixels where `valid` is False are background in
+        both label images (as `metrics.instance_overlaps` does)."""
+        if true_labels.shape != pred_labels.shape:
+            raise ValueError(f"label shapes differ: target {true_labels.shape}, "
+                             f"prediction {pred_labels.shape}")
+        true_labels = _check_labels("true", true_labels).ravel()
+        pred_labels = _check_labels("predicted", pred_labels).ravel()
+        if valid is not None:
+            valid = np.asarray(valid, bool).ravel()
+            true_labels, pred_labels = np.where(valid, true_labels, 0), np.where(valid,
+                                                                                 pred_labels, 0)
+        if true_labels.size == 0:
+            return cls()
+        return cls._holding((_table_of(true_labels, pred_labels),))
+
+    def merge(self, other: ObjectOverlaps) -> ObjectOverlaps:
+        """Both blocks' objects and overlaps (ids equal across blocks are one object)."""
+        tables = self._tables + other._tables
+        rows = [t.rows for t in tables]
+        if len(tables) > 1 and sum(rows) - max(rows) >= max(rows):
+            tables = (_Table.combined(list(tables)),)
+        return self._holding(tables)
+
+    def _compacted(self) -> _Table:
+        if not self._tables:
+            return _Table()
+        if len(self._tables) > 1:
+            self._tables = (_Table.combined(list(self._tables)),)
+        return self._tables[0]
+
+    @property
+    def true_objects(self) -> int:
+        """Distinct true ids with area > 0."""
+        return len(self._compacted().true_ids)
+
+    def scores(self, threshold: float) -> dict[str, Any]:
+        """`metrics.instance_scores` of the whole image at `threshold`, ties included: pairs
+        come in (true id, predicted id) order, as the oracle's renumbered pairs do."""
+        table = self._compacted()
+        ti = np.searchsorted(table.true_ids, table.pair_true)
+        pi = np.searchsorted(table.pred_ids, table.pair_pred)
+        inter = table.pair_counts
+        iou = inter / (table.true_areas[ti] + table.pred_areas[pi] - inter)
+        return match_scores(ti + 1, pi + 1, iou, len(table.true_ids), len(table.pred_ids),
+                            threshold)
