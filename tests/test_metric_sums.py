@@ -54,7 +54,7 @@ def test_regression_scores_equal_the_oracle(spatial, block):
     pred, target = regression_pair(spatial, channels=3)
     expected = regression_scores(pred, target)
     sums = streamed_regression(pred, target, block)
-    data_range = sums.target_max - sums.target_min
+    data_range = sums.target_max - sums.target_min or 1.0
     ssim_value = streamed_ssim(pred, target, block, data_range).value()
     scores = sums.scores(data_range, ssim_value)
     assert scores.keys() == expected.keys()
@@ -162,6 +162,8 @@ def test_confusion_rows_are_true_classes_and_refuses_classes_it_cannot_hold():
         confusion(pred.clip(0, 1), truth, None, 2)
     with pytest.raises(ValueError, match="predicted class -1"):
         confusion(pred - 1, truth, None, 3)
+    with pytest.raises(ValueError, match=r"shape \(2, 3\): must be \(K, K\)"):
+        class_scores_from_confusion(np.zeros((2, 3), np.int64))
 
 
 # --- instance segmentation ----------------------------------------------------------------

@@ -111,7 +111,8 @@ class RegressionSums:
 
     def scores(self, data_range: float, ssim: float) -> dict[str, Any]:
         """`metrics.regression_scores` of the whole image: PSNR for `data_range`, the SSIM
-        computed separately (`SsimSum`), MAE and Pearson r."""
+        computed separately (`SsimSum`), MAE and Pearson r. Its default data range is
+        `target_max - target_min or 1.0`."""
         if not self.count:
             raise ValueError("regression scores of no pixels: merge at least one block first")
         mse = self.squared_error / self.count
@@ -242,6 +243,8 @@ def confusion(pred_classes: np.ndarray, true_classes: np.ndarray, valid: np.ndar
 def class_scores_from_confusion(confusion: np.ndarray) -> dict[str, float]:
     """`metrics.class_scores` (IoU and Dice per class and of the foreground) from the
     confusion matrix of the whole image."""
+    if confusion.ndim != 2 or confusion.shape[0] != confusion.shape[1] or not confusion.size:
+        raise ValueError(f"confusion matrix of shape {confusion.shape}: must be (K, K), K >= 1")
     foreground = iou_dice(int(confusion[1:, 1:].sum()), int(confusion[:, 1:].sum()),
                           int(confusion[1:, :].sum()))
     scores = {"foreground_iou": foreground[0], "foreground_dice": foreground[1]}
