@@ -34,11 +34,14 @@ import numpy as np
 __all__ = [
     "AP_THRESHOLDS",
     "psnr",
+    "ssim_window",
     "ssim",
     "pearson_r",
     "regression_scores",
+    "iou_dice",
     "class_scores",
     "instance_overlaps",
+    "match_scores",
     "instance_scores",
     "otsu_instances",
     "label_objects",
@@ -62,10 +65,14 @@ def psnr(pred: np.ndarray, target: np.ndarray, data_range: float) -> float:
     return float(10 * np.log10(data_range**2 / mse)) if mse > 0 else math.inf
 
 
-def _ssim_window(shape: tuple[int, ...]) -> int:
-    """7 (scikit-image's default), or the largest odd size that fits a small image."""
-    smallest = min(shape)
-    return min(7, smallest if smallest % 2 else smallest - 1)
+def ssim_window(spatial_shape: tuple[int, ...]) -> int:
+    """SSIM's window edge for an image: 7 (scikit-image's default), or the largest odd size
+    that fits a small image. One function, so the in-memory and the streaming SSIM agree."""
+    smallest = min(spatial_shape)
+    win = min(7, smallest if smallest % 2 else smallest - 1)
+    if win < 3:
+        raise ValueError(f"SSIM needs at least 3 pixels along each axis, got {spatial_shape}")
+    return win
 
 
 def ssim(pred: np.ndarray, target: np.ndarray, data_range: float) -> float:
@@ -77,9 +84,7 @@ def ssim(pred: np.ndarray, target: np.ndarray, data_range: float) -> float:
     """
     from skimage.metrics import structural_similarity
 
-    win = _ssim_window(target.shape[1:])
-    if win < 3:
-        raise ValueError(f"SSIM needs at least 3 pixels along each axis, got {target.shape[1:]}")
+    win = ssim_window(target.shape[1:])
     return float(np.mean([
         structural_similarity(p.astype(np.float64), t.astype(np.float64),
                               data_range=data_range, win_size=win)
@@ -107,11 +112,17 @@ def regression_scores(pred: np.ndarray, target: np.ndarray,
 
 
 # --- semantic segmentation ----------------------------------------------------------------
+def iou_dice(intersection: int, predicted: int, true: int) -> tuple[float, float]:
+    """IoU and Dice of a class from its pixel counts (both 1.0 when it is absent from both);
+    shared with the streaming scores, which count pixels block by block."""
+    empty = predicted == 0 and true == 0
+    return (_ratio(intersection, predicted + true - intersection, empty),
+            _ratio(2 * intersection, predicted + true, empty))
+
+
 def _iou_dice(pred: np.ndarray, truth: np.ndarray) -> tuple[float, float]:
     inter = int(np.count_nonzero(pred & truth))
-    p, t = int(np.count_nonzero(pred)), int(np.count_nonzero(truth))
-    empty = p == 0 and t == 0
-    return _ratio(inter, p + t - inter, empty), _ratio(2 * inter, p + t, empty)
+    return iou_dice(inter, int(np.count_nonzero(pred)), int(np.count_nonzero(truth)))
 
 
 def class_scores(pred_classes: np.ndarray, true_classes: np.ndarray, num_classes: int,
@@ -164,6 +175,8 @@ def instance_overlaps(
 def _count_matches(ti: np.ndarray, pi: np.ndarray, iou: np.ndarray, threshold: float) -> int:
     """Matched pairs at IoU ≥ threshold, each object used once, higher IoU first."""
     keep = np.flatnonzero(iou >= threshold)
+    if len(np.unique(ti[keep])) == len(np.unique(pi[keep])) == len(keep):
+        return len(keep)  # no object in two pairs (always so above 0.5): every pair matches
     order = keep[np.argsort(-iou[keep], kind="stable")]
     used_true, used_pred, tp = set(), set(), 0
     for k in order:
@@ -183,10 +196,13 @@ def _scores_at(tp: int, n_true: int, n_pred: int) -> dict[str, float]:
             "ap": _ratio(tp, tp + fp + fn, nothing)}
 
 
-def instance_scores(true_labels: np.ndarray, pred_labels: np.ndarray,
-                    valid: np.ndarray | None = None, threshold: float = 0.5) -> dict[str, Any]:
-    """Matching at `threshold` (precision, recall, F1) and mean AP over τ = 0.5..0.95."""
-    ti, pi, iou, n_true, n_pred = instance_overlaps(true_labels, pred_labels, valid)
+def match_scores(ti: np.ndarray, pi: np.ndarray, iou: np.ndarray, n_true: int, n_pred: int,
+                 threshold: float = 0.5) -> dict[str, Any]:
+    """Matching at `threshold` (precision, recall, F1) and mean AP over τ = 0.5..0.95, from the
+    overlapping pairs (`instance_overlaps`' result, or the streaming one's).
+
+    Pairs must come in (true, predicted) order: ties in IoU go to the pair that comes first.
+    """
     at = _scores_at(_count_matches(ti, pi, iou, threshold), n_true, n_pred)
     ap = {f"{tau:.2f}": _scores_at(_count_matches(ti, pi, iou, tau), n_true, n_pred)["ap"]
           for tau in AP_THRESHOLDS}
@@ -194,6 +210,12 @@ def instance_scores(true_labels: np.ndarray, pred_labels: np.ndarray,
             "tp": at["tp"], "fp": at["fp"], "fn": at["fn"], "precision": at["precision"],
             "recall": at["recall"], "f1": at["f1"], "ap_per_threshold": ap,
             "mean_ap": float(np.mean(list(ap.values())))}
+
+
+def instance_scores(true_labels: np.ndarray, pred_labels: np.ndarray,
+                    valid: np.ndarray | None = None, threshold: float = 0.5) -> dict[str, Any]:
+    """Matching at `threshold` (precision, recall, F1) and mean AP over τ = 0.5..0.95."""
+    return match_scores(*instance_overlaps(true_labels, pred_labels, valid), threshold)
 
 
 def label_objects(foreground: np.ndarray) -> np.ndarray:
