@@ -8,6 +8,7 @@ import pytest
 import zarr
 from matplotlib.image import imread
 
+from conftest import run_cli
 from unetflow.blockwise import plan_blocks
 from unetflow.demo import synthesize_nuclei
 from unetflow.evaluate import read_channels_first
@@ -424,3 +425,22 @@ def test_crop_scores_of_another_image_are_refused(tmp_path):
     with pytest.raises(ValueError, match="other.tsv.*another image or montage_crop_size"):
         montage(tmp_path, case, "m", crop_scores=str(tmp_path / "other.tsv"))
 
+
+def test_montage_command_takes_crop_scores_and_workers(tmp_path):
+    case = segmentation_case(tmp_path)
+    crops, oracle = montage(tmp_path, case, "oracle", draw=todays_montage)
+    scores = evaluation_crop_scores(tmp_path, case)
+    args = ["montage", "--prediction", str(tmp_path / "pred.ome.zarr"), "--image",
+            str(tmp_path / "image.ome.zarr"), "--target", str(tmp_path / "target.ome.zarr"),
+            "--stats", str(tmp_path / "stats.json"), "--task", "segmentation", "--settings",
+            json.dumps({k: v for k, v in case["settings"].items() if k != "block_pixels"}),
+            "--title", "a title"]
+    for name, extra in [("tsv", ["--crop-scores", scores]),
+                        ("streamed", ["--execution", '{"workers": 2}'])]:
+        result = run_cli(*args, "--output", str(tmp_path / f"{name}.png"), *extra)
+        assert result.returncode == 0, result.stderr
+        assert np.array_equal(imread(tmp_path / f"{name}.png"), oracle)
+    result = run_cli(*args, "--output", str(tmp_path / "bad.png"), "--execution",
+                     '{"workers": 0}')
+    assert result.returncode == 1 and "--execution: workers is 0" in result.stderr
+    assert not (tmp_path / "bad.png").exists()
