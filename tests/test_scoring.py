@@ -71,7 +71,7 @@ def assert_same(streamed, expected, path="scores"):
 
 # --- stores ---------------------------------------------------------------------------------
 def axes(ndim):
-    return ["c", "z", "y", "x"][-(ndim + 1):]
+    return ["c", *["z", "y", "x"][-ndim:]]
 
 
 def touching_objects(shape, rng, count):

@@ -314,26 +314,14 @@ def _cmd_tune_baseline(args: argparse.Namespace) -> None:
           f"MSE by sigma {json.dumps(result['mse_by_sigma'])}")
 
 
-def _montage_workers(execution: Any) -> int:
-    """The threads of the montage's streaming pass, from --execution {"workers": N}."""
-    if not isinstance(execution, dict) or set(execution) - {"workers"}:
-        raise ValueError(f"--execution: {json.dumps(execution)}; the montage takes only "
-                         f"{{\"workers\": N}}")
-    workers = execution.get("workers", 1)
-    if not isinstance(workers, int) or isinstance(workers, bool) or workers < 1:
-        raise ValueError(f"--execution: workers is {workers!r}; give a positive integer "
-                         f"(threads reading blocks)")
-    return workers
-
-
 def _cmd_montage(args: argparse.Namespace) -> None:
     from unetflow.figures import write_montage
 
-    workers = _montage_workers(args.execution)
+    settings = _section(args, "evaluate")
     crops = write_montage(args.prediction, args.image, args.target, args.stats, args.task,
-                          args.channels, section_settings("evaluate", args.settings),
-                          args.output, args.title, position=args.position,
-                          crop_scores=args.crop_scores, workers=workers)
+                          args.channels, settings, args.output, args.title,
+                          position=args.position, crop_scores=args.crop_scores,
+                          workers=settings["workers"])
     print(f"montage: {len(crops)} crops -> {args.output}")
 
 
@@ -633,15 +621,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--task", required=True, choices=["segmentation", "regression"])
     p.add_argument("--channels", type=_json, default=None)
-    _settings(p, "evaluate")
+    _settings(p, "evaluate", execution=True)
     p.add_argument("--title", default="")
     p.add_argument("--position", default=None,
                    help="the position of a plate/collection shown (its statistics are used)")
     _input(p, "--crop-scores", default=None,
            help="the crops' errors as evaluate wrote them (TSV); without it the montage "
                 "scores them in one pass over the prediction and target")
-    p.add_argument("--execution", type=_json, default={},
-                   help='how the stage runs: {"workers": N} threads reading blocks (JSON)')
 
     p = _add(sub, "compare", _cmd_compare, "bar chart of models and baselines from a summary")
     _input(p, "--summary", required=True)
