@@ -264,11 +264,18 @@ def _cmd_predict_finish(args: argparse.Namespace) -> None:
           f"positions ({index['kind']}) -> {args.output}")
 
 
+def _evaluate_section(args: argparse.Namespace) -> dict[str, Any]:
+    """The evaluate section; workers left null become the job's --threads."""
+    settings = _section(args, "evaluate")
+    settings["workers"] = settings["workers"] or args.threads
+    return settings
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from unetflow.evaluate import evaluate_prediction
 
     record = evaluate_prediction(args.prediction, args.image, args.target, args.task,
-                                 _section(args, "evaluate"), args.num_classes, args.channels,
+                                 _evaluate_section(args), args.num_classes, args.channels,
                                  args.model, args.dataset, args.output, baseline=args.baseline,
                                  crop_scores=args.crop_scores)
     for method, scores in record["scores"].items():
@@ -317,7 +324,7 @@ def _cmd_tune_baseline(args: argparse.Namespace) -> None:
 def _cmd_montage(args: argparse.Namespace) -> None:
     from unetflow.figures import write_montage
 
-    settings = _section(args, "evaluate")
+    settings = _evaluate_section(args)
     crops = write_montage(args.prediction, args.image, args.target, args.stats, args.task,
                           args.channels, settings, args.output, args.title,
                           position=args.position, crop_scores=args.crop_scores,
@@ -604,6 +611,8 @@ def build_parser() -> argparse.ArgumentParser:
     _input(p, "--baseline", default=None, help="tune-baseline's JSON (regression)")
     p.add_argument("--crop-scores", default=None,
                    help="also write the montage's per-crop errors here (TSV)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="the job's threads: evaluate.workers when that is null")
 
     _add_evaluate_positions(sub)
 
@@ -628,6 +637,8 @@ def build_parser() -> argparse.ArgumentParser:
     _input(p, "--crop-scores", default=None,
            help="the crops' errors as evaluate wrote them (TSV); without it the montage "
                 "scores them in one pass over the prediction and target")
+    p.add_argument("--threads", type=int, default=1,
+                   help="the job's threads: evaluate.workers when that is null")
 
     p = _add(sub, "compare", _cmd_compare, "bar chart of models and baselines from a summary")
     _input(p, "--summary", required=True)

@@ -58,7 +58,7 @@ rule evaluate:
         " --channels {params.channels:q} --settings {params.settings:q} {params.baseline}"
         " --execution {resources.execution:q} --model {wildcards.model}"
         " --dataset {wildcards.dataset} --output {output.metrics:q}"
-        " --crop-scores {output.crops:q} > {log:q} 2>&1"
+        " --crop-scores {output.crops:q} --threads {threads} > {log:q} 2>&1"
 
 
 rule montage:
@@ -92,6 +92,7 @@ rule montage:
         " --target {input.target:q} --stats {input.stats:q} --task {params.task}"
         " --channels {params.channels:q} --settings {params.settings:q}"
         " --crop-scores {input.crop_scores:q} --execution {resources.execution:q}"
+        " --threads {threads}"
         " --title {params.title:q} --output {output:q} > {log:q} 2>&1"
 
 

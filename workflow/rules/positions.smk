@@ -240,9 +240,11 @@ rule montage_positions:
     threads: 1
     resources:
         mem_mb=4000,
+        execution=execution_json("evaluate"),
     conda:
         ENV
     shell:
         "unetflow montage {params.paths} --stats {input.stats:q} --task {params.task}"
         " --channels {params.channels:q} --settings {params.settings:q}"
-        " --title {params.title:q} --output {output:q} > {log:q} 2>&1"
+        " --execution {resources.execution:q} --title {params.title:q} --output {output:q}"
+        " > {log:q} 2>&1"
