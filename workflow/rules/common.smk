@@ -406,11 +406,16 @@ def tune_baseline_datasets(wildcards):
 
 
 def montage_inputs(wildcards):
-    """What the montage draws from, and the per-crop errors that evaluate summed (so the
-    montage reads only the crops it shows)."""
+    """What the montage draws from, and the per-crop errors that evaluate summed, so the
+    montage reads only the crops it shows. The errors are ancient(): they depend only on
+    the prediction, the target, ignore_label and montage_crop_size, which are the montage's
+    own inputs and params, so re-scoring (say, a new iou_threshold) redraws nothing."""
     crops = f"results/{wildcards.model}/metrics/{wildcards.dataset}.crops.tsv"
-    return {**evaluate_inputs(wildcards), "stats": stats_path(wildcards.dataset),
-            "crop_scores": crops}
+    return {
+        **evaluate_inputs(wildcards),
+        "stats": stats_path(wildcards.dataset),
+        "crop_scores": ancient(crops),
+    }
 
 
 def montage_title(wildcards):
