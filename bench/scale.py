@@ -60,6 +60,11 @@ PIXEL_SIZE = {"z": 1.0, "y": 0.325, "x": 0.325}  # micrometer, as the demo data
 PEAK_RE = re.compile(r"^unetflow (?P<stage>[\w -]+): peak RSS (?P<own>\d+) MB"
                      r"(?: \(largest child process (?P<child>\d+) MB\))?, (?P<s>[\d.]+) s$")
 # Rules in workflow order (rules not listed here come after them, by name).
+# task -> (model and dataset name, target store, model overrides)
+TASKS = {"segmentation": ("seg", "labels", {}),
+         "regression": ("dn", "clean", {"train": {"loss": "mse"}, "model": {"residual": True}})}
+# Both tasks in both pairs would take about twice the time (see the docstring).
+DEFAULT_TASKS = {2: ["segmentation"], 3: ["regression"]}
 RULE_ORDER = ["normalize", "extract_patches", "train", "tune_baseline", "predict_create",
               "predict_shard", "predict", "evaluate", "montage", "summarize", "compare"]
 
@@ -137,27 +142,25 @@ def write_data(root: Path, shape: tuple[int, ...]) -> dict[str, str]:
 
 
 # --- the workflow ----------------------------------------------------------------------------
-def bench_config(paths: dict[str, str], ndim: int, steps: int) -> dict:
-    """Both tasks on the one generated image, trained and evaluated on it (not held out: what
-    is measured is the cost of each stage, not the models' quality)."""
+def bench_config(paths: dict[str, str], ndim: int, tasks: list[str], steps: int) -> dict:
+    """One model per task, trained, predicted and evaluated on the one generated image (not
+    held out: what is measured is the cost of each stage, not the models' quality)."""
     patch = [32, 32] if ndim == 2 else [16, 32, 32]
     tile = [1024, 1024] if ndim == 2 else [32, 128, 128]
+    datasets, models = {}, {}
+    for task in tasks:
+        name, target, overrides = TASKS[task]
+        datasets[name] = {"image": paths["image"], "target": paths[target]}
+        models[name] = {"task": task, "train_on": [name], "predict_on": [name], **overrides}
     return {
-        "datasets": {
-            "seg": {"image": paths["image"], "target": paths["labels"]},
-            "dn": {"image": paths["image"], "target": paths["clean"]},
-        },
-        "models": {
-            "seg": {"task": "segmentation", "train_on": ["seg"], "predict_on": ["seg"]},
-            "dn": {"task": "regression", "train_on": ["dn"], "predict_on": ["dn"],
-                   "train": {"loss": "mse"}, "model": {"residual": True}},
-        },
+        "datasets": datasets,
+        "models": models,
         "patches": {"shape": patch, "per_dataset": 64},
         "model": {"spatial_dims": ndim, "depth": 2, "base_features": 2},
         "train": {"steps": steps, "validate_every": max(1, steps // 2), "batch_size": 8,
                   "warmup_steps": 1},
         "predict": {"tile_shape": tile, "pyramid_levels": 2},
-        "evaluate": {"tuning_crop_size": 128},
+        "evaluate": {"tuning_crop_size": 128 if ndim == 2 else 32},
     }
 
 
@@ -213,17 +216,32 @@ def peak_line(path: Path) -> tuple[float, float] | None:
     return int(match["own"]) + int(match["child"] or 0), float(match["s"])
 
 
+def planned_counts(output: str) -> dict[str, int]:
+    """rule -> jobs, from the `Job stats:` table Snakemake prints before it runs any."""
+    counts: dict[str, int] = {}
+    table = output.split("Job stats:", 1)[1] if "Job stats:" in output else ""
+    for line in table.splitlines()[3:]:
+        match = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if not match or match.group(1) == "total":
+            break
+        counts[match.group(1)] = int(match.group(2))
+    return counts
+
+
 def job_costs(workdir: Path, output: str) -> list[Job]:
-    """Every job of the run: those Snakemake announced, and any other log under logs/."""
+    """Every job of the run: those Snakemake started (their logs), and one entry `(not run)`
+    for each planned job that never started (an input failed)."""
     logs = planned_logs(output)
     for path in sorted((workdir / "logs").rglob("*.log")):
         relative = path.relative_to(workdir).as_posix()
         parts = path.relative_to(workdir / "logs").parts
         logs.setdefault(relative, parts[0] if len(parts) > 1 else path.stem)
-    jobs = []
-    for log, rule in sorted(logs.items()):
-        cost = peak_line(workdir / log)
-        jobs.append(Job(rule, log, *(cost or (None, None))))
+    jobs = [Job(rule, log, *(peak_line(workdir / log) or (None, None)))
+            for log, rule in sorted(logs.items())]
+    for rule, count in planned_counts(output).items():
+        started = sum(j.rule == rule for j in jobs)
+        if rule != "all":  # the target rule runs nothing and has no log
+            jobs += [Job(rule, "(not run)", None, None)] * max(0, count - started)
     return jobs
 
 
@@ -247,18 +265,20 @@ def failure_lines(output: str) -> list[str]:
 
 
 # --- one size, one pair ----------------------------------------------------------------------
-def measure(shape: tuple[int, ...], base: Path, steps: int, keep: bool) -> dict:
+def measure(shape: tuple[int, ...], tasks: list[str], base: Path, steps: int,
+            keep: bool) -> dict:
     """Generate, run the workflow, read the logs: per rule (RSS, seconds), and the jobs."""
     name = "x".join(map(str, shape))
     workdir = Path(tempfile.mkdtemp(prefix=f"scale_{name}_", dir=base))
     start = time.perf_counter()
     paths = write_data(workdir / "data", shape)
     generate_s = time.perf_counter() - start
-    rc, workflow_s, output = run_workflow(workdir, bench_config(paths, len(shape), steps))
+    rc, workflow_s, output = run_workflow(workdir, bench_config(paths, len(shape), tasks, steps))
     jobs = job_costs(workdir, output)
     missing = [j for j in jobs if j.rss_mb is None]
-    print(f"# {name}: data {generate_s:.0f} s, snakemake {workflow_s:.0f} s (exit {rc}), "
-          f"{len(jobs)} jobs", flush=True)
+    print(f"# {name} ({', '.join(tasks)}): data {generate_s:.0f} s, snakemake "
+          f"{workflow_s:.0f} s (exit {rc}), {len(jobs)} jobs, load average "
+          f"{os.getloadavg()[1]:.2f} over the last 5 minutes", flush=True)
     if rc or missing:
         print(f"!!! {name}: snakemake exit status {rc}; jobs with no peak line "
               f"(killed, failed or not run): {len(missing)}", flush=True)
@@ -316,7 +336,16 @@ def parse_pair(text: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
     if len(sizes) != 2 or len(sizes[0]) != len(sizes[1]) or len(sizes[0]) not in (2, 3):
         raise argparse.ArgumentTypeError(f"{text!r}: give two sizes, e.g. 4096,16384 or "
                                          f"32x256x256,128x512x512")
+    if min(min(s) for s in sizes) < 32:  # synthesize_nuclei's smallest edge
+        raise argparse.ArgumentTypeError(f"{text!r}: every edge must be at least 32")
     return sizes[0], sizes[1]
+
+
+def parse_tasks(text: str) -> list[str]:
+    tasks = text.split(",")
+    if not tasks or any(t not in TASKS for t in tasks):
+        raise argparse.ArgumentTypeError(f"{text!r}: give tasks among {', '.join(TASKS)}")
+    return tasks
 
 
 def main() -> None:
@@ -324,6 +353,9 @@ def main() -> None:
     parser.add_argument("--sizes", type=parse_pair, action="append",
                         help="a small and a big size, e.g. 1024,4096 or 16x128x128,32x256x512 "
                              f"(repeatable; default: {' '.join(DEFAULT_SIZES)})")
+    parser.add_argument("--tasks", type=parse_tasks, default=None,
+                        help="segmentation,regression: these tasks in every pair (default: "
+                             "segmentation in 2D, regression in 3D)")
     parser.add_argument("--steps", type=int, default=50, help="training steps of each model")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where the working directories go (default: the system's tmp)")
@@ -335,19 +367,24 @@ def main() -> None:
     base.mkdir(parents=True, exist_ok=True)
     print(f"load_average_1min: {os.getloadavg()[0]:.2f}", flush=True)
     figures: dict[str, float | None] = {}
+    seconds: dict[str, float] = {}
     missing = 0
     for small_shape, big_shape in pairs:
         dim = f"{len(small_shape)}d"
-        small = measure(small_shape, base, args.steps, args.keep)
-        big = measure(big_shape, base, args.steps, args.keep)
+        tasks = args.tasks or DEFAULT_TASKS[len(small_shape)]
+        small = measure(small_shape, tasks, base, args.steps, args.keep)
+        big = measure(big_shape, tasks, base, args.steps, args.keep)
         missing += small["missing"] + big["missing"]
         labels = ("x".join(map(str, small_shape)), "x".join(map(str, big_shape)))
         figures.update(compare(dim, small, big, labels))
-    report(figures, missing, time.perf_counter() - start)
+        for size, run in (("small", small), ("big", big)):
+            seconds[f"{dim}_{size}_s"] = run["generate_s"] + run["workflow_s"]
+    report(figures, seconds, missing, time.perf_counter() - start)
 
 
-def report(figures: dict[str, float | None], missing: int, total_s: float) -> None:
-    """The `name: value` lines: per rule ratios, then the largest, the misses, the time."""
+def report(figures: dict[str, float | None], seconds: dict[str, float], missing: int,
+           total_s: float) -> None:
+    """The `name: value` lines: per rule ratios, the largest, the misses, the times."""
     print()
     for name, value in figures.items():
         print(f"{name}: {cell(value, 3)}")
@@ -358,6 +395,8 @@ def report(figures: dict[str, float | None], missing: int, total_s: float) -> No
         if measured != values:
             print(f"max_{kind}_ratio_of_measured_rules: {cell(max(measured, default=None), 3)}")
     print(f"jobs_without_peak_line: {missing}")
+    for name, value in seconds.items():  # per size: generating the data and the workflow
+        print(f"{name}: {value:.0f}")
     print(f"total_s: {total_s:.0f}")
     if missing:
         sys.exit(1)
