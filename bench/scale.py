@@ -1,32 +1,43 @@
 """Does every stage of the workflow hold its memory flat as images grow? The whole workflow on
 a small and a big generated image, each job's peak RSS and wall time side by side.
 
-Setup: for each dimensionality, a small and a big image (2D: 4096^2 and 16384^2 pixels; 3D: a
-stack and one of 16x its voxels), each generated out of core: tiles of synthetic nuclei
-(`unetflow.demo.synthesize_nuclei`, a small pool of seeds, each tile flipped or transposed by
-its position) written chunk by chunk into three NGFF 0.5 stores: the noisy image (float32),
-its instance labels (uint32, ids unique across tiles) and the clean image. Two tiny models
-(depth 2, 2 base features, a few training steps on small patches) train and predict on that
-image: a segmentation model (evaluation: instance matching, Otsu baseline) and a denoising
-model (evaluation: SSIM, tuned Gaussian baseline). Each size runs the whole workflow with the
-checkout's Snakefile and package (`snakemake --cores 2`) in a fresh working directory.
+Setup: per dimensionality a small and a big image, 16x apart in pixels: 2D 4096^2 and
+16384^2, 3D 64x128x128 and 256x256x256 (z, y, x). The small ones already hold several
+prediction tiles and chunks, so that what a stage keeps per tile or chunk shows at both
+sizes and the ratio measures what grows with the image. Each image is generated out of core:
+tiles of synthetic nuclei (`unetflow.demo.synthesize_nuclei`, a pool of 4 seeds, each tile
+flipped or transposed by its position; 1024^2 in 2D, 32x128x128 in 3D) written chunk by chunk
+(`unetflow.ome.write_image` of a dask array, chunks = tiles) into three NGFF 0.5 stores: the
+noisy image (float32), its instance labels (uint32, ids unique across tiles) and the clean
+image. A tiny model (depth 2, 2 base features, 50 training steps on small patches) trains,
+predicts (tiles 1024^2 / 32x128x128, 2 pyramid levels) and is evaluated on that same image:
+by default segmentation in 2D (evaluation: instance matching, Otsu baseline) and regression
+(denoising) in 3D (evaluation: SSIM, tuned Gaussian baseline); `--tasks
+segmentation,regression` runs both in both, which about doubles the time. Each size runs the
+whole workflow of this checkout (its Snakefile and its `src/` first on PYTHONPATH) with
+`snakemake --cores 2 --keep-going` in a fresh working directory.
 
 Every successful `unetflow` command ends its log with `unetflow <stage>: peak RSS <N> MB[
 (largest child process <M> MB)], <S> s` (cli.peak_memory_line). Per job: RSS = N + M (what
-the job's `mem_mb` must cover), time = S. Per rule: the largest RSS over its jobs and the sum
-of their times. A job whose log lacks that line (killed by the kernel, exit 137; failed; or
-never started because an input failed) is listed as such and counts as missing, never as 0.
+the job's `mem_mb` must cover), time = S (from the command's start, less Python's start-up).
+Per rule: the largest RSS over its jobs and the sum of their times. A job whose log lacks
+that line (killed by the kernel, exit 137; failed; or never started because an input failed)
+is listed loudly and counts as missing, never as 0.
 
 Ratios, per dimensionality and rule (`<dim>_<rule>_rss_ratio`, `<dim>_<rule>_time_ratio`):
 - rss_ratio = the rule's peak RSS on the big image / its peak RSS on the small image.
   Goal <= 1.5 for 16x the pixels: memory set by chunk sizes and settings, not by the image.
 - time_ratio = the rule's summed wall time on the big image / on the small image.
-  Goal <= 20 for 16x the pixels: at most about linear.
-- max_rss_ratio, max_time_ratio: the largest of those over all rules and dimensionalities.
-total_s is the wall time of the whole benchmark (generating data included).
+  Goal <= 20 for 16x the pixels: at most about linear. Stages whose work does not grow
+  (train, summarize) sit near 1; their ratios are noise.
+- max_rss_ratio, max_time_ratio: the largest over all rules and dimensionalities ("missing"
+  when a rule has no figure: then `max_*_ratio_of_measured_rules` follows).
+<dim>_small_s, <dim>_big_s: seconds per size (data and workflow); total_s: the whole run.
+Times depend on what else runs on the machine (the load average is printed per size).
 
-Run (under 10 minutes on 2 cores; the 16384^2 image needs about 3 GB of disk per store set):
-    .venv/bin/python bench/scale.py [--sizes 1024,4096] [--sizes 16x128x128,32x256x512] [--keep]
+Run (about 9 minutes on 2 idle cores, most of it the 16384^2 image; about 3 GB of disk):
+    .venv/bin/python bench/scale.py [--sizes 1024,4096] [--sizes 64x128x128,256x256x256]
+        [--tasks segmentation,regression] [--keep] [--workdir DIR]
 """
 
 from __future__ import annotations
@@ -53,7 +64,7 @@ from unetflow.ome import write_image
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
-DEFAULT_SIZES = ["4096,16384", "32x256x256,128x512x512"]
+DEFAULT_SIZES = ["4096,16384", "64x128x128,256x256x256"]
 POOL_TILE = {2: (1024, 1024), 3: (32, 128, 128)}  # one generated scene; also the chunk shape
 POOL_SEEDS = 4  # distinct scenes; with 8 (2D) or 4 (3D) orientations each
 PIXEL_SIZE = {"z": 1.0, "y": 0.325, "x": 0.325}  # micrometer, as the demo data
