@@ -35,7 +35,8 @@ Ratios, per dimensionality and rule (`<dim>_<rule>_rss_ratio`, `<dim>_<rule>_tim
 <dim>_small_s, <dim>_big_s: seconds per size (data and workflow); total_s: the whole run.
 Times depend on what else runs on the machine (the load average is printed per size).
 
-Run (about 9 minutes on 2 idle cores, most of it the 16384^2 image; about 3 GB of disk):
+Run (estimated 9 minutes on 2 idle cores, 6 of them the 16384^2 image, whose evaluate and
+montage were extrapolated linearly from 2048^2 and 8192^2 runs; about 3 GB of disk):
     .venv/bin/python bench/scale.py [--sizes 1024,4096] [--sizes 64x128x128,256x256x256]
         [--tasks segmentation,regression] [--keep] [--workdir DIR]
 """
