@@ -71,12 +71,12 @@ POOL_SEEDS = 4  # distinct scenes; with 8 (2D) or 4 (3D) orientations each
 PIXEL_SIZE = {"z": 1.0, "y": 0.325, "x": 0.325}  # micrometer, as the demo data
 PEAK_RE = re.compile(r"^unetflow (?P<stage>[\w -]+): peak RSS (?P<own>\d+) MB"
                      r"(?: \(largest child process (?P<child>\d+) MB\))?, (?P<s>[\d.]+) s$")
-# Rules in workflow order (rules not listed here come after them, by name).
 # task -> (model and dataset name, target store, model overrides)
 TASKS = {"segmentation": ("seg", "labels", {}),
          "regression": ("dn", "clean", {"train": {"loss": "mse"}, "model": {"residual": True}})}
 # Both tasks in both pairs would take about twice the time (see the docstring).
 DEFAULT_TASKS = {2: ["segmentation"], 3: ["regression"]}
+# Rules in workflow order (rules not listed here come after them, by name).
 RULE_ORDER = ["normalize", "extract_patches", "train", "tune_baseline", "predict_create",
               "predict_shard", "predict", "evaluate", "montage", "summarize", "compare"]
 
@@ -101,8 +101,8 @@ def scene_pool(tile: tuple[int, ...]) -> list[Scene]:
 
 
 def orient(array: np.ndarray, turn: int) -> np.ndarray:
-    """One of 8 (2D) or 4 (3D) flips/transposes of the last two axes (square tiles)."""
-    if turn & 4:
+    """One of 8 flips/transposes of the last two axes (4 flips where y and x differ)."""
+    if turn & 4 and array.shape[-1] == array.shape[-2]:
         array = np.swapaxes(array, -1, -2)
     if turn & 2:
         array = array[..., ::-1, :]
@@ -116,7 +116,7 @@ def tiled(pool: list[Scene], kind: str, shape: tuple[int, ...]) -> da.Array:
     (its labels shifted by b times the largest pool label, so ids are unique)."""
     tile = pool[0].image.shape
     grid = [s // t for s, t in zip(shape, tile, strict=True)]
-    turns = 8 if len(tile) == 2 else 4
+    turns = 8 if len(tile) == 2 and tile[0] == tile[1] else 4
     stride = max(int(s.labels.max()) for s in pool) + 1
     if int(np.prod(grid)) * stride >= np.iinfo(np.uint32).max:
         raise SystemExit(f"bench/scale.py: {shape} holds too many objects for uint32 labels")
