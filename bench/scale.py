@@ -171,8 +171,13 @@ def bench_config(paths: dict[str, str], ndim: int, tasks: list[str], steps: int)
         "model": {"spatial_dims": ndim, "depth": 2, "base_features": 2},
         "train": {"steps": steps, "validate_every": max(1, steps // 2), "batch_size": 8,
                   "warmup_steps": 1},
-        "predict": {"tile_shape": tile, "pyramid_levels": 2},
-        "evaluate": {"tuning_crop_size": 128 if ndim == 2 else 32},
+        "predict": {"tile_shape": tile, "pyramid_levels": 2,
+                    **({} if ndim == 2 else {"chunks": [16, 64, 64]})},
+        # 3D: blocks of 4 chunks, so that the small stack too is several blocks (with the
+        # default 1024^2-pixel blocks it would be one, and the ratio would compare one
+        # block with two in flight rather than the stage's memory at two image sizes).
+        "evaluate": {"tuning_crop_size": 128 if ndim == 2 else 32,
+                     **({} if ndim == 2 else {"block_pixels": 4 * 16 * 64 * 64})},
     }
 
 
