@@ -374,18 +374,23 @@ class ObjectOverlaps:
 
     def __init__(self) -> None:
         self._tables: tuple[_Table, ...] = ()
+        self._lone_predicted = 0
 
     @classmethod
-    def _holding(cls, tables: tuple[_Table, ...]) -> ObjectOverlaps:
+    def _holding(cls, tables: tuple[_Table, ...], lone_predicted: int = 0) -> ObjectOverlaps:
         overlaps = cls()
         overlaps._tables = tables
+        overlaps._lone_predicted = lone_predicted
         return overlaps
 
     @classmethod
     def of(cls, true_labels: np.ndarray, pred_labels: np.ndarray,
-           valid: np.ndarray | None = None) -> ObjectOverlaps:
+           valid: np.ndarray | None = None, lone_predicted: int = 0) -> ObjectOverlaps:
         """One block's objects and overlaps; pixels where `valid` is False are background in
-        both label images (as `metrics.instance_overlaps` does)."""
+        both label images (as `metrics.instance_overlaps` does). `lone_predicted`: predicted
+        objects the caller took out of `pred_labels` because they lie wholly in this block
+        and overlap no true object: they only count (as false positives), so they need no
+        row (`scoring` drops the speckles of a noisy Otsu baseline this way)."""
         if true_labels.shape != pred_labels.shape:
             raise ValueError(f"label shapes differ: target {true_labels.shape}, "
                              f"prediction {pred_labels.shape}")
@@ -396,8 +401,8 @@ class ObjectOverlaps:
             true_labels, pred_labels = np.where(valid, true_labels, 0), np.where(valid,
                                                                                  pred_labels, 0)
         if true_labels.size == 0:
-            return cls()
-        return cls._holding((_table_of(true_labels, pred_labels),))
+            return cls._holding((), lone_predicted)
+        return cls._holding((_table_of(true_labels, pred_labels),), lone_predicted)
 
     def merge(self, other: ObjectOverlaps) -> ObjectOverlaps:
         """Both blocks' objects and overlaps (ids equal across blocks are one object)."""
@@ -405,7 +410,7 @@ class ObjectOverlaps:
         rows = [t.rows for t in tables]
         if len(tables) > 1 and sum(rows) - max(rows) >= max(rows):
             tables = (_Table.combined(list(tables)),)
-        return self._holding(tables)
+        return self._holding(tables, self._lone_predicted + other._lone_predicted)
 
     def _compacted(self) -> _Table:
         if not self._tables:
@@ -427,5 +432,5 @@ class ObjectOverlaps:
         pi = np.searchsorted(table.pred_ids, table.pair_pred)
         inter = table.pair_counts
         iou = inter / (table.true_areas[ti] + table.pred_areas[pi] - inter)
-        return match_scores(ti + 1, pi + 1, iou, len(table.true_ids), len(table.pred_ids),
-                            threshold)
+        return match_scores(ti + 1, pi + 1, iou, len(table.true_ids),
+                            len(table.pred_ids) + self._lone_predicted, threshold)
