@@ -105,34 +105,28 @@ def _model_objects(labels: da.Array, settings: dict[str, Any], scratch: Path,
     return objects
 
 
-def _lone_objects(pred: np.ndarray, truth: np.ndarray, valid: np.ndarray | None,
-                  block: Block, spatial: tuple[int, ...]) -> np.ndarray:
-    """Ids of predicted objects wholly inside this block (on none of its faces shared with
-    another block) that touch no true object: all they add to matching is one false
-    positive each. Predicted ids are connected components (predict's labels, Otsu's), so
-    an object that leaves the block shows on a shared face."""
-    shown = pred if valid is None else np.where(valid, pred, 0)
-    on_faces = [pred.take(end, axis) for axis, (c, n) in enumerate(zip(block.core, spatial,
-                                                                       strict=True))
-                for end, inner in ((0, c.start > 0), (-1, c.stop < n)) if inner]
-    keep = np.concatenate([shown[truth != 0], *[f.ravel() for f in on_faces]])
-    return np.setdiff1d(np.unique(shown), np.unique(keep))
+def _whole_objects(pred: np.ndarray, block: Block, spatial: tuple[int, ...]) -> np.ndarray:
+    """Ids of predicted objects wholly inside this block: on none of its faces shared with
+    another block. Predicted ids are connected components (predict's labels, Otsu's), so an
+    object that leaves the block shows on a shared face."""
+    faces = [pred.take(end, axis).ravel()
+             for axis, (c, n) in enumerate(zip(block.core, spatial, strict=True))
+             for end, shared in ((0, c.start > 0), (-1, c.stop < n)) if shared]
+    ids = np.unique(pred)
+    return np.setdiff1d(ids[ids != 0], np.unique(np.concatenate(faces)) if faces else [])
 
 
 def _object_overlaps(truth: np.ndarray, pred: np.ndarray, valid: np.ndarray | None,
-                     block: Block, spatial: tuple[int, ...]) -> ObjectOverlaps:
-    """The block's object table, less its lone predicted objects (only counted): a noisy
-    image's Otsu speckles would otherwise be most rows (3.4 million on a 16384^2 image)."""
-    lone = _lone_objects(pred, truth, valid, block, spatial)
-    lone = lone[lone != 0]
-    if lone.size:
-        pred = np.where(np.isin(pred, lone), 0, pred)
-    return ObjectOverlaps.of(truth, pred, valid, lone_predicted=int(lone.size))
+                     block: Block, spatial: tuple[int, ...], min_iou: float) -> ObjectOverlaps:
+    """The block's object table; pairs of objects wholly in it that cannot match are left
+    out, and such objects with no pair are only counted (`ObjectOverlaps.of`)."""
+    return ObjectOverlaps.of(truth, pred, valid, _whole_objects(pred, block, spatial), min_iou)
 
 
 def _segmentation_block(block: Block, data: dict[str, np.ndarray], num_classes: int,
                         settings: dict[str, Any], ignore_label: int | None,
-                        crops: bool, spatial: tuple[int, ...]) -> dict[str, Any]:
+                        crops: bool, spatial: tuple[int, ...],
+                        iou_threshold: float) -> dict[str, Any]:
     """What one block contributes: confusion matrices, object overlaps and, with `crops`,
     the montage's error map of the block."""
     truth = data["target"][0]
@@ -146,8 +140,10 @@ def _segmentation_block(block: Block, data: dict[str, np.ndarray], num_classes: 
         "excluded": 0 if valid is None else int(valid.size - np.count_nonzero(valid)),
     }
     if num_classes == 2:
-        part["unet_objects"] = _object_overlaps(truth, data["objects"], valid, block, spatial)
-        part["otsu_objects"] = _object_overlaps(truth, otsu, valid, block, spatial)
+        min_iou = min(0.5, iou_threshold)  # the lowest IoU scored (mean AP: 0.5 to 0.95)
+        part["unet_objects"] = _object_overlaps(truth, data["objects"], valid, block, spatial,
+                                                min_iou)
+        part["otsu_objects"] = _object_overlaps(truth, otsu, valid, block, spatial, min_iou)
     if crops:
         part["crop_error"] = montage_error("segmentation", data["labels"], data["target"],
                                            ignore_label)
@@ -196,7 +192,8 @@ def score_segmentation(pred: dict[str, da.Array], image: da.Array, target: da.Ar
         arrays["image"] = pred["image"]
     parts = map_blocks_ordered(
         lambda b, d: _segmentation_block(b, d, num_classes, predict_settings, ignore_label,
-                                         crops is not None, tuple(target.shape[1:])),
+                                         crops is not None, tuple(target.shape[1:]),
+                                         iou_threshold),
         arrays, blocks, workers)
     total = None
     for block, part in zip(blocks, parts, strict=True):
