@@ -293,7 +293,7 @@ def _montage_arrays(prediction: str, image: str, target: str, task: str,
                     channels: list | None) -> dict[str, da.Array]:
     """The stores as lazy (1, *spatial) arrays, nothing read yet: `input` (channel 0 of the
     image), `prediction` (labels for segmentation; channel 0 of the image in target units
-    for regression, denormalized as evaluate.read_prediction does) and `target` (channel 0),
+    for regression, denormalized as evaluate.open_prediction does) and `target` (channel 0),
     image and target at the resolution level the prediction was made from."""
     provenance = prediction_provenance(prediction)
     level = int(provenance.get("predict", {}).get("level", 0))
