@@ -98,6 +98,13 @@ def write_case(tmp_path, labels_pred, image, truth, instances=True, chunks=32):
     return str(pred)
 
 
+def score(tmp_path, prediction, task, settings, num_classes=2, **kwargs):
+    """score_prediction of the stores a case wrote into `tmp_path`."""
+    return score_prediction(str(prediction), str(tmp_path / "image.ome.zarr"),
+                            str(tmp_path / "target.ome.zarr"), task, settings, num_classes,
+                            None, "test", **kwargs)
+
+
 def segmentation_case(shape, seed, ignore=None):
     """Truth with touching objects across blocks, a prediction that misses, merges, shifts
     and invents objects, and an input whose Otsu threshold finds most of them."""
@@ -123,9 +130,7 @@ def test_segmentation_streams_to_the_in_memory_scores(tmp_path, shape, ignore):
     path = write_case(tmp_path, pred, image, truth, chunks=16 if len(shape) == 3 else 32)
     settings = {"ignore_label": ignore, "iou_threshold": 0.5, "block_pixels": SMALL_BLOCKS,
                 "workers": 2}
-    result = score_prediction(path, str(tmp_path / "image.ome.zarr"),
-                              str(tmp_path / "target.ome.zarr"), "segmentation", settings, 2,
-                              None, "test", scratch_dir=tmp_path)
+    result = score(tmp_path, path, "segmentation", settings, scratch_dir=tmp_path)
     scores, instance_target, excluded = oracle_segmentation(pred, image, truth, 2, True, ignore,
                                                             0.5)
     assert instance_target and result["instance_target"]
@@ -143,9 +148,7 @@ def test_integer_input_and_semantic_prediction_stream_alike(tmp_path):
     classes = (pred != 0).astype(np.uint32)
     path = write_case(tmp_path, classes, image, truth, instances=False)
     settings = {"ignore_label": None, "iou_threshold": 0.6, "block_pixels": SMALL_BLOCKS}
-    result = score_prediction(path, str(tmp_path / "image.ome.zarr"),
-                              str(tmp_path / "target.ome.zarr"), "segmentation", settings, 2,
-                              None, "test", scratch_dir=tmp_path)
+    result = score(tmp_path, path, "segmentation", settings, scratch_dir=tmp_path)
     scores, _, _ = oracle_segmentation(classes, image, truth, 2, False, None, 0.6)
     assert_same(result["scores"], scores)
 
@@ -158,9 +161,7 @@ def test_multiclass_classes_stream_to_the_in_memory_scores(tmp_path):
     image = (truth * 5.0 + rng.normal(0, 1, truth.shape)).astype(np.float32)[None]
     path = write_case(tmp_path, pred, image, truth, instances=False)
     settings = {"ignore_label": None, "iou_threshold": 0.5, "block_pixels": SMALL_BLOCKS}
-    result = score_prediction(path, str(tmp_path / "image.ome.zarr"),
-                              str(tmp_path / "target.ome.zarr"), "segmentation", settings, 3,
-                              None, "test", scratch_dir=tmp_path)
+    result = score(tmp_path, path, "segmentation", settings, 3, scratch_dir=tmp_path)
     scores, instance_target, _ = oracle_segmentation(pred, image, truth, 3, False, None, 0.5)
     assert not instance_target and not result["instance_target"]
     assert_same(result["scores"], scores)
@@ -189,9 +190,7 @@ def regression_case(tmp_path, shape, channels, spacing, seed):
 def test_regression_streams_to_the_in_memory_scores(tmp_path, shape, channels, spacing, sigma):
     pred, noisy, clean = regression_case(tmp_path, shape, channels, spacing, seed=11)
     settings = {"block_pixels": SMALL_BLOCKS, "workers": 2}
-    result = score_prediction(str(tmp_path / "pred.ome.zarr"), str(tmp_path / "image.ome.zarr"),
-                              str(tmp_path / "target.ome.zarr"), "regression", settings, 2,
-                              None, "test", sigma=sigma)
+    result = score(tmp_path, tmp_path / "pred.ome.zarr", "regression", settings, sigma=sigma)
     expected = oracle_regression(pred, noisy, clean, sigma, spacing)
     assert_same(result["scores"], expected)
     assert result["data_range"] == pytest.approx(float(clean.max() - clean.min()))
@@ -211,9 +210,7 @@ def test_crop_errors_summed_in_blocks_are_the_whole_images(tmp_path, task):
         prediction, image, target = regression_case(tmp_path, (150, 170), 1, (1.0, 1.0), 4)
         path, ignore = str(tmp_path / "pred.ome.zarr"), None
     settings = {"ignore_label": ignore, "iou_threshold": 0.5, "block_pixels": SMALL_BLOCKS}
-    result = score_prediction(path, str(tmp_path / "image.ome.zarr"),
-                              str(tmp_path / "target.ome.zarr"), task, settings, 2, None, "test",
-                              crop_size=48, scratch_dir=tmp_path)
+    result = score(tmp_path, path, task, settings, crop_size=48, scratch_dir=tmp_path)
     whole = CropScores(target.shape[1:], 48)
     whole.add(tuple(slice(0, s) for s in target.shape[1:]),
               *montage_error(task, prediction, target, ignore))
