@@ -122,22 +122,35 @@ class RegressionSums:
 
 
 # --- SSIM ---------------------------------------------------------------------------------
-def _ssim_map(x: np.ndarray, y: np.ndarray, win: int, data_range: float) -> np.ndarray:
-    """scikit-image's SSIM map of two single-channel float64 images (uniform window, sample
-    covariance, K1 = 0.01, K2 = 0.03), cropped by (win - 1) // 2 on every side: only where
-    every window lies inside the arrays."""
+def _window_mean(image: np.ndarray, win: int) -> np.ndarray:
+    """The uniform window's mean, cropped by (win - 1) // 2 on every side: only where every
+    window lies inside the array."""
     pad = (win - 1) // 2
-    inside = (slice(pad, -pad),) * x.ndim
+    return uniform_filter(image, win)[(slice(pad, -pad),) * image.ndim]
 
-    def mean(image: np.ndarray) -> np.ndarray:
-        return uniform_filter(image, win)[inside]
 
-    ux, uy = mean(x), mean(y)
+def _target_moments(y: np.ndarray, win: int) -> tuple[np.ndarray, np.ndarray]:
+    """The target's window mean and (sample) variance: the half of SSIM's filters that do
+    not depend on the prediction, computed once for every method scored against it."""
+    uy = _window_mean(y, win)
+    vy = _window_mean(y * y, win)
+    vy -= uy * uy
+    vy *= win**y.ndim / (win**y.ndim - 1)
+    return uy, vy
+
+
+def _ssim_map(x: np.ndarray, y: np.ndarray, win: int, data_range: float,
+              target: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """scikit-image's SSIM map of two single-channel float64 images (uniform window, sample
+    covariance, K1 = 0.01, K2 = 0.03), cropped by (win - 1) // 2 on every side; `target` is
+    `_target_moments(y, win)` (read only)."""
+    uy, vy = target
+    ux = _window_mean(x, win)
     cov_norm = win**x.ndim / (win**x.ndim - 1)
     c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
     # skimage's formula, evaluated in place: a block's arrays are megapixels
-    vx, vy, vxy = mean(x * x), mean(y * y), mean(x * y)
-    for v, (a, b) in ((vx, (ux, ux)), (vy, (uy, uy)), (vxy, (ux, uy))):
+    vx, vxy = _window_mean(x * x, win), _window_mean(x * y, win)
+    for v, (a, b) in ((vx, (ux, ux)), (vxy, (ux, uy))):
         v -= a * b
         v *= cov_norm
     a1 = ux * uy
@@ -179,30 +192,44 @@ class SsimSum:
            spatial_shape: tuple[int, ...], data_range: float, win: int) -> SsimSum:
         """One block's SSIM sum; `pred_ext`, `target_ext` are (C, *spatial) read over
         `block.extended`, whose halo must be at least (win - 1) // 2 (`ssim_window`)."""
-        if pred_ext.shape != target_ext.shape:
-            raise ValueError(f"prediction shape {pred_ext.shape} differs from target shape "
-                             f"{target_ext.shape}")
+        return cls.of_each({"": pred_ext}, target_ext, block, spatial_shape, data_range,
+                           win)[""]
+
+    @classmethod
+    def of_each(cls, preds_ext: dict[str, np.ndarray], target_ext: np.ndarray, block: Block,
+                spatial_shape: tuple[int, ...], data_range: float,
+                win: int) -> dict[str, SsimSum]:
+        """`of` for several predictions of one target (the model and the baselines): the
+        target's window statistics are filtered once per channel, not once per prediction."""
+        for pred_ext in preds_ext.values():
+            if pred_ext.shape != target_ext.shape:
+                raise ValueError(f"prediction shape {pred_ext.shape} differs from target "
+                                 f"shape {target_ext.shape}")
         extended = tuple(e.stop - e.start for e in block.extended)
-        if pred_ext.shape[1:] != extended:
-            raise ValueError(f"arrays of spatial shape {pred_ext.shape[1:]} were not read over "
-                             f"the block's extended region {block.extended}")
+        if target_ext.shape[1:] != extended:
+            raise ValueError(f"arrays of spatial shape {target_ext.shape[1:]} were not read "
+                             f"over the block's extended region {block.extended}")
         if win < 3 or win % 2 == 0:
             raise ValueError(f"SSIM window {win}: must be odd and at least 3 (ssim_window)")
         pad = (win - 1) // 2
         region = _interior_of_core(block, spatial_shape, pad)
         if region is None:
-            return cls()
+            return {name: cls() for name in preds_ext}
         read = tuple(slice(r.start - pad - e.start, r.stop + pad - e.start)
                      for r, e in zip(region, block.extended, strict=True))
         if any(r.start < 0 or r.stop > n for r, n in zip(read, extended, strict=True)):
             raise ValueError(f"block {block.core} read over {block.extended}: SSIM's window "
                              f"{win} needs a halo of at least {pad} pixels")
-        total = 0.0
-        for pred, target in zip(pred_ext, target_ext, strict=True):  # one channel's memory
-            ssim_map = _ssim_map(pred[read].astype(np.float64), target[read].astype(np.float64),
-                                 win, data_range)
-            total += float(ssim_map.sum())
-        return cls(total, len(pred_ext) * math.prod(r.stop - r.start for r in region))
+        totals = dict.fromkeys(preds_ext, 0.0)
+        for c, target in enumerate(target_ext):  # one channel's memory at a time
+            y = target[read].astype(np.float64)
+            moments = _target_moments(y, win)
+            for name, pred_ext in preds_ext.items():
+                ssim_map = _ssim_map(pred_ext[c][read].astype(np.float64), y, win, data_range,
+                                     moments)
+                totals[name] += float(ssim_map.sum())
+        count = len(target_ext) * math.prod(r.stop - r.start for r in region)
+        return {name: cls(total, count) for name, total in totals.items()}
 
     def merge(self, other: SsimSum) -> SsimSum:
         return SsimSum(self.total + other.total, self.count + other.count)

@@ -269,9 +269,10 @@ def _regression_block(block: Block, data: dict[str, np.ndarray], spatial: tuple[
         if sigma is not None:
             methods["gaussian"] = gaussian_smooth(data["image"], sigma, spacing)
     ssim_block, view = _ssim_view(block, (win - 1) // 2, spatial)
+    ssim = SsimSum.of_each({name: values[view] for name, values in methods.items()},
+                           target[view], ssim_block, spatial, data_range, win)
     part: dict[str, Any] = {
-        name: (RegressionSums.of(_core(values, block), _core(target, block)),
-               SsimSum.of(values[view], target[view], ssim_block, spatial, data_range, win))
+        name: (RegressionSums.of(_core(values, block), _core(target, block)), ssim[name])
         for name, values in methods.items()}
     if crops:
         part["crop_error"] = montage_error("regression", _core(data["pred"], block),
