@@ -17,7 +17,6 @@ import numpy as np
 
 from unetflow.blockwise import Block, map_blocks_ordered, plan_blocks
 from unetflow.components import connected_components
-from unetflow.metrics import label_objects
 
 __all__ = ["otsu_threshold", "otsu_objects"]
 
@@ -92,7 +91,5 @@ def otsu_objects(channel: da.Array, threshold: float | None, scratch: str | Path
     if threshold is None:
         return da.zeros(channel.shape, dtype=np.uint32, chunks=block)
     foreground = (channel > threshold).rechunk(block)
-    if foreground.npartitions == 1:  # one block (a plate's field): no scratch store needed
-        return da.from_array(label_objects(foreground.compute()), chunks=block)
     labels, _count = connected_components(foreground, scratch, workers)
     return labels

@@ -118,6 +118,9 @@ def connected_components(foreground: da.Array, scratch: str | Path, workers: int
     two read at a time; never one entry per pixel. Objects are not joined along
     `separate_axes` (time), which must be chunked by 1. Returns labels and their count.
     """
+    if foreground.npartitions == 1:  # one chunk (a plate's field): no scratch store
+        labels = _label_chunk(foreground.compute())
+        return da.from_array(labels, chunks=labels.shape), int(labels.max(initial=0))
     chunk = tuple(c[0] for c in foreground.chunks)
     local = zarr.open_array(str(scratch), mode="w", shape=foreground.shape, chunks=chunk,
                             dtype=np.uint32, fill_value=0)
