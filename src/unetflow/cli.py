@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from unetflow import notices
 from unetflow.config import section_settings
 from unetflow.errors import DeviceUnavailable
 
@@ -716,6 +717,8 @@ def peak_memory_line(stage: str, seconds: float) -> str:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     started = time.monotonic()
+    notices.forget()
+    notices.set_stage(_stage(args))
     try:
         check_inputs(args)
         args.func(args)
