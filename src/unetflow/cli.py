@@ -100,11 +100,22 @@ def _print_channels(dataset: str, where: str, channels: list[dict[str, Any]]) ->
 
 
 def _warn_constant(dataset: str, source: str, channels: list[dict[str, Any]]) -> None:
+    from unetflow import notices
+
     for ch in channels:
         if ch["max"] == ch["min"]:
-            print(f"normalize: warning: dataset '{dataset}' channel {ch['name']} of "
-                  f"{source} is constant ({ch['min']:.4g}); it normalizes to 0 everywhere, "
-                  f"so a model learns nothing from it: check the image", file=sys.stderr)
+            notices.warn(f"dataset '{dataset}' channel {ch['name']} of {source} is constant "
+                         f"({ch['min']:.4g}); it normalizes to 0 everywhere, so a model "
+                         f"learns nothing from it and its scores say nothing: check the image")
+
+
+def _warn_sampled(dataset: str, used: dict[str, Any]) -> None:
+    from unetflow import notices
+
+    if used["used"] < used["total"]:
+        notices.warn(f"dataset '{dataset}': normalization statistics come from {used['used']} "
+                     f"of {used['total']} positions (normalize.sample_positions); set it to "
+                     f"null to read every position")
 
 
 def _normalize_positions(args: argparse.Namespace) -> dict[str, Any]:
@@ -126,6 +137,7 @@ def _normalize_positions(args: argparse.Namespace) -> dict[str, Any]:
     _print_channels(args.dataset, f" ({used['used']} of {used['total']} positions)",
                     stats["channels"])
     _warn_constant(args.dataset, positions.source, stats["channels"])
+    _warn_sampled(args.dataset, used)
     return stats
 
 
@@ -144,9 +156,9 @@ def _cmd_normalize(args: argparse.Namespace) -> None:
     stats = compute_dataset_stats(args.image, args.channels, _section(args, "normalize"),
                                   args.dataset,
                                   target_path=args.target)
-    write_stats(stats, args.output)
     _print_channels(args.dataset, "", stats["channels"])
     _warn_constant(args.dataset, args.image, stats["channels"])
+    write_stats(stats, args.output)
 
 
 def _cmd_extract_patches(args: argparse.Namespace) -> None:
@@ -178,7 +190,7 @@ def _prediction_job(args: argparse.Namespace):
     from unetflow.predict import prepare_job
 
     return prepare_job(args.checkpoint, args.image, args.channels, _section(args, "predict"),
-                       getattr(args, "stats", None))
+                       getattr(args, "stats", None), task=args.task)
 
 
 def _cmd_predict_create(args: argparse.Namespace) -> None:
@@ -229,7 +241,7 @@ def _cmd_predict_run(args: argparse.Namespace) -> None:
 
     predict_to_ome_zarr(args.checkpoint, args.image, args.stats, args.channels,
                         _section(args, "predict"), args.output, args.model, args.dataset,
-                        threads=args.threads)
+                        threads=args.threads, task=args.task)
     print(f"predict: {args.model} on {args.dataset} -> {args.output}")
 
 
@@ -248,7 +260,7 @@ def _cmd_predict_positions(args: argparse.Namespace) -> None:
     record = predict_positions(args.checkpoint, read_positions(args.positions, keys), keys,
                                args.stats, args.channels, _section(args, "predict"),
                                args.model, args.dataset, args.output, args.threads,
-                               args.record)
+                               args.record, task=args.task)
     print(f"predict positions: {args.model} on {args.dataset}: {len(record['predicted'])} "
           f"predicted, {len(record['kept'])} kept (up to date) in {record['seconds']} s"
           f"{' on ' + record['device'] if record['device'] else ''} -> {args.output}")
@@ -278,7 +290,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     record = evaluate_prediction(args.prediction, args.image, args.target, args.task,
                                  _evaluate_section(args), args.num_classes, args.channels,
                                  args.model, args.dataset, args.output, baseline=args.baseline,
-                                 crop_scores=args.crop_scores)
+                                 crop_scores=args.crop_scores, checkpoint=args.checkpoint)
     for method, scores in record["scores"].items():
         shown = {k: v for k, v in scores.items() if not isinstance(v, dict)}
         print(f"evaluate: {args.model} on {args.dataset}: {method}: {json.dumps(shown)}")
@@ -293,7 +305,7 @@ def _cmd_evaluate_positions(args: argparse.Namespace) -> None:
     rows = evaluate_positions(read_positions(args.positions), args.keys, args.prediction,
                               args.task, _section(args, "evaluate"), args.num_classes,
                               args.channels, args.model, args.dataset, args.output,
-                              baseline=args.baseline)
+                              baseline=args.baseline, checkpoint=args.checkpoint)
     metric = "unet.foreground_iou" if args.task == "segmentation" else "unet.psnr"
     for row in rows:
         value = row.get(metric)
@@ -399,12 +411,20 @@ def _cmd_demo_plate(args: argparse.Namespace) -> None:
 
 
 def _cmd_summarize(args: argparse.Namespace) -> None:
-    from unetflow.evaluate import format_table, write_summary, write_summary_html
+    from unetflow.evaluate import (
+        format_table,
+        metric_warnings,
+        write_summary,
+        write_summary_html,
+    )
 
     rows = write_summary(args.metrics, args.output)
+    warnings = metric_warnings(args.metrics)
     if args.html:
-        write_summary_html(rows, args.html)
+        write_summary_html(rows, args.html, warnings)
     print(format_table(rows))
+    for line in warnings:
+        print(f"warning: {line}")
 
 
 def _cmd_show(args: argparse.Namespace) -> None:
@@ -447,6 +467,12 @@ def _settings(parser: argparse.ArgumentParser, section: str, execution: bool = F
                                  f"device... (JSON; apart so that editing them reruns nothing)")
 
 
+def _task(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", choices=("segmentation", "regression"), default=None,
+                        help="the model's task in the config: a checkpoint of another task is "
+                             "refused (default: the checkpoint's own)")
+
+
 def _add_predict(sub) -> None:
     """`unetflow predict create|shard|gather` (what the rules run) and `run` (all three);
     `positions` and `finish` for plates and collections."""
@@ -475,6 +501,7 @@ def _add_predict(sub) -> None:
         if name in ("shard", "gather"):
             _input(p, "--raw", required=True)
         p.add_argument("--channels", type=_json, default=None)
+        _task(p)
         _settings(p, "predict", execution=True)
         p.add_argument("--output", required=True)
         if name != "create":
@@ -500,6 +527,7 @@ def _add_predict_positions(steps) -> None:
                    help="the batch's position keys (JSON list; default: all)")
     _input(p, "--stats", required=True)
     p.add_argument("--channels", type=_json, default=None)
+    _task(p)
     _settings(p, "predict", execution=True)
     for name in ("model", "dataset"):
         p.add_argument(f"--{name}", required=True)
@@ -528,6 +556,8 @@ def _add_evaluate_positions(sub) -> None:
     p.add_argument("--keys", type=_json, default=None,
                    help="the batch's position keys (JSON list; default: all)")
     _input(p, "--prediction", required=True, help="the output plate or collection folder")
+    _input(p, "--checkpoint", default=None, help="the checkpoint the predictions must come "
+                                                 "from (their recorded SHA-256 is checked)")
     p.add_argument("--task", required=True, choices=["segmentation", "regression"])
     p.add_argument("--num-classes", type=int, default=2)
     p.add_argument("--channels", type=_json, default=None)
@@ -610,6 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=2)
     _settings(p, "evaluate", execution=True)
     _input(p, "--baseline", default=None, help="tune-baseline's JSON (regression)")
+    _input(p, "--checkpoint", default=None, help="the checkpoint the prediction must come "
+                                                 "from (its recorded SHA-256 is checked)")
     p.add_argument("--crop-scores", default=None,
                    help="also write the montage's per-crop errors here (TSV)")
     p.add_argument("--threads", type=int, default=1,

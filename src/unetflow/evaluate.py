@@ -21,7 +21,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
-from unetflow.files import atomic_path, write_json_atomic, write_text_atomic
+from unetflow.files import atomic_path, file_sha256, write_json_atomic, write_text_atomic
 from unetflow.metrics import (
     tune_gaussian_sigma,
 )
@@ -43,6 +43,8 @@ __all__ = [
     "write_json",
     "write_summary",
     "write_summary_html",
+    "metric_warnings",
+    "check_provenance",
     "read_summary",
     "verdicts",
     "format_table",
@@ -78,6 +80,29 @@ def read_channels_first(path: str, level: int = 0, channels: list | None = None)
 def prediction_provenance(path: str) -> dict[str, Any]:
     """What predict recorded in the store: model, settings, normalization statistics."""
     return dict(open_image(path).attrs.get("unetflow", {}))
+
+
+def check_provenance(provenance: dict[str, Any], where: str, task: str,
+                     checkpoint_sha256: str | None = None) -> dict[str, Any]:
+    """predict's record of a store, checked against what the stage reading it expects: the
+    model's task and, given its SHA-256, the checkpoint the workflow has now. A store of
+    the wrong task, or one predicted by a checkpoint since replaced, would be scored and
+    drawn as if it were this model's; it is refused with the fix."""
+    if not provenance.get("task") or not provenance.get("checkpoint_sha256"):
+        raise ValueError(f"{where}: records no task and checkpoint SHA-256 (not written by "
+                         f"unetflow predict, or by an older version); delete it and run "
+                         f"Snakemake again to predict it")
+    if provenance["task"] != task:
+        raise ValueError(f"{where}: predicted by a {provenance['task']} model, but this model "
+                         f"is configured as task: {task}; delete it and run Snakemake again "
+                         f"(it predicts with the model's own checkpoint), or fix the task")
+    if checkpoint_sha256 and provenance["checkpoint_sha256"] != checkpoint_sha256:
+        raise ValueError(f"{where}: predicted with the checkpoint of SHA-256 "
+                         f"{provenance['checkpoint_sha256'][:12]}..., not with "
+                         f"{provenance.get('checkpoint', 'the checkpoint')} as it is now "
+                         f"({checkpoint_sha256[:12]}...); delete it and run Snakemake again to "
+                         f"predict with the current checkpoint")
+    return provenance
 
 
 def prediction_level(provenance: dict[str, Any]) -> int:
@@ -129,7 +154,8 @@ def read_sigma(baseline: str | None) -> float | None:
 def evaluate_prediction(prediction: str, image: str, target: str, task: str,
                         settings: dict[str, Any], num_classes: int, channels: list | None,
                         model: str, dataset: str, output: str, baseline: str | None = None,
-                        crop_scores: str | None = None) -> dict[str, Any]:
+                        crop_scores: str | None = None,
+                        checkpoint: str | None = None) -> dict[str, Any]:
     """Score the prediction and the baselines against the target; write the metrics JSON.
 
     `settings` is the model's evaluate section (ignore_label, iou_threshold, and how the
@@ -137,13 +163,17 @@ def evaluate_prediction(prediction: str, image: str, target: str, task: str,
     (regression only). With `crop_scores`, also writes the montage's per-crop errors there
     (TSV; settings["montage_crop_size"]), so the montage reads only the crops it draws.
     The image is read block by block (`unetflow.scoring`); object labels that need making
-    go to a scratch folder beside `output`, removed at the end.
+    go to a scratch folder beside `output`, removed at the end. The store's provenance is
+    checked first (`check_provenance`, against `checkpoint` when given).
     """
     from unetflow.scoring import score_prediction  # scoring builds on this module
 
+    provenance = check_provenance(prediction_provenance(prediction), prediction, task,
+                                  file_sha256(checkpoint) if checkpoint else None)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     result = score_prediction(prediction, image, target, task, settings, num_classes, channels,
                               f"model '{model}', dataset '{dataset}'", read_sigma(baseline),
+                              provenance=provenance,
                               crop_size=settings["montage_crop_size"] if crop_scores else None,
                               scratch_dir=Path(output).parent)
     crops = result.pop("crop_scores", None)
@@ -249,6 +279,17 @@ def write_summary(metric_files: list[str], output: str) -> list[dict[str, Any]]:
     return rows
 
 
+def metric_warnings(metric_files: list[str]) -> list[str]:
+    """The warnings recorded with the scores (`model on dataset: warning`), each once: what
+    normalize, predict and evaluate said about the data that changes what a score means."""
+    found = []
+    for path in metric_files:
+        record = read_metrics(path)
+        found += [f"{record['model']} on {record['dataset']}: {w}"
+                  for w in record.get("warnings", [])]
+    return list(dict.fromkeys(found))
+
+
 def read_summary(path: str) -> list[dict[str, str]]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh, delimiter="\t"))
@@ -263,20 +304,48 @@ def _aligned(rows: list[dict[str, Any]], fields: list[str]) -> list[str]:
 
 
 def _number(value: Any) -> float | None:
+    """A score as a number; None when missing or undefined (NaN). +-inf stays (PSNR of a
+    perfect prediction)."""
     try:
-        return float(value)
+        number = float(value)
     except (TypeError, ValueError):
         return None
+    return None if math.isnan(number) else number
 
 
-def _behind(model: dict[str, Any], baseline: dict[str, Any], metrics: list[str]) -> list[str]:
-    """The metrics on which `baseline` scores better than `model`."""
-    worse = []
+def _versus(model: dict[str, Any], baseline: dict[str, Any], metrics: list[str]
+            ) -> tuple[list[str], list[str]]:
+    """(metrics on which `model` is ahead of `baseline`, metrics on which it is behind),
+    over the metrics defined for both; equal values are in neither."""
+    ahead, behind = [], []
     for m in metrics:
         a, b = _number(model.get(m)), _number(baseline.get(m))
-        if a is not None and b is not None and (b < a if m in LOWER_IS_BETTER else b > a):
-            worse.append(m)
-    return worse
+        if a is None or b is None or a == b:
+            continue
+        (ahead if (a < b if m in LOWER_IS_BETTER else a > b) else behind).append(m)
+    return ahead, behind
+
+
+def _verdict(model: str, dataset: str, unet: dict[str, Any],
+             baselines: list[dict[str, Any]]) -> str:
+    """A model is better than the baselines only when it is ahead of each on at least one
+    metric and behind none; a baseline it only ties (every metric equal, e.g. all 0 on an
+    empty image) makes it "no better than" that baseline."""
+    metrics = [m for m in SUMMARY_METRICS.get(unet.get("task", ""), [])
+               if _number(unet.get(m)) is not None]
+    where = f"{model} on {dataset}"
+    if not metrics:
+        return f"{where}: cannot be compared with the baselines: no score is defined."
+    compared = {r["method"]: _versus(unet, r, metrics) for r in baselines}
+    behind = {k: b for k, (_, b) in compared.items() if b}
+    if behind:
+        what = "; ".join(f"{method} on {', '.join(ms)}" for method, ms in behind.items())
+        return f"{where}: NOT better than every baseline - behind {what}."
+    tied = [k for k, (a, _) in compared.items() if not a]
+    if tied:
+        return (f"{where}: no better than {', '.join(tied)} - equal on every score "
+                f"({', '.join(metrics)}).")
+    return f"{where}: better than every baseline on {', '.join(metrics)}."
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
@@ -287,16 +356,7 @@ def verdicts(rows: list[dict[str, Any]]) -> list[str]:
         unet = next((r for r in group if r["method"] == "unet"), None)
         if unet is None or len(group) == 1:
             continue
-        metrics = [m for m in SUMMARY_METRICS.get(unet.get("task", ""), [])
-                   if _number(unet.get(m)) is not None]
-        behind = {r["method"]: _behind(unet, r, metrics) for r in group if r is not unet}
-        behind = {k: v for k, v in behind.items() if v}
-        if not behind:
-            lines.append(f"{model} on {dataset}: better than every baseline on "
-                         f"{', '.join(metrics)}.")
-        else:
-            what = "; ".join(f"{method} on {', '.join(ms)}" for method, ms in behind.items())
-            lines.append(f"{model} on {dataset}: NOT better than every baseline - behind {what}.")
+        lines.append(_verdict(model, dataset, unet, [r for r in group if r is not unet]))
     return lines
 
 
@@ -352,18 +412,23 @@ HTML_STYLE = """body{font-family:sans-serif;font-size:14px;margin:1em}
 table{border-collapse:collapse;margin-bottom:1.5em}th,td{padding:4px 10px;text-align:right;
 border-bottom:1px solid #ddd}th{background:#f0f0f0}td:nth-child(-n+3),th:nth-child(-n+3)
 {text-align:left}tr.model{background:#eef6ff}b{color:#0a6d2c}p{max-width:60em;color:#444}
-li{margin:.3em 0;font-size:15px}"""
+li{margin:.3em 0;font-size:15px}.warn{color:#8a4b00}"""
 
 
-def write_summary_html(rows: list[dict[str, Any]], output: str) -> None:
-    """The summary as a small self-contained HTML page for the report: one table per task,
-    the model's rows shaded, the best value of each metric per model and dataset in bold;
-    written atomically."""
+def write_summary_html(rows: list[dict[str, Any]], output: str,
+                       warnings: list[str] | None = None) -> None:
+    """The summary as a small self-contained HTML page for the report: the verdicts, the
+    `warnings` that qualify the scores (`metric_warnings`), one table per task, the model's
+    rows shaded, the best value of each metric per model and dataset in bold; written
+    atomically."""
     tables = [_html_table([r for r in rows if r["task"] == task], task)
               for task in SUMMARY_METRICS if any(r["task"] == task for r in rows)]
     from html import escape
 
     said = "".join(f"<li>{escape(line)}</li>" for line in verdicts(rows))
+    warned = "".join(f"<li>{escape(line)}</li>" for line in warnings or [])
+    warned = (f"<p class='warn'><b>Warnings that change what these scores mean:</b></p>"
+              f"<ul class='warn'>{warned}</ul>") if warned else ""
     note = ("<p>unet = the model; otsu, input and gaussian are baselines on the same pixels. "
             "Bold: the best value per model and dataset (lowest for mae, highest otherwise). "
             "IoU/Dice: foreground pixels; precision, recall, F1: objects matched at IoU 0.5; "
@@ -371,5 +436,5 @@ def write_summary_html(rows: list[dict[str, Any]], output: str) -> None:
             "max - min as data range. All scores with definitions: 3. Metrics in detail.</p>")
     write_text_atomic(f"<!doctype html><html><head><meta charset='utf-8'><style>"
                       f"{HTML_STYLE}</style></head><body>"
-                      f"{'<ul>' + said + '</ul>' if said else ''}"
+                      f"{'<ul>' + said + '</ul>' if said else ''}{warned}"
                       f"{''.join(tables) or 'no results'}{note}</body></html>", output)

@@ -31,8 +31,14 @@ from typing import Any
 import numpy as np
 import zarr
 
-from unetflow.evaluate import DEFINITIONS, prediction_provenance, read_sigma, write_json
-from unetflow.files import atomic_path
+from unetflow.evaluate import (
+    DEFINITIONS,
+    check_provenance,
+    prediction_provenance,
+    read_sigma,
+    write_json,
+)
+from unetflow.files import atomic_path, file_sha256
 from unetflow.normalize import position_stats
 from unetflow.plates import PositionSet, position_output_path
 from unetflow.scoring import score_prediction
@@ -47,7 +53,7 @@ __all__ = [
 ]
 
 PLACE_COLUMNS = ["dataset", "position", "well", "row", "column", "field"]
-TEXT_COLUMNS = {*PLACE_COLUMNS, "prediction", "notes"}
+TEXT_COLUMNS = {*PLACE_COLUMNS, "prediction", "notes", "warnings"}
 INFO_COLUMNS = {"segmentation": ["level", "ignore_label", "iou_threshold", "instance_target",
                                  "excluded_pixels"],
                 "regression": ["level", "data_range"]}
@@ -123,16 +129,19 @@ def _write_table(rows: list[dict[str, Any]], output: str | Path) -> None:
 def evaluate_positions(position_set: PositionSet, keys: list[str] | None, prediction_root: str,
                        task: str, settings: dict[str, Any], num_classes: int,
                        channels: list | None, model: str, dataset: str, output_tsv: str,
-                       baseline: str | None = None) -> list[dict[str, Any]]:
+                       baseline: str | None = None,
+                       checkpoint: str | None = None) -> list[dict[str, Any]]:
     """Score one batch of positions; write one TSV row per position (atomically).
 
     `keys` is the batch (None: every position); each position's prediction is
     `plates.position_output_path(prediction_root, kind, position)`. `settings` is the
     evaluate section; `baseline` the tuned Gaussian's JSON (regression). Columns: dataset,
     position, well, row, column, field, the task's info (level, ...), `<method>.<metric>`
-    for the model (`unet`) and each baseline, the prediction's path, and notes.
+    for the model (`unet`) and each baseline, the prediction's path, and notes. Each
+    position's provenance is checked against `task` and the `checkpoint` (hashed once).
     """
     chosen = position_set if keys is None else position_set.select(keys)
+    checkpoint_sha256 = file_sha256(checkpoint) if checkpoint else None
     if not chosen.positions:
         raise ValueError(f"dataset '{dataset}': no positions to evaluate (--keys is empty)")
     sigma = read_sigma(baseline)
@@ -145,12 +154,16 @@ def evaluate_positions(position_set: PositionSet, keys: list[str] | None, predic
         if not Path(prediction).exists():
             raise FileNotFoundError(f"{prediction}: no prediction of position {position.key} "
                                     f"(model '{model}', dataset '{dataset}'); rerun prediction")
+        where = f"model '{model}', dataset '{dataset}', position {position.key}"
         result = score_prediction(
             prediction, position.image, position.target, task, settings, num_classes, channels,
-            f"model '{model}', dataset '{dataset}', position {position.key}", sigma,
-            position_provenance(prediction_root, position_set.kind, position))
+            where, sigma,
+            check_provenance(position_provenance(prediction_root, position_set.kind, position),
+                             prediction, task, checkpoint_sha256))
+        warnings = [w.removeprefix(f"{where}: ") for w in result["warnings"]]
         rows.append({**_place(dataset, position), **_row(result, settings, task),
-                     "prediction": prediction, "notes": "; ".join(result["notes"])})
+                     "prediction": prediction, "notes": "; ".join(result["notes"]),
+                     "warnings": "; ".join(warnings)})
     _write_table(rows, output_tsv)
     return rows
 
@@ -300,11 +313,11 @@ def _target_description(position_set: PositionSet) -> str | None:
     return target.get("source")
 
 
-def _notes(rows: list[dict[str, Any]]) -> list[str]:
-    """Each distinct note of the positions, with how many positions gave it."""
+def _notes(rows: list[dict[str, Any]], column: str = "notes") -> list[str]:
+    """Each distinct note (or warning) of the positions, with how many positions gave it."""
     counts: dict[str, int] = {}
     for row in rows:
-        for note in filter(None, (row.get("notes") or "").split("; ")):
+        for note in filter(None, (row.get(column) or "").split("; ")):
             counts[note] = counts.get(note, 0) + 1
     return [f"{note} ({n} of {len(rows)} positions)" for note, n in counts.items()]
 
@@ -321,7 +334,8 @@ def _dataset_record(position_set: PositionSet, rows: list[dict[str, Any]], task:
         "aggregate": AGGREGATE, "positions_table": positions_tsv, "scores": scores,
         "positions_scored": scored,
         "notes": [f"scores are the {AGGREGATE} ({len(rows)}); per-position scores are in "
-                  f"{positions_tsv}", *_notes(rows)]}
+                  f"{positions_tsv}", *_notes(rows)],
+        "warnings": _notes(rows, "warnings")}
     if task == "segmentation":
         labels = _values(rows, "ignore_label")
         record["ignore_label"] = int(labels[0]) if labels else None

@@ -24,7 +24,12 @@ import dask.array as da
 import numpy as np
 
 from unetflow.blockwise import block_shape, map_blocks_ordered, plan_blocks
-from unetflow.evaluate import SUMMARY_METRICS, prediction_provenance, read_summary
+from unetflow.evaluate import (
+    SUMMARY_METRICS,
+    check_provenance,
+    prediction_provenance,
+    read_summary,
+)
 from unetflow.files import atomic_path
 from unetflow.normalize import denormalize_array, position_stats, read_stats
 from unetflow.ome import channel_first, open_image
@@ -295,7 +300,7 @@ def _montage_arrays(prediction: str, image: str, target: str, task: str,
     image), `prediction` (labels for segmentation; channel 0 of the image in target units
     for regression, denormalized as evaluate.open_prediction does) and `target` (channel 0),
     image and target at the resolution level the prediction was made from."""
-    provenance = prediction_provenance(prediction)
+    provenance = check_provenance(prediction_provenance(prediction), prediction, task)
     level = int(provenance.get("predict", {}).get("level", 0))
     if task == "segmentation":
         predicted = channel_first(open_image(f"{prediction}/labels/prediction"))

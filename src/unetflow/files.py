@@ -8,6 +8,7 @@ only when complete; on an error the temporary file or folder is removed.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_path", "write_json_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "file_sha256", "write_json_atomic", "write_text_atomic"]
 
 
 def _remove(path: Path) -> None:
@@ -78,3 +79,13 @@ def write_text_atomic(text: str, path: str | Path) -> None:
 def write_json_atomic(data: Any, path: str | Path) -> None:
     """Write JSON atomically (a killed job never leaves a complete-looking file)."""
     write_text_atomic(json.dumps(data, indent=2), path)
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (checkpoints can be large); here, without
+    torch, so that stages that only check a checkpoint's identity start fast."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -49,6 +49,7 @@ within a few percent; set `sample_positions: null` where exact figures matter.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -58,6 +59,7 @@ import dask
 import dask.array as da
 import numpy as np
 
+from unetflow import notices
 from unetflow.files import write_json_atomic
 from unetflow.ome import OmeImage, channel_first, open_image, resolve_channels
 
@@ -73,6 +75,7 @@ __all__ = [
     "compute_dataset_stats",
     "compute_positions_stats",
     "denormalize_array",
+    "non_finite_statistics",
     "normalize_array",
     "pooled_channel_stats",
     "position_stats",
@@ -627,9 +630,41 @@ def compute_positions_stats(position_set: PositionSet, channels: list | None,
             "positions": found}
 
 
+def _channel_sets(stats: dict[str, Any]) -> list[tuple[str, list[dict[str, Any]]]]:
+    """(where, channel entries) of a statistics dict: the dataset's, or every position's."""
+    if stats.get("per_position"):
+        return [(f"position {key} ({own.get('image', '?')})", own["channels"])
+                for key, own in stats["positions"].items()]
+    return [(str(stats.get("image") or stats.get("source", "")), stats["channels"])]
+
+
+def non_finite_statistics(stats: dict[str, Any]) -> str | None:
+    """Where the statistics hold NaN or Inf (values that overflow float64), or None."""
+    for where, channels in _channel_sets(stats):
+        for ch in channels:
+            numbers = {k: v for k, v in ch.items() if isinstance(v, (int, float))}
+            numbers.update({f"percentile {p}": v
+                            for p, v in (ch.get("percentiles") or {}).items()})
+            bad = {k: v for k, v in numbers.items() if not math.isfinite(float(v))}
+            if bad:
+                shown = ", ".join(f"{k} {v}" for k, v in bad.items())
+                return (f"{where} channel {ch.get('name', ch.get('channel'))}: {shown} "
+                        f"(values from {ch.get('min')} to {ch.get('max')} overflow float64 "
+                        f"sums)")
+    return None
+
+
 def write_stats(stats: dict[str, Any], path: str | Path) -> None:
-    """Write the statistics JSON atomically (temporary file, then rename)."""
-    write_json_atomic(stats, path)
+    """Write the statistics JSON atomically (temporary file, then rename), with the warnings
+    said while computing them (unetflow.notices), so that later stages and the report carry
+    them. Non-finite statistics are refused: they would normalize every pixel to NaN."""
+    problem = non_finite_statistics(stats)
+    if problem:
+        raise NormalizationError(
+            f"dataset '{stats.get('dataset')}': the statistics are not finite: {problem}; "
+            f"rescale the image to a range float64 can square and sum (e.g. divide it by a "
+            f"power of ten when it is written); nothing was written to {path}")
+    write_json_atomic({**stats, "warnings": notices.recorded()}, path)
 
 
 def read_stats(path: str | Path) -> dict[str, Any]:

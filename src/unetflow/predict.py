@@ -29,7 +29,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,7 @@ import torch
 import zarr
 
 import unetflow
+from unetflow import notices
 from unetflow.components import connected_components
 from unetflow.files import atomic_path
 from unetflow.model.checkpoint import (
@@ -406,6 +407,11 @@ class PredictionJob:
     def segmentation(self) -> bool:
         return self.description["task"] == "segmentation"
 
+    @cached_property
+    def checkpoint_sha256(self) -> str:
+        """The checkpoint file's SHA-256, which every store made from it records."""
+        return file_sha256(self.checkpoint_path)
+
     @property
     def normalization(self) -> dict[str, Any]:
         """How the model's inputs were normalized in training (method, clip)."""
@@ -428,8 +434,12 @@ class PredictionJob:
 def prepare_job(checkpoint_path: str, image_path: str, channels: list | None,
                 settings: dict[str, Any], stats_path: str | None = None, *,
                 description: dict[str, Any] | None = None, network: UNet | None = None,
-                stats: dict[str, Any] | None = None) -> PredictionJob:
+                stats: dict[str, Any] | None = None, task: str | None = None) -> PredictionJob:
     """Open the image lazily and plan its tiles from the checkpoint's description.
+
+    `task` is the model's task in the config: a checkpoint of another task is refused here,
+    before any tile is predicted (it would write a store of the wrong kind that looks
+    complete).
 
     The network's architecture (for the exact halo) is built without weights on the meta
     device: nothing is loaded onto a device. A job that prepares many images (a batch of
@@ -437,6 +447,7 @@ def prepare_job(checkpoint_path: str, image_path: str, channels: list | None,
     already read, so that each image costs only its own metadata.
     """
     description = description or read_description(checkpoint_path)
+    check_checkpoint_task(checkpoint_path, description, task)
     network = network or skeleton_model(description)
     image = open_image(image_path, level=settings["level"])
     data, axes = channel_first_axes(image, channels)
@@ -450,6 +461,16 @@ def prepare_job(checkpoint_path: str, image_path: str, channels: list | None,
                       settings["halo"], settings["blending"])
     return PredictionJob(checkpoint_path, description, image, axes, data, stats, settings,
                          plan)
+
+
+def check_checkpoint_task(checkpoint_path: str, description: dict[str, Any],
+                          task: str | None) -> None:
+    """Refuse a checkpoint whose task is not the one the config gives its model."""
+    if task is not None and description["task"] != task:
+        raise ValueError(f"--checkpoint {checkpoint_path} holds a {description['task']} model, "
+                         f"but this model is configured as task: {task} (models.<model>.task); "
+                         f"put back the checkpoint that model trained (or delete the file and "
+                         f"run Snakemake again to retrain it), or fix the task")
 
 
 def _threads(settings: dict[str, Any], threads: int) -> int:
@@ -492,11 +513,16 @@ def create_raw_store(job: PredictionJob, path: str | Path, shards: int) -> None:
                            dtype="float32", fill_value=0.0)
         group.attrs["unetflow"] = {"format": RAW_FORMAT, "plan": job.plan.to_dict(),
                                    "fingerprint": job.plan.fingerprint(), "shards": shards,
-                                   "tiles": job.plan.tile_count(), "image": job.image.path}
+                                   "tiles": job.plan.tile_count(), "image": job.image.path,
+                                   "task": job.description["task"],
+                                   "checkpoint_sha256": job.checkpoint_sha256}
 
 
-def _open_raw(path: str | Path, plan: TilePlan) -> tuple[zarr.Group, dict[str, Any]]:
-    """The raw store and its metadata, checked against the plan of this step's settings."""
+def _open_raw(path: str | Path, job: PredictionJob) -> tuple[zarr.Group, dict[str, Any]]:
+    """The raw store and its metadata, checked against the plan of this step's settings and
+    the checkpoint it was created for (a checkpoint replaced between the steps would mix
+    two models' tiles in one store)."""
+    plan = job.plan
     if not Path(path).is_dir():
         raise FileNotFoundError(f"{path}: no raw prediction store; run 'unetflow predict "
                                 f"create' first")
@@ -508,6 +534,11 @@ def _open_raw(path: str | Path, plan: TilePlan) -> tuple[zarr.Group, dict[str, A
     if stored.fingerprint() != plan.fingerprint():
         raise ValueError(f"{path}: planned for tiles {meta['plan']}, not {plan.to_dict()}; "
                          f"delete it and rerun (the predict settings or the image changed)")
+    if meta.get("checkpoint_sha256") != job.checkpoint_sha256:
+        raise ValueError(f"{path}: created for the checkpoint with SHA-256 "
+                         f"{str(meta.get('checkpoint_sha256'))[:12]}..., but "
+                         f"{job.checkpoint_path} is now {job.checkpoint_sha256[:12]}...; delete "
+                         f"{path} and rerun (the checkpoint changed between the steps)")
     return group, meta
 
 
@@ -550,7 +581,7 @@ def predict_shard(job: PredictionJob, raw_path: str | Path, shard: int, shards: 
     predicts many images with one network passes its `runner` (`job_runner`), so the
     checkpoint is loaded once.
     """
-    group, meta = _open_raw(raw_path, job.plan)
+    group, meta = _open_raw(raw_path, job)
     if meta["shards"] != shards:
         raise ValueError(f"{raw_path}: created for {meta['shards']} shards, not {shards}")
     boxes = shard_boxes(job.plan, shards, shard)
@@ -660,14 +691,15 @@ def prediction_provenance(job: PredictionJob, model_name: str, dataset: str,
     ckpt = job.description
     return {"model": model_name, "dataset": dataset, "image": job.image.path,
             "level": job.settings["level"], "checkpoint": str(job.checkpoint_path),
-            "checkpoint_sha256": checkpoint_sha256 or file_sha256(job.checkpoint_path),
+            "checkpoint_sha256": checkpoint_sha256 or job.checkpoint_sha256,
             "task": ckpt["task"],
             "step": ckpt.get("step"), "predict": job.settings, "halo": job.plan.halo,
             "tiles": job.plan.to_dict(), "shards": [{k: r[k] for k in
                                                     ("shard", "tiles", "seconds", "device")}
                                                    for r in records],
             "normalize": job.normalization, "normalization": job.stats,
-            "model_config": ckpt["model_config"], "unetflow_version": unetflow.__version__}
+            "model_config": ckpt["model_config"], "unetflow_version": unetflow.__version__,
+            "warnings": notices.recorded()}
 
 
 def _geometry(job: PredictionJob, axes: list[str]) -> dict[str, Any]:
@@ -760,7 +792,7 @@ def gather_prediction(job: PredictionJob, raw_path: str | Path, records: list[di
     """
     if job.stats is None:
         raise ValueError("the gather needs the dataset's statistics (--stats)")
-    raw, meta = _open_raw(raw_path, job.plan)
+    raw, meta = _open_raw(raw_path, job)
     _check_shard_records(records, meta)
     output = Path(output)
     work = output.with_name(output.name + ".work")
@@ -785,13 +817,14 @@ def gather_prediction(job: PredictionJob, raw_path: str | Path, records: list[di
 
 def predict_to_ome_zarr(checkpoint_path: str, image_path: str, stats_path: str,
                         channels: list | None, settings: dict[str, Any], output: str,
-                        model_name: str, dataset: str, threads: int) -> dict[str, Any]:
+                        model_name: str, dataset: str, threads: int,
+                        task: str | None = None) -> dict[str, Any]:
     """Predict one dataset in this process (create, one shard, gather) into NGFF 0.5.
 
     `settings` is a validated predict section. Returns the gather's summary (output path,
     tiles, and the label count for segmentation).
     """
-    job = prepare_job(checkpoint_path, image_path, channels, settings, stats_path)
+    job = prepare_job(checkpoint_path, image_path, channels, settings, stats_path, task=task)
     out = Path(output)
     raw = out.with_name(out.name + ".raw.zarr")
     try:

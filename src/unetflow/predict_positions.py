@@ -58,6 +58,7 @@ from unetflow.predict import (
     _predict_core,
     _Progress,
     _threads,
+    check_checkpoint_task,
     create_raw_store,
     fold_windows,
     gather_prediction,
@@ -152,8 +153,10 @@ class _Batch:
 
 
 def _load_batch(checkpoint: str, stats: str | Path | dict[str, Any], channels: list | None,
-                settings: dict[str, Any], model: str, dataset: str) -> _Batch:
+                settings: dict[str, Any], model: str, dataset: str,
+                task: str | None = None) -> _Batch:
     description = read_description(checkpoint)
+    check_checkpoint_task(checkpoint, description, task)
     stats = stats if isinstance(stats, dict) else read_stats(stats)
     return _Batch(str(checkpoint), description, skeleton_model(description),
                   file_sha256(checkpoint), stats, channels, settings, model, dataset)
@@ -371,7 +374,8 @@ def predict_positions(checkpoint: str, position_set: PositionSet, keys: list[str
                       stats: str | Path | dict[str, Any], channels: list | None,
                       settings: dict[str, Any], model: str, dataset: str,
                       output_root: str | Path, threads: int,
-                      record_path: str | Path | None) -> dict[str, Any]:
+                      record_path: str | Path | None, task: str | None = None
+                      ) -> dict[str, Any]:
     """Predict one batch of positions (`keys`, or all) into `output_root`; returns its record.
 
     `settings` is a validated predict section (execution keys included); `stats` the
@@ -379,13 +383,14 @@ def predict_positions(checkpoint: str, position_set: PositionSet, keys: list[str
     position whose output already holds the current fingerprint is kept, the others are
     predicted and written atomically. The record {"dataset", "keys", "predicted", "kept",
     "seconds", "device"} is written atomically to `record_path` when all are done.
+    `task`: the model's task in the config; a checkpoint of another task is refused.
     """
     started = time.perf_counter()
     if position_set.dataset != dataset:
         raise ValueError(f"the positions file is of dataset '{position_set.dataset}', "
                          f"not '{dataset}'")
     chosen = position_set.select(keys) if keys is not None else position_set
-    batch = _load_batch(checkpoint, stats, channels, settings, model, dataset)
+    batch = _load_batch(checkpoint, stats, channels, settings, model, dataset, task)
     todos, kept = [], []
     for position in chosen.positions:
         todo = _Todo(position, batch.fingerprint(position),

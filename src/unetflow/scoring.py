@@ -35,6 +35,7 @@ from typing import Any
 import dask.array as da
 import numpy as np
 
+from unetflow import notices
 from unetflow.baselines import otsu_objects, otsu_threshold
 from unetflow.blockwise import Block, block_shape, map_blocks_ordered, plan_blocks
 from unetflow.components import connected_components
@@ -224,12 +225,16 @@ def _segmentation_result(total: dict[str, Any], num_classes: int, settings: dict
         "otsu": _method_scores(total["otsu"], total["otsu_objects"] if instance_target else None,
                                iou_threshold),
     }
-    notes = _class_notes(settings, num_classes)
+    notes, warnings = _class_notes(settings, num_classes), []
+    if not total["unet"][1:].any():  # rows: the true classes
+        warnings.append("the target has no foreground pixel: every overlap score is 0 or "
+                        "undefined for the model and the baselines alike, so they say "
+                        "nothing about the model; check the target")
     if not instance_target:
         notes.append("instance metrics skipped: the target is not an instance label image "
                      "(binary task with more than one object id)")
-    return {"scores": scores, "notes": notes, "instance_target": instance_target,
-            "excluded_pixels": int(total["excluded"])}
+    return {"scores": scores, "notes": notes, "warnings": warnings,
+            "instance_target": instance_target, "excluded_pixels": int(total["excluded"])}
 
 
 # --- regression ---------------------------------------------------------------------------
@@ -240,12 +245,12 @@ def gaussian_reach(sigma: float, spacing: tuple[float, ...]) -> tuple[int, ...]:
 
 
 def _target_range(target: da.Array, blocks: list[Block], workers: int) -> float:
-    """max - min of the target over all channels (1.0 for a constant target): one pass."""
+    """max - min of the target over all channels (0 for a constant target): one pass."""
     low, high = np.inf, -np.inf
     for lo, hi in map_blocks_ordered(lambda b, d: (float(d["t"].min()), float(d["t"].max())),
                                      {"t": target}, blocks, workers):
         low, high = min(low, lo), max(high, hi)
-    return (high - low) or 1.0
+    return high - low
 
 
 def _ssim_view(block: Block, halo: int, spatial: tuple[int, ...]) -> tuple[Block, tuple]:
@@ -287,7 +292,12 @@ def score_regression(pred: da.Array, image: da.Array, target: da.Array, sigma: f
     block, all with the target's range; equal to `metrics.regression_scores` on whole arrays."""
     spatial = tuple(target.shape[1:])
     data_range = _target_range(target, _plan(target, block_pixels)[0], workers)
-    notes = []
+    notes, warnings = [], []
+    if data_range == 0:
+        warnings.append("the target is constant: PSNR and SSIM are measured with a data range "
+                        "of 1, and the scores of the model and the baselines say little; "
+                        "check the target")
+        data_range = 1.0
     baselines = image.shape == target.shape
     if not baselines:
         notes.append(f"baselines skipped: input shape {image.shape} differs from target "
@@ -311,7 +321,7 @@ def score_regression(pred: da.Array, image: da.Array, target: da.Array, sigma: f
     scores = {name: sums.scores(data_range, ssim.value()) for name, (sums, ssim) in total.items()}
     if "gaussian" in scores:
         scores["gaussian"]["sigma"] = sigma
-    return {"scores": scores, "notes": notes, "data_range": data_range}
+    return {"scores": scores, "notes": notes, "warnings": warnings, "data_range": data_range}
 
 
 # --- one prediction -----------------------------------------------------------------------
@@ -352,4 +362,20 @@ def score_prediction(prediction: str, image: str, target: str, task: str,
         spacing = tuple(img.spatial_scale()[a] for a in img.spatial_axes)
         result = score_regression(pred["image"], image_arr, target_arr, sigma, spacing,
                                   crops=crops, **run)
+    result["warnings"] = _inherited_warnings(provenance) + [
+        _said(f"{where}: {w}") for w in result["warnings"]]
     return {"level": level, **result, **({"crop_scores": crops} if crops is not None else {})}
+
+
+def _inherited_warnings(provenance: dict[str, Any]) -> list[str]:
+    """What normalize and predict warned about the data this prediction comes from: they
+    change what its scores mean (a constant channel, chunks read as fill value, statistics
+    from a sample), so the metrics and the report carry them."""
+    stats = provenance.get("normalization") or {}
+    found = [*stats.get("warnings", []), *provenance.get("warnings", [])]
+    return list(dict.fromkeys(str(w) for w in found))
+
+
+def _said(message: str) -> str:
+    notices.warn(message)
+    return message

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import time
 
 from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
@@ -20,6 +21,7 @@ from unetflow.config import (
     validate_config,
 )
 from unetflow.convert import use_converted_tiffs
+from unetflow.notices import job_warnings
 from unetflow.demo_store import demo_store_paths
 from unetflow.plates import (
     collection_tiffs,
@@ -81,6 +83,25 @@ if workflow.remote_exec:
 onstart:
     if not workflow.touch:  # --touch only marks outputs as up to date: it runs no command
         check_unetflow_command()
+
+
+# Warnings that change what a result means (a constant channel, chunks read as fill value,
+# sampled statistics, an empty target) are said in the job logs; when the run ends they are
+# repeated here, in the terminal, so that a run ending with exit 0 does not hide them.
+RUN_STARTED = time.time()
+
+
+def repeat_job_warnings():
+    for line in job_warnings("logs", RUN_STARTED):
+        logger.warning(f"unetflow warning: {line}")
+
+
+onsuccess:
+    repeat_job_warnings()
+
+
+onerror:
+    repeat_job_warnings()
 
 
 def name_pattern(names):
@@ -296,11 +317,16 @@ def train_inputs(wildcards):
 
 
 # --- predict / evaluate ------------------------------------------------------------------
+def predict_checkpoint(wildcards):
+    """The checkpoint a model predicts with (predict.checkpoint: best or last)."""
+    which = model_section(config, wildcards.model, "predict")["checkpoint"]
+    return checkpoint_path(wildcards.model, which)
+
+
 def predict_create_inputs(wildcards):
     """The checkpoint (its description plans the tiles) and the image: no statistics."""
-    which = model_section(config, wildcards.model, "predict")["checkpoint"]
     return {
-        "checkpoint": checkpoint_path(wildcards.model, which),
+        "checkpoint": predict_checkpoint(wildcards),
         "image": DATASETS[wildcards.dataset]["image"],
     }
 
@@ -361,7 +387,8 @@ def montage_path(model, dataset):
 
 
 def evaluation_inputs(wildcards):
-    inputs = evaluate_inputs(wildcards)
+    """What evaluate reads, and the checkpoint the prediction must have been made with."""
+    inputs = {**evaluate_inputs(wildcards), "checkpoint": predict_checkpoint(wildcards)}
     if MODELS[wildcards.model]["task"] == "regression":
         inputs["baseline"] = baseline_path(wildcards.model)
     return inputs
@@ -528,9 +555,8 @@ def root_of_predictions(wildcards):
 
 
 def predict_positions_inputs(wildcards):
-    which = model_section(config, wildcards.model, "predict")["checkpoint"]
     return {
-        "checkpoint": checkpoint_path(wildcards.model, which),
+        "checkpoint": predict_checkpoint(wildcards),
         "positions": positions_path(wildcards.dataset),
         "stats": stats_path(wildcards.dataset),
     }
@@ -545,6 +571,7 @@ def evaluate_positions_inputs(wildcards):
     inputs = {
         "positions": positions_path(wildcards.dataset),
         "record": batch_record_path(wildcards.model, wildcards.dataset, wildcards.batch),
+        "checkpoint": predict_checkpoint(wildcards),
     }
     if MODELS[wildcards.model]["task"] == "regression":
         inputs["baseline"] = baseline_path(wildcards.model)

@@ -57,7 +57,8 @@ rule evaluate:
         " --target {input.target:q} --task {params.task} --num-classes {params.num_classes}"
         " --channels {params.channels:q} --settings {params.settings:q} {params.baseline}"
         " --execution {resources.execution:q} --model {wildcards.model}"
-        " --dataset {wildcards.dataset} --output {output.metrics:q}"
+        " --dataset {wildcards.dataset} --checkpoint {input.checkpoint:q}"
+        " --output {output.metrics:q}"
         " --crop-scores {output.crops:q} --threads {threads} > {log:q} 2>&1"
 
 

@@ -64,6 +64,7 @@ rule predict_positions:
         batch_keys=batch_keys,
         settings=section_json("predict"),
         channels=dataset_channels,
+        task=model_task,
         root=root_of_predictions,
     wildcard_constraints:
         dataset=POSITIONS_DATASET,
@@ -80,7 +81,7 @@ rule predict_positions:
     conda:
         ENV
     shell:
-        "unetflow predict positions --checkpoint {input.checkpoint:q}"
+        "unetflow predict positions --checkpoint {input.checkpoint:q} --task {params.task}"
         " --positions {input.positions:q} --keys {params.batch_keys:q} --stats {input.stats:q}"
         " --channels {params.channels:q} --settings {params.settings:q}"
         " --execution {resources.execution:q} --model {wildcards.model}"
@@ -139,7 +140,7 @@ rule evaluate_positions:
         ENV
     shell:
         "unetflow evaluate-positions --positions {input.positions:q} --keys {params.batch_keys:q}"
-        " --prediction {params.root:q} --task {params.task}"
+        " --prediction {params.root:q} --checkpoint {input.checkpoint:q} --task {params.task}"
         " --num-classes {params.num_classes} --channels {params.channels:q}"
         " --settings {params.settings:q} --execution {resources.execution:q} {params.baseline}"
         " --model {wildcards.model}"

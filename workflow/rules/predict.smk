@@ -11,6 +11,7 @@ rule predict_create:
     params:
         settings=predict_tile_settings,
         channels=dataset_channels,
+        task=model_task,
     wildcard_constraints:
         dataset=IMAGE_DATASET,
     log:
@@ -22,7 +23,8 @@ rule predict_create:
     conda:
         ENV
     shell:
-        "unetflow predict create --checkpoint {input.checkpoint:q} --image {input.image:q}"
+        "unetflow predict create --checkpoint {input.checkpoint:q} --task {params.task}"
+        " --image {input.image:q}"
         " --channels {params.channels:q} --settings {params.settings:q}"
         " --execution {resources.execution:q} --output {output:q} > {log:q} 2>&1"
 
@@ -36,6 +38,7 @@ rule predict_shard:
     params:
         settings=predict_tile_settings,
         channels=dataset_channels,
+        task=model_task,
     wildcard_constraints:
         dataset=IMAGE_DATASET,
         shard=r"\d+",
@@ -51,7 +54,8 @@ rule predict_shard:
     conda:
         ENV
     shell:
-        "unetflow predict shard --checkpoint {input.checkpoint:q} --image {input.image:q}"
+        "unetflow predict shard --checkpoint {input.checkpoint:q} --task {params.task}"
+        " --image {input.image:q}"
         " --stats {input.stats:q} --channels {params.channels:q} --settings {params.settings:q}"
         " --execution {resources.execution:q} --raw {input.raw:q} --shard {wildcards.shard}"
         " --threads {threads} --output {output:q} > {log:q} 2>&1"
@@ -67,6 +71,7 @@ rule predict:
     params:
         settings=section_json("predict"),
         channels=dataset_channels,
+        task=model_task,
     wildcard_constraints:
         dataset=IMAGE_DATASET,
     log:
@@ -81,7 +86,8 @@ rule predict:
     conda:
         ENV
     shell:
-        "unetflow predict gather --checkpoint {input.checkpoint:q} --image {input.image:q}"
+        "unetflow predict gather --checkpoint {input.checkpoint:q} --task {params.task}"
+        " --image {input.image:q}"
         " --stats {input.stats:q} --channels {params.channels:q} --settings {params.settings:q}"
         " --execution {resources.execution:q} --raw {input.raw:q} --model {wildcards.model}"
         " --dataset {wildcards.dataset} --threads {threads} --output {output:q}"

@@ -20,7 +20,6 @@ Devices and mixed precision are chosen here too, with one vocabulary for ``train
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import warnings
@@ -30,7 +29,7 @@ from typing import Any
 import torch
 
 from unetflow.errors import DeviceUnavailable
-from unetflow.files import atomic_path
+from unetflow.files import atomic_path, file_sha256
 from unetflow.model.unet import UNet
 
 __all__ = [
@@ -148,15 +147,6 @@ def skeleton_model(description: dict[str, Any]) -> UNet:
     """
     with torch.device("meta"):
         return UNet(**description["model_config"])
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks (checkpoints can be large)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _cuda_usable() -> bool:
