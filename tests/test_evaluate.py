@@ -32,7 +32,9 @@ def nuclei_labels() -> np.ndarray:
 def write_prediction(path, labels=None, image=None, predict=None):
     """A store shaped like predict's output, with its provenance."""
     provenance = {"predict": {"level": 0, "instances": True, "probabilities": False,
-                              "output_units": "input", **(predict or {})}}
+                              "output_units": "input", **(predict or {})},
+                  "task": "segmentation" if labels is not None else "regression",
+                  "checkpoint_sha256": "0" * 64}
     data = image if image is not None else labels[None].astype(np.uint32)
     write_image(path, data, AXES, attrs=provenance)
     if labels is not None:

@@ -40,6 +40,11 @@ from unetflow.plates import (
 
 SETTINGS = {"ignore_label": None, "iou_threshold": 0.5}
 PREDICT = {"level": 0, "instances": True, "probabilities": False, "output_units": "input"}
+
+
+def recorded(task: str) -> dict:
+    """What predict records of its checkpoint (checked by every later stage)."""
+    return {"task": task, "checkpoint_sha256": "0" * 64}
 CORRUPTED = "A02_1"
 
 
@@ -73,7 +78,8 @@ def write_segmentations(positions, root, corrupted=()):
         if position.key in corrupted:
             labels = corrupt(labels)
         out = position_output_path(root, positions.kind, position)
-        write_image(out, labels[None], ["c", "y", "x"], attrs={"predict": PREDICT})
+        write_image(out, labels[None], ["c", "y", "x"],
+                    attrs={"predict": PREDICT, **recorded("segmentation")})
         write_label_image(out, "prediction", labels, ["y", "x"])
 
 
@@ -223,7 +229,7 @@ def test_regression_scores_the_model_input_and_gaussian_per_position(plate, tmp_
     for position in positions.positions:
         source = position.image if position.key == CORRUPTED else position.target
         write_image(position_output_path(root, "plate", position), read_channels_first(source),
-                    ["c", "y", "x"], attrs={"predict": PREDICT})
+                    ["c", "y", "x"], attrs={"predict": PREDICT, **recorded("regression")})
     baseline = tmp_path / "baseline.json"
     baseline.write_text(json.dumps({"sigma": 1.0}))
     tables = batch_tables(positions, root, tmp_path, task="regression", baseline=str(baseline))

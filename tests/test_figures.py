@@ -295,7 +295,9 @@ def segmentation_case(tmp_path) -> dict:
     pred = tmp_path / "pred.ome.zarr"
     labels = otsu_instances(nuclei.noisy)
     write_image(pred, (labels > 0)[None].astype(np.float32), ["c", "y", "x"],
-                chunks=(1, CHUNK, CHUNK), attrs={"predict": {"level": 0}})
+                chunks=(1, CHUNK, CHUNK), attrs={"predict": {"level": 0},
+                                                    "task": "segmentation",
+                                                    "checkpoint_sha256": "0" * 64})
     write_label_image(pred, "prediction", labels, ["y", "x"], chunks=(CHUNK, CHUNK))
     write_stats(tmp_path / "stats.json", float(nuclei.noisy.min()), 20.0)
     return {"task": "segmentation", "settings": {"ignore_label": 999, "montage_crops": 3,
@@ -316,7 +318,8 @@ def regression_case(tmp_path) -> dict:
     noise = np.random.default_rng(3).normal(0, 0.02, nuclei.clean.shape)
     normalized = ((nuclei.clean - 1.0) / 24.0 + noise).astype(np.float32)
     provenance = {"predict": {"level": 0, "output_units": "normalized"},
-                  "normalization": stats, "normalize": {"method": "percentile"}}
+                  "normalization": stats, "normalize": {"method": "percentile"},
+                  "task": "regression", "checkpoint_sha256": "0" * 64}
     write_image(tmp_path / "pred.ome.zarr", normalized[None], ["c", "z", "y", "x"],
                 chunks=(1, 3, CHUNK, CHUNK), attrs=provenance)
     return {"task": "regression", "settings": {"ignore_label": None, "montage_crops": 4,
