@@ -19,12 +19,21 @@ import numpy as np
 import pytest
 import yaml
 
-from conftest import TINY_CONFIG, snakemake, write_config
-from test_bad_input import ARCH, assert_one_clear_line, config_error, dag_problem
+from conftest import TINY_CONFIG, run_cli, snakemake, write_config
+from test_bad_input import (
+    ARCH,
+    STATS_SETTINGS,
+    assert_cli_error,
+    assert_no_patches,
+    assert_one_clear_line,
+    config_error,
+    dag_problem,
+)
 from unetflow.checks import dataset_problems
 from unetflow.config import ConfigError, load_config, validate_config
 from unetflow.model.checkpoint import new_checkpoint, save_checkpoint
 from unetflow.model.unet import build_unet
+from unetflow.normalize import compute_dataset_stats, write_stats
 from unetflow.ome import write_image
 from unetflow.tiling import clamp_tiles, plan_tiles
 
@@ -251,3 +260,30 @@ def test_snakemake_names_the_problems_before_any_job(pair, tmp_path):
     assert result.returncode == 1
     assert ("invalid configuration: config key 'train.init_from': the value expands to "
             in result.stdout + result.stderr)
+
+
+def test_labels_outside_the_classes_fail_extract_patches_in_one_line(tmp_path):
+    """Values are not metadata: the first stage reading the labels refuses them, before
+    training, naming the dataset."""
+    rng = np.random.default_rng(1)
+    image = write_zarr(tmp_path / "image.ome.zarr", rng.random((1, 96, 96), dtype=np.float32))
+    labels = rng.integers(0, 3, (1, 96, 96)).astype(np.int16)
+    labels[0, ::7, ::5] = -1
+    labels[0, 3, 3] = 5
+    target = write_zarr(tmp_path / "labels.ome.zarr", labels)
+    stats = tmp_path / "image.json"
+    write_stats(compute_dataset_stats(image, None, STATS_SETTINGS, "d"), stats)
+    datasets = [{"name": "d", "image": image, "target": target, "stats": str(stats),
+                 "channels": None}]
+    patches = {**validate_config({"datasets": {"d": {"image": image, "target": target}},
+                                  "models": {"m": {"task": "segmentation", "train_on": ["d"]}},
+                                  "patches": {"shape": [32, 32], "per_dataset": 8},
+                                  "model": dict(ARCH)})["patches"]}
+    result = run_cli("extract-patches", "--datasets", json.dumps(datasets), "--task",
+                     "segmentation", "--settings", json.dumps(patches),
+                     "--normalize", json.dumps({"method": "percentile", "clip": False}),
+                     "--num-classes", "3", "--store", str(tmp_path / "patches.zarr"),
+                     "--manifest", str(tmp_path / "manifest.tsv"))
+    assert_cli_error(result, "extract-patches", "the target of dataset 'd' holds labels -1",
+                     "outside 0-2 (model.num_classes: 3)", "train.ignore_label")
+    assert_no_patches(tmp_path)
