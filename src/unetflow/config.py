@@ -24,6 +24,7 @@ __all__ = [
     "model_section",
     "normalization_stats_settings",
     "config_warnings",
+    "check_config_size",
     "EXECUTION_KEYS",
     "PREDICT_OUTPUT_KEYS",
     "section_settings",
@@ -325,8 +326,54 @@ def config_warnings(config: dict[str, Any]) -> list[str]:
     return found
 
 
+# Entries a config may hold once YAML aliases are expanded: a plate-sized config (3,456
+# dataset entries of a few keys each) holds tens of thousands; an alias bomb, billions.
+MAX_CONFIG_ENTRIES = 1_000_000
+
+
+def _expanded_entries(node: Any, sizes: dict[int, float]) -> float:
+    """Entries under `node` with every alias expanded, counted without expanding: a node
+    reached again through an alias is the same object, counted once and reused (inf for
+    a node that contains itself)."""
+    if not isinstance(node, (dict, list)):
+        return 1
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    sizes[key] = math.inf  # in progress: reaching it again is a cycle
+    children = node.values() if isinstance(node, dict) else node
+    sizes[key] = 1 + sum(_expanded_entries(child, sizes) for child in children)
+    return sizes[key]
+
+
+def check_config_size(config: Any, limit: int = MAX_CONFIG_ENTRIES) -> None:
+    """Refuse a config whose YAML aliases expand to more than `limit` entries (an alias
+    bomb: validating or copying it would take minutes and GBs before a MemoryError).
+
+    Costs one visit per distinct node; names the deepest config key still over the limit.
+    """
+    sizes: dict[int, float] = {}
+    if _expanded_entries(config, sizes) <= limit:
+        return
+    path, node = [], config
+    while isinstance(node, dict):
+        over = [k for k, v in node.items() if _expanded_entries(v, sizes) > limit]
+        if not over:
+            break
+        path.append(over[0])
+        node = node[over[0]]
+    size = sizes.get(id(node), math.inf)
+    what = ("refers to itself through a YAML alias" if size == math.inf else
+            f"expands to {size:,.0f} entries through YAML aliases (*name) repeating anchors "
+            f"(&name) inside each other")
+    raise ConfigError(f"config key '{_key_path(path)}': the value {what}, more than the "
+                      f"{limit:,} a config may hold; write the value out without nested "
+                      f"aliases")
+
+
 def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None) -> dict:
     """Validate `config`, fill defaults, and return a new dict; raise ConfigError on problems."""
+    check_config_size(config)
     schema = schema or load_schema()
     config = copy.deepcopy(dict(config))
     validator = jsonschema.Draft202012Validator(schema)

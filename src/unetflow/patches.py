@@ -209,17 +209,33 @@ def split_regions(spatial_shape: tuple[int, ...], patch_shape: tuple[int, ...], 
 
 
 def prepare_target(target: np.ndarray, task: str, num_classes: int,
-                   ignore_label: int | None) -> np.ndarray:
+                   ignore_label: int | None, where: str = "the target") -> np.ndarray:
     """Segmentation targets as int32 class indices; with 2 classes any nonzero label is
-    foreground."""
+    foreground. With more, labels outside 0..num_classes-1 (but ignore_label) are refused
+    here, before training, naming `where` (a loss would fail on them after GPU hours)."""
     if task != "segmentation":
         return target.astype(np.float32)
     if num_classes != 2:
+        _check_label_range(target, num_classes, ignore_label, where)
         return target.astype(np.int32)
     binary = (target != 0).astype(np.int32)
     if ignore_label is not None:
         binary[target == ignore_label] = ignore_label
     return binary
+
+
+def _check_label_range(target: np.ndarray, num_classes: int, ignore_label: int | None,
+                       where: str) -> None:
+    bad = (target < 0) | (target >= num_classes)
+    if ignore_label is not None:
+        bad &= target != ignore_label
+    if bad.any():
+        values = np.unique(target[bad])
+        shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        raise PatchError(f"{where} holds labels {shown}, outside 0-{num_classes - 1} "
+                         f"(model.num_classes: {num_classes}); set model.num_classes to the "
+                         f"classes the labels hold, train.ignore_label to skip a label, or "
+                         f"relabel the target")
 
 
 def _foreground(target: np.ndarray, ignore_label: int | None) -> np.ndarray:
@@ -885,12 +901,12 @@ def _normalize_stack(stack: np.ndarray, stats: dict, normalize: dict) -> np.ndar
 def _encode_block(items: np.ndarray, stacks: list[np.ndarray], *, indices: np.ndarray,
                   images: ShardedPatches, targets: ShardedPatches, stats: dict,
                   normalize: dict, task: str, num_classes: int,
-                  ignore_label: int | None) -> list[tuple]:
+                  ignore_label: int | None, where: str = "the target") -> list[tuple]:
     """Normalize one source chunk's patches and encode them as store chunks: per item its
     (store index, foreground fraction or "", image chunk, target chunk)."""
     image, target = stacks
     image = _normalize_stack(image, stats, normalize)
-    target = prepare_target(target, task, num_classes, ignore_label)
+    target = prepare_target(target, task, num_classes, ignore_label, where)
     if task == "segmentation":
         axes = tuple(range(1, target.ndim))
         fractions = _foreground(target, ignore_label).mean(axis=axes).tolist()
@@ -934,6 +950,11 @@ def _create_arrays(group: zarr.Group, split: str, n: int, channels: int,
 
 def _source_id(record: dict) -> tuple[str, str]:
     return record["dataset"], record.get("position", "")
+
+
+def _target_name(sid: tuple[str, str]) -> str:
+    position = f", position {sid[1]}" if sid[1] else ""
+    return f"the target of dataset '{sid[0]}'{position}"
 
 
 def _assign_indices(records: list[dict], sources: dict[tuple[str, str], PatchSource]) -> None:
@@ -988,7 +1009,7 @@ def _write_split(records: list[dict], split: str,
         cells = patch_tasks(source, origins, _encode_block, groups=groups, indices=indices,
                             images=images, targets=targets, stats=stats[sid],
                             normalize=normalize, task=task, num_classes=num_classes,
-                            ignore_label=ignore_label)
+                            ignore_label=ignore_label, where=_target_name(sid))
         chunk_tasks.append(cells)
         for t, (_, items) in enumerate(groups):
             spans.append(((cells.name, t), int(indices[items].min()),

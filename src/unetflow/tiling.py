@@ -35,6 +35,7 @@ __all__ = [
     "UNIT_MEGAPIXELS",
     "Box",
     "TilePlan",
+    "clamp_tiles",
     "plan_tiles",
     "read_box",
     "reflect_indices",
@@ -151,6 +152,18 @@ def _enlarge_small_tiles(tile_shape: tuple[int, ...], halo: int) -> tuple[int, .
     return tiles
 
 
+def clamp_tiles(tile_shape: tuple[int, ...], shape: tuple[int, ...],
+                multiple: int) -> tuple[int, ...]:
+    """Tiles no larger than the image (its size rounded up to `multiple`) along each axis.
+
+    A tile is the raw store's chunk: one of 65536^2 on a 256^2 image would be allocated
+    whole (32 GiB). The image is then one tile along that axis, as it was before, so the
+    output is the same (crop: one core; gaussian: one window per pixel, whose weights cancel).
+    """
+    return tuple(min(t, math.ceil(s / multiple) * multiple)
+                 for t, s in zip(tile_shape, shape, strict=True))
+
+
 def plan_tiles(axes: list[str], shape: tuple[int, ...], model: UNet,
                tile_shape: tuple[int, ...], halo: int | None = None,
                blending: str = "crop") -> TilePlan:
@@ -167,8 +180,9 @@ def plan_tiles(axes: list[str], shape: tuple[int, ...], model: UNet,
                          f"{dims} spatial axes last")
     _check_tile_shape(tuple(tile_shape), dims, model.size_multiple)
     halo = _resolve_halo(model, halo, blending)
-    tiles = _enlarge_small_tiles(tuple(tile_shape), halo)
     extra = len(axes) - dims
+    tile_shape = clamp_tiles(tuple(tile_shape), tuple(shape)[extra:], model.size_multiple)
+    tiles = _enlarge_small_tiles(tile_shape, halo)
     return TilePlan(axes=tuple(axes), shape=tuple(int(s) for s in shape),
                     tile=(1,) * extra + tiles, halo=halo, model_dims=dims, blending=blending,
                     channels_out=model.config()["out_channels"])
