@@ -656,15 +656,17 @@ def non_finite_statistics(stats: dict[str, Any]) -> str | None:
 
 def write_stats(stats: dict[str, Any], path: str | Path) -> None:
     """Write the statistics JSON atomically (temporary file, then rename), with the warnings
-    said while computing them (unetflow.notices), so that later stages and the report carry
-    them. Non-finite statistics are refused: they would normalize every pixel to NaN."""
+    said while computing them (unetflow.notices, as "warnings" when there are any), so that
+    later stages and the report carry them. Non-finite statistics are refused: they would
+    normalize every pixel to NaN."""
     problem = non_finite_statistics(stats)
     if problem:
         raise NormalizationError(
             f"dataset '{stats.get('dataset')}': the statistics are not finite: {problem}; "
             f"rescale the image to a range float64 can square and sum (e.g. divide it by a "
             f"power of ten when it is written); nothing was written to {path}")
-    write_json_atomic({**stats, "warnings": notices.recorded()}, path)
+    said = notices.recorded()
+    write_json_atomic({**stats, "warnings": said} if said else stats, path)
 
 
 def read_stats(path: str | Path) -> dict[str, Any]:
