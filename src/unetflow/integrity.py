@@ -31,7 +31,7 @@ from unetflow import notices
 if TYPE_CHECKING:
     from unetflow.ome import OmeImage
 
-__all__ = ["CheckedArray", "DamagedFileError", "checked_from_zarr", "damaged_chunk",
+__all__ = ["CheckedArray", "DamagedFileError", "array_where", "checked_from_zarr", "damaged_chunk",
            "describe_error", "failing_chunk", "missing_chunks", "stored_and_total",
            "warn_missing_chunks"]
 
@@ -128,15 +128,22 @@ class CheckedArray:
         return tokenize(self.array, self.where)
 
 
-def checked_from_zarr(array: zarr.Array, where: str,
+def array_where(array: zarr.Array) -> str:
+    """How to name `array` in a message: its local folder, else its store and path."""
+    folder = _array_folder(array)
+    return str(folder) if folder is not None else f"{array.store}/{array.path}"
+
+
+def checked_from_zarr(array: zarr.Array, where: str | None = None,
                       chunks: Any = None) -> da.Array:
     """`da.from_zarr(array, chunks=chunks)` whose reads name a damaged chunk (`where` is the
-    level as users know it, `<store>/<level>`).
+    level as users know it, `<store>/<level>`; default `array_where`).
 
     Same graph as from_zarr (one getter task per block on the wrapped array), so dask's slice
     fusion and the read cost stay; a 4096^2 float32 image in 256^2 chunks read 1.0x as fast.
     """
     chunks = chunks if chunks is not None else array.chunks
+    where = where if where is not None else array_where(array)
     name = "from-zarr-checked-" + tokenize(array, where, chunks)
     meta = np.empty((0,) * array.ndim, dtype=array.dtype)
     return da.from_array(CheckedArray(array, where), chunks=chunks, name=name, meta=meta,
@@ -165,7 +172,7 @@ def stored_and_total(array: zarr.Array) -> tuple[int, int]:
     total = math.prod(-(-s // c) for s, c in zip(array.shape, files, strict=True))
     folder = _array_folder(array)
     stored = _stored_files(folder) if folder is not None and folder.is_dir() else \
-        array._nshards_initialized()
+        array._nshards_initialized
     return min(stored, total), total
 
 
@@ -190,6 +197,7 @@ def warn_missing_chunks(image: OmeImage, role: str) -> int:
         fill = 0 if array.fill_value is None else array.fill_value
         fill = fill.item() if isinstance(fill, np.generic) else fill
         notices.warn(f"{missing} of {total} chunks of {image.path}/{image.level_path} are "
-                     f"missing and were read as the fill value {fill} (the {role} image; if "
-                     f"it was copied, copy it again)")
+                     f"missing and were read as the fill value {fill} ({role}; writers leave "
+                     f"out chunks holding only the fill value, but a copy cut short does too: "
+                     f"if the image was copied, check the copy)")
     return missing

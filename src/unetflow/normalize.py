@@ -59,6 +59,7 @@ import dask.array as da
 import numpy as np
 
 from unetflow.files import write_json_atomic
+from unetflow.integrity import warn_missing_chunks
 from unetflow.ome import OmeImage, channel_first, open_image, resolve_channels
 
 if TYPE_CHECKING:  # plates imports the demo generator; only its types are needed here
@@ -513,6 +514,9 @@ def compute_dataset_stats(image_path: str, channels: list | None, settings: dict
                           dataset: str, target_path: str | None = None) -> dict[str, Any]:
     """Statistics of one dataset at `settings['level']`, as a JSON-ready dict."""
     image = open_image(image_path, level=settings["level"])
+    warn_missing_chunks(image, "input")
+    if target_path:
+        warn_missing_chunks(open_image(target_path, level=settings["level"]), "target")
     data = channel_first(image, channels, keep_time=True)
     mask = _foreground_mask(settings, target_path, dataset)
     if mask is not None and mask.shape != data.shape[1:]:
@@ -538,6 +542,9 @@ def _open_position(position: Position, channels: list | None, settings: dict[str
     name = _position_name(dataset, position)
     try:
         image = open_image(position.image, level=settings["level"])
+        warn_missing_chunks(image, "input")
+        if position.target:
+            warn_missing_chunks(open_image(position.target, level=settings["level"]), "target")
         data = channel_first(image, channels, keep_time=True)
         if settings.get("mask") != "foreground":
             return image, data, None
