@@ -196,6 +196,7 @@ def warn_missing_chunks(image: OmeImage, role: str) -> int:
     if missing:
         fill = 0 if array.fill_value is None else array.fill_value
         fill = fill.item() if isinstance(fill, np.generic) else fill
+        fill = int(fill) if isinstance(fill, float) and fill.is_integer() else fill
         notices.warn(f"{missing} of {total} chunks of {image.path}/{image.level_path} are "
                      f"missing and were read as the fill value {fill} ({role}; writers leave "
                      f"out chunks holding only the fill value, but a copy cut short does too: "

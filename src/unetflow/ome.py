@@ -27,6 +27,7 @@ __all__ = [
     "omero_channel_names",
     "OmeImage",
     "OmeZarrError",
+    "DamagedImageError",
     "open_image",
     "spatial_axes",
     "write_image",
@@ -44,6 +45,11 @@ SPATIAL_AXES = ("z", "y", "x")
 
 class OmeZarrError(ValueError):
     """An input path is missing or is not a readable OME-Zarr image."""
+
+
+class DamagedImageError(OmeZarrError, DamagedFileError):
+    """An image's metadata file exists but cannot be read (an OmeZarrError, so planning's
+    checks report it as they report other unreadable images)."""
 
 
 @dataclass
@@ -130,7 +136,7 @@ def _open_level(path: str, level: int, level_path: Any) -> zarr.Array:
     try:
         return zarr.open_array(str(folder), mode="r")
     except Exception as err:  # junk JSON, missing keys, unknown codecs: zarr raises many types
-        raise DamagedFileError(f"{path}: the metadata of resolution level {level} cannot be "
+        raise DamagedImageError(f"{path}: the metadata of resolution level {level} cannot be "
                                f"read ({describe_error(err)}): the file "
                                f"{_level_metadata_file(folder)} is damaged; copy the image "
                                f"again") from err
@@ -161,7 +167,7 @@ def open_image(path: str | Path, level: int = 0,
     except Exception as err:  # zarr raises several types for non-zarr folders
         root_file = _root_metadata_file(path)
         if root_file.exists() and isinstance(err, (ValueError, KeyError, TypeError)):
-            raise DamagedFileError(f"{path}: its group metadata cannot be read "
+            raise DamagedImageError(f"{path}: its group metadata cannot be read "
                                    f"({describe_error(err)}): the file {root_file} is "
                                    f"damaged; copy the image again") from err
         raise OmeZarrError(f"{path}: not a Zarr group ({err.__class__.__name__}); give an "

@@ -94,6 +94,11 @@ def create_patch_array(group: zarr.Group, name: str, n: int, patch_shape: tuple[
                               config={"write_empty_chunks": True})
 
 
+def _store_root(array: zarr.Array) -> Path | Any:
+    """The folder of a local array's store (what to delete), else the store itself."""
+    return Path(array.store.root) if isinstance(array.store, LocalStore) else array.store
+
+
 def _rerun(store: str | Path) -> str:
     return (f"delete {store} and run Snakemake again, which extracts the patches again")
 
@@ -300,7 +305,7 @@ class PatchArray:
                     raise DamagedFileError(
                         f"{array_where(self.array)}: patch {index} (chunk {key}) cannot be "
                         f"decoded ({describe_error(cause)}): the file {file} is damaged; "
-                        f"{_rerun(self.array.store)}") from err
+                        f"{_rerun(_store_root(self.array))}") from err
             raise
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
