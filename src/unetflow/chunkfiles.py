@@ -83,16 +83,32 @@ def _read_chunk(path: Path, codec: numcodecs.abc.Codec | None, dtype: np.dtype,
                 chunk_shape: tuple[int, ...], shape: tuple[int, ...],
                 fill_value: Any) -> np.ndarray:
     """One chunk as stored (its full chunk shape) cropped to `shape`; the fill value when the
-    file is missing."""
+    file is missing; DamagedFileError naming the file when it does not decode."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
         return np.full(shape, fill_value, dtype=dtype)
-    data = codec.decode(raw) if codec is not None else raw
-    chunk = np.frombuffer(data, dtype=dtype).reshape(chunk_shape)
+    try:
+        data = codec.decode(raw) if codec is not None else raw
+        chunk = np.frombuffer(data, dtype=dtype).reshape(chunk_shape)
+    except Exception as err:  # noqa: BLE001 - any codec's failure: zstd, blosc, zlib...
+        raise _damaged(path, len(chunk_shape), err) from err
     if shape == chunk_shape:
         return chunk
     return chunk[tuple(slice(0, s) for s in shape)].copy()  # frees the rest of the chunk
+
+
+def _damaged(path: Path, ndim: int, err: BaseException) -> Exception:
+    """integrity's one line for a chunk file that does not decode. The array's folder is the
+    one above the chunk key: `c/i/j` or `c.i.j` (v3), `i/j` or `i.j` (v2)."""
+    from unetflow.integrity import damaged_chunk
+
+    parts = path.parts
+    length = 1 if "." in parts[-1] or ndim == 1 else ndim
+    if len(parts) > length and parts[-length - 1] == "c":
+        length += 1
+    folder, key = Path(*parts[:-length]), "/".join(parts[-length:])
+    return damaged_chunk(str(folder), key, path, err)
 
 
 class BlockMemo:

@@ -61,6 +61,7 @@ import numpy as np
 
 from unetflow import notices
 from unetflow.files import write_json_atomic
+from unetflow.integrity import DamagedFileError, describe_error, warn_missing_chunks
 from unetflow.ome import OmeImage, channel_first, open_image, resolve_channels
 
 if TYPE_CHECKING:  # plates imports the demo generator; only its types are needed here
@@ -516,6 +517,9 @@ def compute_dataset_stats(image_path: str, channels: list | None, settings: dict
                           dataset: str, target_path: str | None = None) -> dict[str, Any]:
     """Statistics of one dataset at `settings['level']`, as a JSON-ready dict."""
     image = open_image(image_path, level=settings["level"])
+    warn_missing_chunks(image, "input")
+    if target_path:
+        warn_missing_chunks(open_image(target_path, level=settings["level"]), "target")
     data = channel_first(image, channels, keep_time=True)
     mask = _foreground_mask(settings, target_path, dataset)
     if mask is not None and mask.shape != data.shape[1:]:
@@ -541,6 +545,9 @@ def _open_position(position: Position, channels: list | None, settings: dict[str
     name = _position_name(dataset, position)
     try:
         image = open_image(position.image, level=settings["level"])
+        warn_missing_chunks(image, "input")
+        if position.target:
+            warn_missing_chunks(open_image(position.target, level=settings["level"]), "target")
         data = channel_first(image, channels, keep_time=True)
         if settings.get("mask") != "foreground":
             return image, data, None
@@ -669,10 +676,64 @@ def write_stats(stats: dict[str, Any], path: str | Path) -> None:
     write_json_atomic({**stats, "warnings": said} if said else stats, path)
 
 
+CHANNEL_KEYS = ("mean", "std", "min", "max", "percentiles")
+
+
+def _not_json_constant(name: str) -> float:
+    raise ValueError(f"it holds the non-finite value {name}")
+
+
+def _channels_problem(channels: Any, where: str) -> str | None:
+    """What is wrong with a statistics file's "channels" list (at `where`), or None."""
+    if not isinstance(channels, list) or not channels:
+        return f"{where}'channels' is missing or not a list of channels"
+    for index, channel in enumerate(channels):
+        missing = [k for k in CHANNEL_KEYS if not isinstance(channel, dict) or k not in channel]
+        if missing:
+            return f"{where}channel {index} has no {', '.join(missing)}"
+        percentiles = channel["percentiles"]
+        values = [channel[k] for k in CHANNEL_KEYS[:4]] + (
+            list(percentiles.values()) if isinstance(percentiles, dict) else [None])
+        if len(values) < 6 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                      and np.isfinite(v) for v in values):
+            return (f"{where}channel {index} has a value that is not a finite number (or "
+                    f"fewer than two percentiles)")
+    return None
+
+
+def _stats_problem(stats: Any) -> str | None:
+    """What makes a parsed statistics file unusable, or None."""
+    if not isinstance(stats, dict):
+        return "it is not a JSON object"
+    if not stats.get("per_position"):
+        return _channels_problem(stats.get("channels"), "")
+    positions = stats.get("positions")
+    if not isinstance(positions, dict) or not positions:
+        return "'positions' is missing or empty"
+    for key, entry in positions.items():
+        problem = _channels_problem(entry.get("channels") if isinstance(entry, dict) else None,
+                                    f"position {key}: ")
+        if problem:
+            return problem
+    return None
+
+
 def read_stats(path: str | Path) -> dict[str, Any]:
-    """The statistics JSON written by `write_stats`."""
-    with open(path) as fh:
-        return json.load(fh)
+    """The statistics JSON written by `write_stats`; one line naming the file (delete it and
+    rerun) when it is not valid JSON, lacks what normalizing needs, or holds NaN/Infinity."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    try:
+        stats = json.loads(raw, parse_constant=_not_json_constant)
+    except ValueError as err:  # JSONDecodeError, UnicodeDecodeError, NaN/Infinity
+        problem = str(err) if "non-finite" in str(err) else \
+            f"it is not valid JSON ({describe_error(err)})"
+    else:
+        problem = _stats_problem(stats)
+    if problem:
+        raise DamagedFileError(f"statistics file {path}: {problem}; delete it and rerun; "
+                               f"Snakemake normalizes again")
+    return stats
 
 
 def _offset_and_scale(channel: dict[str, Any], method: str) -> tuple[float, float]:

@@ -20,12 +20,14 @@ import numpy as np
 import zarr
 
 from unetflow.files import atomic_path
+from unetflow.integrity import DamagedFileError, checked_from_zarr, describe_error
 
 __all__ = [
     "multiscales_and_version",
     "omero_channel_names",
     "OmeImage",
     "OmeZarrError",
+    "DamagedImageError",
     "open_image",
     "spatial_axes",
     "write_image",
@@ -43,6 +45,11 @@ SPATIAL_AXES = ("z", "y", "x")
 
 class OmeZarrError(ValueError):
     """An input path is missing or is not a readable OME-Zarr image."""
+
+
+class DamagedImageError(OmeZarrError, DamagedFileError):
+    """An image's metadata file exists but cannot be read (an OmeZarrError, so planning's
+    checks report it as they report other unreadable images)."""
 
 
 @dataclass
@@ -109,14 +116,47 @@ def _transforms(dataset: dict, ndim: int) -> tuple[list[float], list[float]]:
     return scale, translation
 
 
+def _level_metadata_file(folder: Path) -> Path:
+    """The file that describes the array in `folder`: zarr.json (v3), else .zarray (v2)."""
+    v2 = folder / ".zarray"
+    return v2 if v2.exists() and not (folder / "zarr.json").exists() else folder / "zarr.json"
+
+
+def _open_level(path: str, level: int, level_path: Any) -> zarr.Array:
+    """The Zarr array of resolution level `level` (at `level_path`), or one line naming the
+    missing or damaged file."""
+    folder = Path(path) / str(level_path)
+    if not isinstance(level_path, str) or not (folder / "zarr.json").exists() and \
+            not (folder / ".zarray").exists():
+        raise OmeZarrError(f"{path}: resolution level {level} (multiscales 'datasets' path "
+                           f"{level_path!r}) has no array: {_level_metadata_file(folder)} does "
+                           f"not exist; the image is incomplete or its metadata names the "
+                           f"wrong path: copy the image again, or fix the datasets path in "
+                           f"{_root_metadata_file(path)}")
+    try:
+        return zarr.open_array(str(folder), mode="r")
+    except Exception as err:  # junk JSON, missing keys, unknown codecs: zarr raises many types
+        raise DamagedImageError(f"{path}: the metadata of resolution level {level} cannot be "
+                               f"read ({describe_error(err)}): the file "
+                               f"{_level_metadata_file(folder)} is damaged; copy the image "
+                               f"again") from err
+
+
+def _root_metadata_file(path: str) -> Path:
+    v2 = Path(path) / ".zattrs"
+    return v2 if v2.exists() and not (Path(path) / "zarr.json").exists() else \
+        Path(path) / "zarr.json"
+
+
 def open_image(path: str | Path, level: int = 0,
                dask_array: Callable[[zarr.Array, list[str]], da.Array] | None = None
                ) -> OmeImage:
     """Open resolution level `level` of the first multiscales entry of an OME-Zarr image.
 
-    `dask_array(zarr_array, axes)` makes its data (default `da.from_zarr`, the Zarr chunks).
-    Raises OmeZarrError naming the path when it is missing, not OME-Zarr, lacks axes,
-    or has no such level.
+    `dask_array(zarr_array, axes)` makes its data (default `integrity.checked_from_zarr`: the
+    Zarr chunks, a damaged chunk named when read). Raises OmeZarrError naming the path when it
+    is missing, not OME-Zarr, lacks axes, or has no such level, and DamagedFileError (one
+    line naming the file) when the level's metadata cannot be read.
     """
     path = str(path)
     if not Path(path).exists():
@@ -125,6 +165,11 @@ def open_image(path: str | Path, level: int = 0,
     try:
         group = zarr.open_group(path, mode="r")
     except Exception as err:  # zarr raises several types for non-zarr folders
+        root_file = _root_metadata_file(path)
+        if root_file.exists() and isinstance(err, (ValueError, KeyError, TypeError)):
+            raise DamagedImageError(f"{path}: its group metadata cannot be read "
+                                   f"({describe_error(err)}): the file {root_file} is "
+                                   f"damaged; copy the image again") from err
         raise OmeZarrError(f"{path}: not a Zarr group ({err.__class__.__name__}); give an "
                            f"OME-Zarr image (NGFF 0.4 or 0.5), or a .tif/.tiff file that rule "
                            f"convert turns into one") from err
@@ -143,10 +188,11 @@ def open_image(path: str | Path, level: int = 0,
         raise OmeZarrError(f"{path}: resolution level {level} does not exist "
                            f"(the image has {len(datasets)} levels)")
     level_path = datasets[level]["path"]
-    array = zarr.open_array(f"{path}/{level_path}", mode="r")
+    array = _open_level(path, level, level_path)
     if array.ndim != len(axes):
         raise OmeZarrError(f"{path}: axes {axes} do not match the array's {array.ndim} dimensions")
-    array = dask_array(array, axes) if dask_array else da.from_zarr(array)
+    array = dask_array(array, axes) if dask_array else \
+        checked_from_zarr(array, f"{path}/{level_path}")
     scale, translation = _transforms(datasets[level], len(axes))
     units = {a["name"]: a["unit"] for a in ms["axes"] if isinstance(a, dict) and a.get("unit")}
     n_channels = array.shape[axes.index("c")] if "c" in axes else 1

@@ -73,6 +73,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from unetflow.chunkfiles import BlockMemo, direct_dask_array
 from unetflow.files import atomic_path
+from unetflow.integrity import checked_from_zarr
 from unetflow.normalize import normalize_array, position_stats, read_stats
 from unetflow.ome import channel_first, open_image, spatial_axes
 from unetflow.patchstore import ShardedPatches, create_patch_array, patches_per_shard
@@ -866,7 +867,7 @@ def _open_source(path: str, level: int, channels: list | None,
         chunks = tuple(merged[a] if sum(merged.get(a, ())) == sum(c) else c
                        for a, c in zip(axes, native, strict=True))
         data = direct_dask_array(array, chunks, memo)
-        return da.from_zarr(array, chunks=chunks) if data is None else data
+        return checked_from_zarr(array, chunks=chunks) if data is None else data
 
     image = open_image(path, level=level, dask_array=to_dask)
     return channel_first(image, channels), chosen

@@ -51,6 +51,7 @@ from zarr.codecs.sharding import ShardingCodecIndexLocation
 from zarr.storage import LocalStore
 
 from unetflow.chunkfiles import little_endian_bytes, numcodecs_codec
+from unetflow.integrity import DamagedFileError, array_where, describe_error, failing_chunk
 
 __all__ = [
     "CHUNK_KEYS",
@@ -59,6 +60,8 @@ __all__ = [
     "PatchArray",
     "ShardedPatches",
     "create_patch_array",
+    "open_patch_array",
+    "open_patch_store",
     "patches_per_shard",
 ]
 
@@ -91,6 +94,53 @@ def create_patch_array(group: zarr.Group, name: str, n: int, patch_shape: tuple[
                               config={"write_empty_chunks": True})
 
 
+def _store_root(array: zarr.Array) -> Path | Any:
+    """The folder of a local array's store (what to delete), else the store itself."""
+    return Path(array.store.root) if isinstance(array.store, LocalStore) else array.store
+
+
+def _rerun(store: str | Path) -> str:
+    return (f"delete {store} and run Snakemake again, which extracts the patches again")
+
+
+def _damaged_metadata(store: str | Path, file: Path, err: BaseException) -> DamagedFileError:
+    return DamagedFileError(f"patch store {store}: the metadata {file} cannot be read "
+                            f"({describe_error(err)}): the file is damaged; {_rerun(store)}")
+
+
+def open_patch_store(store: str | Path) -> zarr.Group:
+    """The patch store's root group; one line naming its metadata file when that is damaged."""
+    try:
+        return zarr.open_group(str(store), mode="r")
+    except (FileNotFoundError, PermissionError):
+        raise
+    except Exception as err:  # junk JSON, missing keys: zarr raises several types
+        raise _damaged_metadata(store, Path(store) / "zarr.json", err) from err
+
+
+def open_patch_array(group: zarr.Group, key: str) -> PatchArray:
+    """The patch array `key` (e.g. "train/images") of an open patch store, read by index;
+    one line naming its metadata file when that is damaged (KeyError when it is absent)."""
+    store = Path(group.store.root) if isinstance(group.store, LocalStore) else group.store
+    try:
+        array = group[key]
+    except KeyError:
+        if not (Path(str(store)) / key / "zarr.json").exists():
+            raise
+        err: BaseException = KeyError(key)
+        try:  # zarr reports a junk document as a missing node: say what is wrong with it
+            zarr.open_array(str(Path(str(store)) / key), mode="r")
+        except Exception as found:  # noqa: BLE001
+            err = found
+        raise _damaged_metadata(store, Path(str(store)) / key / "zarr.json", err) from None
+    except Exception as err:
+        raise _damaged_metadata(store, Path(str(store)) / key / "zarr.json", err) from err
+    if not isinstance(array, zarr.Array):
+        raise DamagedFileError(f"patch store {store}: {key} is a group, not a patch array; "
+                               f"{_rerun(store)}")
+    return PatchArray(array)
+
+
 def _layout_problem(array: zarr.Array) -> str | None:
     """Why `ShardedPatches` cannot handle `array` directly, or None when it can."""
     if not isinstance(array.store, LocalStore):
@@ -121,7 +171,9 @@ class ShardedPatches:
             raise ValueError(f"ShardedPatches handles local sharded arrays of one patch per "
                              f"chunk with bytes + blosc codecs; {array.path}: {problem}")
         sharding = array.metadata.codecs[0]
-        self.folder = Path(array.store.root) / array.path
+        self.store = Path(array.store.root)
+        self.folder = self.store / array.path
+        self.key = array.path
         self.metadata = array.metadata
         self.shape = tuple(array.shape)
         self.per_shard = int(array.shards[0])
@@ -171,13 +223,20 @@ class ShardedPatches:
         raw = os.pread(fd, size, end - size) if end >= size else b""
         if len(raw) != size:
             raise ValueError(f"{self.shard_path(shard)}: {end} bytes, too short for a shard "
-                             f"index of {self.per_shard} chunks; re-extract the patches")
+                             f"index of {self.per_shard} chunks (a damaged or partly written "
+                             f"file); {_rerun(self.store)}")
         if np.uint32(google_crc32c.value(raw[:-CRC_BYTES])).astype("<u4").tobytes() != \
                 raw[-CRC_BYTES:]:
             raise ValueError(f"{self.shard_path(shard)}: the shard index fails its CRC32C "
-                             f"check (a damaged or partly written file); re-extract the "
-                             f"patches")
+                             f"check (a damaged or partly written file); "
+                             f"{_rerun(self.store)}")
         return np.frombuffer(raw[:-CRC_BYTES], dtype="<u8").reshape(self.per_shard, 2)
+
+    def _damaged_patch(self, shard: int, position: int, err: BaseException) -> DamagedFileError:
+        return DamagedFileError(
+            f"{self.shard_path(shard)}: patch {shard * self.per_shard + position} of "
+            f"{self.key} cannot be decoded ({describe_error(err)}): the shard file is "
+            f"damaged; {_rerun(self.store)}")
 
     def read(self, indices: np.ndarray) -> np.ndarray:
         """Patches at `indices` (any order, repeats allowed), (len(indices), *patch)."""
@@ -209,7 +268,10 @@ class ShardedPatches:
                     out[pick] = self.fill_value
                     continue
                 data = os.pread(fd, int(length), int(offset))
-                self.codec.decode(data, out=out[pick])
+                try:
+                    self.codec.decode(data, out=out[pick])
+                except Exception as err:  # noqa: BLE001 - blosc says RuntimeError, others vary
+                    raise self._damaged_patch(shard, int(position), err) from err
         finally:
             os.close(fd)
 
@@ -230,7 +292,21 @@ class PatchArray:
         if self._direct is not None:
             return self._direct.read(indices).astype(self.dtype, copy=False)
         unique, inverse = np.unique(indices, return_inverse=True)
-        return np.asarray(self.array.get_orthogonal_selection((unique,)))[inverse]
+        try:
+            return np.asarray(self.array.get_orthogonal_selection((unique,)))[inverse]
+        except (IndexError, MemoryError, PermissionError):
+            raise
+        except Exception as err:
+            for index in unique:  # find the patch that fails by itself
+                region = (slice(int(index), int(index) + 1),)
+                found = failing_chunk(self.array, region + (slice(None),) * (self.array.ndim - 1))
+                if found is not None:
+                    key, file, cause = found
+                    raise DamagedFileError(
+                        f"{array_where(self.array)}: patch {index} (chunk {key}) cannot be "
+                        f"decoded ({describe_error(cause)}): the file {file} is damaged; "
+                        f"{_rerun(_store_root(self.array))}") from err
+            raise
 
     def read_range(self, start: int, stop: int) -> np.ndarray:
         """Patches [start, stop)."""

@@ -43,6 +43,7 @@ import unetflow
 from unetflow import notices
 from unetflow.components import connected_components
 from unetflow.files import atomic_path
+from unetflow.integrity import checked_from_zarr, warn_missing_chunks
 from unetflow.model.checkpoint import (
     autocast_dtype,
     build_model,
@@ -506,6 +507,7 @@ def create_raw_store(job: PredictionJob, path: str | Path, shards: int) -> None:
     Chunks are tiles (crop) or tile windows (gaussian), so each tile has its own chunk. The
     tile plan is stored with it: shards and the gather check theirs against it.
     """
+    warn_missing_chunks(job.image, "input")
     shape, chunks = _raw_shape_and_chunks(job.plan)
     with atomic_path(path) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
@@ -629,11 +631,11 @@ def _blend(job: PredictionJob, raw: zarr.Group, work: Path, workers: int) -> da.
     """The blended model output (K, *image): the raw tiles (crop) or folded windows."""
     plan = job.plan
     if plan.blending == "crop":
-        return da.from_zarr(raw["output"])
+        return checked_from_zarr(raw["output"])
     blended = zarr.open_array(str(work / "blended.zarr"), mode="w",
                               shape=(plan.channels_out, *plan.shape),
                               chunks=(plan.channels_out, *plan.tile), dtype="float32")
-    windows = da.from_zarr(raw["windows"])
+    windows = checked_from_zarr(raw["windows"])
     boxes = ((fold_windows(windows, plan, box), (slice(None), *plan.box_slices(box)))
              for box in work_units(plan))
     _store_boxes(boxes, blended, workers)

@@ -41,6 +41,7 @@ from unetflow.blockwise import Block, block_shape, map_blocks_ordered, plan_bloc
 from unetflow.components import connected_components
 from unetflow.evaluate import open_prediction, prediction_level, prediction_provenance
 from unetflow.figures import CropScores, montage_error
+from unetflow.integrity import warn_missing_chunks
 from unetflow.metric_sums import (
     ObjectOverlaps,
     RegressionSums,
@@ -346,7 +347,9 @@ def score_prediction(prediction: str, image: str, target: str, task: str,
     pred = open_prediction(prediction, task, provenance)
     img = open_image(image, level)
     image_arr = channel_first(img, channels)
-    target_arr = channel_first(open_image(target, level))
+    target_image = open_image(target, level)
+    warn_missing_chunks(target_image, "target")
+    target_arr = channel_first(target_image)
     shape = tuple(pred["image"].shape[1:])
     _check_same_shape(f"target {target}", tuple(target_arr.shape[1:]), shape, where)
     _check_same_shape(f"image {image}", tuple(image_arr.shape[1:]), shape, where)

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 
 from unetflow.config import EXECUTION_KEYS as CONFIG_EXECUTION_KEYS
 from unetflow.files import atomic_path, write_text_atomic
@@ -39,7 +38,7 @@ from unetflow.model.checkpoint import (
 )
 from unetflow.model.inference import memory_format_for
 from unetflow.model.unet import UNet, build_unet
-from unetflow.patchstore import PatchArray
+from unetflow.patchstore import PatchArray, open_patch_array, open_patch_store
 
 __all__ = [
     "EXECUTION_KEYS",
@@ -104,9 +103,9 @@ class PatchBatches(torch.utils.data.Dataset):
 
     def arrays(self) -> tuple[PatchArray, PatchArray]:
         if self._arrays is None:
-            group = zarr.open_group(self.store, mode="r")
-            self._arrays = (PatchArray(group[f"{self.split}/images"]),
-                            PatchArray(group[f"{self.split}/targets"]))
+            group = open_patch_store(self.store)
+            self._arrays = (open_patch_array(group, f"{self.split}/images"),
+                            open_patch_array(group, f"{self.split}/targets"))
         return self._arrays
 
     def reopen(self) -> None:
@@ -227,15 +226,15 @@ def store_identity(store: str) -> dict[str, Any]:
     """What identifies a patch store's content cheaply: its attributes (normalization, patch
     shape), array shapes and dtypes, and a hash of a few patches spread over each array (a
     re-extraction with other sampling changes them)."""
-    group = zarr.open_group(store, mode="r")
+    group = open_patch_store(store)
     identity: dict[str, Any] = {"attrs": group.attrs.asdict()}
     digest = hashlib.sha256()
     for key in ("train/images", "train/targets", "val/images", "val/targets"):
-        array = group[key]
+        array = open_patch_array(group, key)
         identity[key] = [list(array.shape), str(array.dtype)]
         picks = np.unique(np.linspace(0, array.shape[0] - 1,
                                       min(array.shape[0], FINGERPRINT_SAMPLES)).astype(int))
-        digest.update(np.ascontiguousarray(PatchArray(array).read(picks)).tobytes())
+        digest.update(np.ascontiguousarray(array.read(picks)).tobytes())
     identity["samples_sha256"] = digest.hexdigest()
     return identity
 
@@ -259,13 +258,15 @@ def training_fingerprint(model_settings: dict[str, Any], settings: dict[str, Any
 
 
 def _read_store_meta(store: str) -> dict[str, Any]:
-    group = zarr.open_group(store, mode="r")
+    group = open_patch_store(store)
     for split in ("train", "val"):
         for name in ("images", "targets"):
-            if f"{split}/{name}" not in group:
+            try:
+                open_patch_array(group, f"{split}/{name}")
+            except KeyError:
                 raise ValueError(f"patch store {store} has no {split}/{name}; re-extract the "
                                  f"patches (validation needs patches.validation_fraction > 0 "
-                                 f"or patches.validation_datasets)")
+                                 f"or patches.validation_datasets)") from None
     return dict(group.attrs["unetflow"])
 
 

@@ -115,7 +115,24 @@ def _load(path: str | Path, mmap: bool) -> dict[str, Any]:
     except Exception as err:
         raise ValueError(f"{path}: not a readable unetflow checkpoint "
                          f"({_load_failure(err)})") from err
+    _check_records(path)
     return _upgrade(checkpoint, path)
+
+
+def _check_records(path: str | Path) -> None:
+    """Check the CRC-32 of every record of a zip checkpoint: torch.load does not, so bytes
+    damaged inside the weights load as wrong weights without a word. Costs about one more
+    read of the file (35 ms for 31 MB here); legacy (non-zip) files are left to torch."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return
+    if bad is not None:
+        raise ValueError(f"{path}: not a readable unetflow checkpoint (its record {bad} fails "
+                         f"its CRC-32 check; the file is damaged: copy it again or retrain)")
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
