@@ -795,6 +795,8 @@ def gather_prediction(job: PredictionJob, raw_path: str | Path, records: list[di
     if job.stats is None:
         raise ValueError("the gather needs the dataset's statistics (--stats)")
     raw, meta = _open_raw(raw_path, job)
+    if provenance is None:  # said again here so that the store records it (create is apart)
+        warn_missing_chunks(job.image, "input")
     _check_shard_records(records, meta)
     output = Path(output)
     work = output.with_name(output.name + ".work")

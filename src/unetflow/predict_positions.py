@@ -46,8 +46,10 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from unetflow import notices
 from unetflow.config import result_settings
 from unetflow.files import write_json_atomic
+from unetflow.integrity import warn_missing_chunks
 from unetflow.model.checkpoint import file_sha256, read_description, skeleton_model
 from unetflow.model.unet import UNet
 from unetflow.normalize import normalize_array, position_stats, read_stats
@@ -146,10 +148,14 @@ class _Batch:
 
     def provenance(self, job: PredictionJob, position: Position,
                    fingerprint: str) -> dict[str, Any]:
-        """The single-image provenance, plus the position's key and fingerprint."""
+        """The single-image provenance, plus the position's key and fingerprint, with the
+        warnings about this position's input only (not those of the batch before it)."""
+        said_before = len(notices.recorded())
+        warn_missing_chunks(job.image, "input")
         provenance = prediction_provenance(job, self.model, self.dataset, [],
                                            self.checkpoint_sha256)
-        return {**provenance, "position": position.key, "fingerprint": fingerprint}
+        return {**provenance, "warnings": notices.recorded()[said_before:],
+                "position": position.key, "fingerprint": fingerprint}
 
 
 def _load_batch(checkpoint: str, stats: str | Path | dict[str, Any], channels: list | None,

@@ -343,6 +343,7 @@ def score_prediction(prediction: str, image: str, target: str, task: str,
     system's temporary folder), removed at the end.
     """
     provenance = prediction_provenance(prediction) if provenance is None else provenance
+    said_before = len(notices.recorded())
     level = prediction_level(provenance)
     pred = open_prediction(prediction, task, provenance)
     img = open_image(image, level)
@@ -365,7 +366,7 @@ def score_prediction(prediction: str, image: str, target: str, task: str,
         spacing = tuple(img.spatial_scale()[a] for a in img.spatial_axes)
         result = score_regression(pred["image"], image_arr, target_arr, sigma, spacing,
                                   crops=crops, **run)
-    result["warnings"] = _inherited_warnings(provenance) + [
+    result["warnings"] = _inherited_warnings(provenance) + notices.recorded()[said_before:] + [
         _said(f"{where}: {w}") for w in result["warnings"]]
     return {"level": level, **result, **({"crop_scores": crops} if crops is not None else {})}
 
