@@ -244,3 +244,14 @@ def test_an_all_zero_run_says_no_better_and_its_warnings_reach_terminal_and_repo
     page = (workdir / "results/summary.html").read_text()
     assert "Warnings that change what these scores mean" in page and escape(constant) in page
     assert yaml.safe_load((workdir / "config.yaml").read_text())  # the config ran as written
+
+
+@pytest.mark.parametrize("content", ["{not json", "{}", '{"sigma": "NaN"}', "[1, 2]"])
+def test_a_damaged_baseline_file_is_named_in_one_line(completed_tiny_run, tmp_path, content):
+    baseline = tmp_path / "baseline_gaussian.json"
+    baseline.write_text(content)
+    out = tmp_path / "metrics.json"
+    result = _evaluate(completed_tiny_run, "dn", "te_dn", "regression", out,
+                       "--baseline", str(baseline))
+    assert_cli_error(result, "evaluate", str(baseline), "delete it and run Snakemake again")
+    assert not out.exists()

@@ -147,8 +147,16 @@ def read_sigma(baseline: str | None) -> float | None:
     """The tuned Gaussian's sigma from `tune_gaussian_baseline`'s JSON; None without one."""
     if not baseline:
         return None
-    with open(baseline) as fh:
-        return float(json.load(fh)["sigma"])
+    try:
+        sigma = float(json.loads(Path(baseline).read_text())["sigma"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{baseline}: not a tuned Gaussian baseline ({err.__class__.__name__}: "
+                         f"{err}); delete it and run Snakemake again, which tunes it "
+                         f"again") from None
+    if not math.isfinite(sigma) or sigma <= 0:
+        raise ValueError(f"{baseline}: sigma {sigma} is not a positive number; delete it and "
+                         f"run Snakemake again, which tunes it again")
+    return sigma
 
 
 def evaluate_prediction(prediction: str, image: str, target: str, task: str,
