@@ -380,13 +380,14 @@ def test_the_stage_dies_with_its_parent(tmp_path):
     assert gone(child), "the stage outlived the killed `unetflow` command"
 
 
-def test_sigterm_reaches_the_stage_and_the_exit_status_is_the_stages(tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["TERM", "INT"])
+def test_a_signal_reaches_the_stage_and_the_exit_status_is_the_stages(tmp_path, signum):
     proc = start(*demo_args(tmp_path / "demo", 1024))
     child = child_of(proc)
     time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)  # the parent only, as `kill PID` or SLURM's scancel does
+    proc.send_signal(signum)  # the parent only, as `kill PID` does
     _, stderr = proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGTERM, stderr
+    assert proc.returncode == -signum, stderr
     assert gone(child)
     assert ": error: " not in stderr  # a requested stop is no error to report
 
@@ -481,7 +482,7 @@ def test_readme_lists_the_messages_after_a_killed_snakemake_in_the_order_they_co
     """Snakemake SIGKILLed while a job runs (the job goes on and ends): the rerun first says
     IncompleteFilesException; with --rerun-incomplete it then says LockException; --unlock
     and the same command again run."""
-    write_config(tmp_path, {**TINY_CONFIG, "demo": {"seed": 3, "shape_2d": [1024, 1024],
+    write_config(tmp_path, {**TINY_CONFIG, "demo": {"seed": 3, "shape_2d": [512, 512],
                                                     "shape_3d": [32, 64, 64]}})
     target = "demo_data"
     proc = _snakemake(tmp_path, target)

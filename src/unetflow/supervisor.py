@@ -31,6 +31,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signa
              signal.SIGUSR2)
 _CRASHES = (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT, signal.SIGILL, signal.SIGFPE)
 PR_SET_PDEATHSIG = 1
+SI_KERNEL = 0x80  # si_code of a signal the kernel sends (a terminal's Ctrl-C), Linux
 
 
 def _memory_cgroups() -> list[Path]:
@@ -134,32 +135,43 @@ def _end_like(status: int) -> None:
     os._exit(os.waitstatus_to_exitcode(status))
 
 
+def _wait_forwarding(pid: int) -> tuple[int, object]:
+    """Wait for the child, passing on the signals that processes send to this one.
+
+    Signals the terminal sends (Ctrl-C, a hang-up: si_code SI_KERNEL) reach the whole
+    foreground process group, the child among them, so they are not sent twice: a second
+    KeyboardInterrupt could cut the child's clean-up short. SIGCHLD says the child changed.
+    """
+    waited = (*FORWARDED, signal.SIGCHLD)
+    while True:
+        done, status, usage = os.wait4(pid, os.WNOHANG)
+        if done:
+            return status, usage
+        info = signal.sigwaitinfo(waited)
+        if info.si_signo != signal.SIGCHLD and info.si_code != SI_KERNEL:
+            _forward(pid, info.si_signo)
+
+
 def run_in_child(stage: str) -> None:
     """Fork; the child returns and runs the stage, the parent never returns (see the module
     docstring). Without fork (not POSIX) the caller runs the stage itself."""
-    if not hasattr(os, "fork"):
+    if not hasattr(os, "fork") or not hasattr(signal, "sigwaitinfo"):
         return
     started, oom_before = time.monotonic(), oom_kills()
     sys.stdout.flush()
     sys.stderr.flush()
     parent, prctl = os.getpid(), _libc_prctl()
-    previous = {s: signal.getsignal(s) for s in FORWARDED}
-    # block the signals around fork: none is lost before the parent knows its child
-    signal.pthread_sigmask(signal.SIG_BLOCK, FORWARDED)
+    # blocked from before the fork: the parent takes them with sigwaitinfo, none is lost
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, (*FORWARDED, signal.SIGCHLD))
     pid = os.fork()
     if pid == 0:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         _die_with_parent(prctl, parent)
         from unetflow.files import name_temporaries_after
 
         name_temporaries_after(parent)
         return
-    for signum in FORWARDED:
-        signal.signal(signum, lambda s, _frame: _forward(pid, s))
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, FORWARDED)
-    _, status, usage = os.wait4(pid, 0)  # retried by Python after each forwarded signal
-    for signum, handler in previous.items():
-        signal.signal(signum, handler)
+    status, usage = _wait_forwarding(pid)  # the signals stay blocked: this process ends
     seconds = time.monotonic() - started
     peak_mb = usage.ru_maxrss / 1024  # KiB on Linux
     if os.WIFSIGNALED(status):
