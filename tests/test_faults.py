@@ -357,10 +357,20 @@ NORMALIZE_SETTINGS = {"level": 0, "percentiles": [1.0, 99.8], "histogram_bins": 
 
 
 def cpu_seconds(proc: subprocess.Popen) -> float:
-    """CPU time (user + system, all threads) a process has used so far: a measure of its
-    progress that, unlike wall time, hardly depends on what else the machine runs."""
-    fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """CPU time (user + system, all threads) a command has used so far, with the stage it
+    runs in a forked child (unetflow.supervisor): a measure of its progress that, unlike
+    wall time, hardly depends on what else the machine runs."""
+    children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+    total = 0
+    for pid in [str(proc.pid), *(children.read_text().split() if children.exists() else [])]:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:  # the child ended just now: counted in the parent's below
+            continue
+        total += int(fields[11]) + int(fields[12])
+        if pid == str(proc.pid):  # its children that ended (and were waited for)
+            total += int(fields[13]) + int(fields[14])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_when_written(args: list[str], output: Path, cwd: Path) -> tuple[int, float | None]:

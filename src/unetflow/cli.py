@@ -10,6 +10,11 @@ stage runs (threads, device, workers: config.EXECUTION_KEYS), which rules pass a
 Errors a user can fix (a missing file, invalid JSON, a bad setting, no GPU where one is
 required) are one line, `unetflow <stage>: error: ...`, naming the file or key, with exit
 status 1 (2 for a malformed command line); anything else is a bug and keeps its traceback.
+So are failures of the environment: a full disk, a quota, a read-only or unwritable folder
+(naming the path written, unetflow.files.WriteFailed) and an allocation that does not fit
+(MemoryError, torch's allocators). The `unetflow` command runs the stage in a forked child
+(unetflow.supervisor), so that a kill by the kernel's out-of-memory killer, which no
+process can catch, still leaves a line in the job's log.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from unetflow import notices
 from unetflow.config import section_settings
 from unetflow.errors import DeviceUnavailable
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "written_paths"]
 
 # what a user can fix, reported in one line (see the module docstring)
 USER_ERRORS = (ValueError, OSError, FloatingPointError, DeviceUnavailable)
@@ -746,16 +751,84 @@ def peak_memory_line(stage: str, seconds: float) -> str:
     return f"unetflow {stage}: peak RSS {own:.0f} MB{children}, {seconds:.1f} s"
 
 
+# the arguments naming what a stage writes, first the one named when a write error names
+# no file (zarr, dask and matplotlib raise a bare `[Errno 28] No space left on device`)
+WRITTEN = ("output", "store", "manifest", "record", "index", "best", "last", "log", "curve",
+           "table", "wells", "plate_map", "crop_scores", "html", "output_dir", "model_dir")
+
+
+def written_paths(args: argparse.Namespace) -> list[str]:
+    """What this stage writes, by its arguments (inputs excluded: train's --store is read)."""
+    inputs = {dest for dest, _ in getattr(args, "inputs", None) or []}
+    paths = [str(getattr(args, dest)) for dest in WRITTEN
+             if dest not in inputs and getattr(args, dest, None)]
+    if getattr(args, "step", None) == "shard":  # a shard writes its tiles into the raw store
+        paths.insert(0, str(args.raw))
+    return paths
+
+
+def out_of_memory(err: BaseException) -> str | None:
+    """Which memory ran out, when `err` says that an allocation failed; None otherwise."""
+    if isinstance(err, MemoryError):
+        return "memory"
+    if type(err).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        return "GPU memory"
+    if isinstance(err, RuntimeError) and "can't allocate memory" in str(err):
+        return "memory"  # torch's CPU allocator
+    return None
+
+
+def _memory_line(memory: str, err: BaseException, seconds: float) -> str:
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    said = " ".join(str(err).split())[:160] or "no details"
+    fix = ("use a GPU with more memory, or smaller batches or tiles (train.batch_size, "
+           "predict.tile_shape)" if memory == "GPU memory" else
+           "give the job more memory (resources mem_mb; see README \"Memory\"), or make it "
+           "need less (smaller tiles or fewer workers)")
+    return (f"out of {memory} ({type(err).__name__}: {said}) after {seconds:.1f} s at peak "
+            f"RSS {peak:.0f} MB: {fix}; the rerun starts this job again")
+
+
+def _error_line(err: BaseException, args: argparse.Namespace, seconds: float) -> str | None:
+    """The one line for an error a user can fix; None for a bug (its traceback is kept)."""
+    from unetflow.files import write_failure
+
+    written = written_paths(args)
+    named = getattr(err, "filename", None) if isinstance(err, OSError) else None
+    path = named or (written[0] if written else None)  # a bare error: what the stage writes
+    failure = write_failure(err, path, tuple(written)) if path else None
+    if failure is not None:
+        if args.command == "train":
+            failure.rerun = "the rerun resumes training from its last saved state"
+        return str(failure)
+    memory = out_of_memory(err)
+    if memory:
+        return _memory_line(memory, err, seconds)
+    return str(err) if isinstance(err, USER_ERRORS) else None
+
+
 def main(argv: list[str] | None = None) -> None:
+    """Run the stage the command line names. Called without `argv` (the `unetflow` command),
+    the stage runs in a forked child so that a kill by the kernel still leaves a line in the
+    job's log (unetflow.supervisor); tests call main(argv) and run it in their process."""
     args = build_parser().parse_args(argv)
+    if argv is None:
+        from unetflow.supervisor import run_in_child
+
+        run_in_child(_stage(args))
     started = time.monotonic()
     notices.forget()
     notices.set_stage(_stage(args))
     try:
         check_inputs(args)
         args.func(args)
-    except USER_ERRORS as err:
-        print(f"unetflow {_stage(args)}: error: {err}", file=sys.stderr)
+    except Exception as err:
+        line = _error_line(err, args, time.monotonic() - started)
+        if line is None:
+            raise
+        print(f"unetflow {_stage(args)}: error: {line}", file=sys.stderr)
         sys.exit(1)
     print(peak_memory_line(_stage(args), time.monotonic() - started), flush=True)
 

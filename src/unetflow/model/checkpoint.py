@@ -74,14 +74,27 @@ def save_checkpoint(path: str | Path, checkpoint: dict[str, Any]) -> None:
         torch.save(checkpoint, tmp)
 
 
+def _pickle_protocol(path: str | Path) -> int | None:
+    """The protocol of a plain Python pickle file (torch writes zip files, or protocol 2)."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return head[1] if len(head) == 2 and head[0] == 0x80 and head[1] >= 3 else None
+
+
 def _load_failure(err: Exception) -> str:
     """Why a checkpoint did not load, in one line (torch's own text advises weights_only=False,
     which would run whatever the file holds)."""
-    unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
+    text = str(err)
+    # torch 2.13 says "Unsupported global: GLOBAL m.f was not an allowed global" or, for
+    # modules it blocks (os, subprocess...), "unsupported GLOBAL posix.system whose module"
+    unsafe = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, re.IGNORECASE)
     if unsafe:
         return (f"it holds {unsafe.group(1)}, not only tensors and plain data; refused, since "
                 f"loading it could run code: use a checkpoint written by unetflow train")
-    first = re.split(r"(?<=\.)\s", (str(err).splitlines() or [""])[0])[0][:160].rstrip(".")
+    detail = re.search(r"^(?:WeightsUnpickler error: )?(Unsupported operand .*|.*load key.*)$",
+                       text, re.MULTILINE) if "Weights only load failed" in text else None
+    line = detail.group(1) if detail else (text.splitlines() or [""])[0]
+    first = re.split(r"(?<=\.)\s", line)[0][:160].rstrip(".")
     return (f"{err.__class__.__name__}: {first}; the file is damaged or not a checkpoint: "
             f"copy it again or retrain")
 
@@ -104,6 +117,12 @@ def _upgrade(checkpoint: dict[str, Any], path: str | Path) -> dict[str, Any]:
 def _load(path: str | Path, mmap: bool) -> dict[str, Any]:
     if not Path(path).is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint file")
+    protocol = _pickle_protocol(path)
+    if protocol is not None:  # torch's safe loader would fail on it with a puzzling message
+        raise ValueError(f"{path}: not a readable unetflow checkpoint (it is a plain Python "
+                         f"pickle of protocol {protocol}, not a torch checkpoint; refused, since "
+                         f"loading it could run code: use a checkpoint written by unetflow "
+                         f"train)")
     try:
         try:
             checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
