@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import REPO, TINY_CONFIG, run_cli, write_config
+from conftest import BIN, REPO, TINY_CONFIG, run_cli, write_config
 from test_bad_input import (
     assert_cli_error,
     assert_one_clear_line,
@@ -468,7 +468,8 @@ def _snakemake(work: Path, *args: str) -> subprocess.Popen:
     command = [str(Path(sys.executable).with_name("snakemake")), *args, "-s",
                str(REPO / "Snakefile"), "--directory", str(work), "--workflow-profile", "none",
                "--cores", "1", "--configfile", "config.yaml"]  # targets first: see FACTS
-    return subprocess.Popen(command, cwd=work, stdout=subprocess.PIPE,
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.Popen(command, cwd=work, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
