@@ -122,11 +122,15 @@ def test_a_tile_larger_than_the_image_predicts_as_before(pair, tmp_path):
     assert dataset_problems(config) == []  # clamped, not refused
 
 
-def test_more_shards_than_tiles_are_refused(pair):
-    config = configure(pair, predict={"shards": 1000000})
-    dag_problem(config, "config key 'predict.shards' (used by model 'm')", "1000000 shards",
+def test_more_shards_than_tiles_are_refused(pair, tiny_config):
+    config = configure(pair, predict={"shards": 1000})
+    dag_problem(config, "config key 'predict.shards' (used by model 'm')", "1000 shards",
                 "has 16 tile(s)", "use at most 16 shards")
     assert dataset_problems(configure(pair, predict={"shards": 16})) == []
+    # whatever the data, the schema bounds it: no setting can plan millions of jobs
+    tiny_config["predict"]["shards"] = 1000000
+    assert_one_clear_line(config_error(tiny_config), "config key 'predict.shards'",
+                          "use a value of at most 10000", "one shard per tile")
 
 
 def test_pyramid_levels_beyond_the_image_are_refused(pair):
@@ -138,7 +142,7 @@ def test_pyramid_levels_beyond_the_image_are_refused(pair):
 def test_a_sigma_wider_than_the_image_is_refused(pair):
     config = configure(pair, "regression", evaluate={"gaussian_sigmas": [1.0, 1e9]})
     dag_problem(config, "config key 'evaluate.gaussian_sigmas' (used by model 'm')",
-                "sigma 1e+09 px", "use sigmas up to 128")
+                "sigma 1e+09 px reaches 4e+09 px (4 sigma)", "use sigmas up to 32")
     config["models"]["m"]["task"] = "segmentation"  # no Gaussian baseline: not used
     config["datasets"]["tr"]["target"] = config["datasets"]["te"]["target"] = pair["target"]
     assert dataset_problems(config) == []
@@ -242,14 +246,14 @@ def test_planning_imports_no_torch_without_init_from(pair):
 def test_snakemake_names_the_problems_before_any_job(pair, tmp_path):
     """A real `snakemake -n`: impossible settings and an alias bomb stop it in seconds, with
     one line each, before any job is planned."""
-    config = configure(pair, predict={"shards": 1000000, "pyramid_levels": 30})
+    config = configure(pair, predict={"shards": 1000, "pyramid_levels": 30})
     write_config(tmp_path, {k: config[k] for k in ("datasets", "models", "patches", "model",
                                                    "predict")})
     result = snakemake(tmp_path, "-n", "--configfile", "config.yaml", check=False)
     assert result.returncode == 1
     out = result.stdout + result.stderr
     assert "invalid data:" in out and "Job stats" not in out, out
-    assert "'predict.shards' (used by model 'm'): 1000000 shards" in out, out
+    assert "'predict.shards' (used by model 'm'): 1000 shards" in out, out
     assert "'predict.pyramid_levels' (used by model 'm'): 30 levels" in out, out
     bomb = yaml.safe_dump(TINY_CONFIG, sort_keys=False).replace(
         "train:\n", f"train:\n  init_from: {alias_bomb()}\n", 1)

@@ -19,15 +19,19 @@ from typing import Any
 import numpy as np
 
 from unetflow.config import dataset_kind, has_target, model_section
-from unetflow.ome import OmeImage, OmeZarrError, open_image, resolve_channels
+from unetflow.ome import OmeImage, OmeZarrError, PlannedImage, open_image, resolve_channels
 from unetflow.patches import PatchError, split_regions
 from unetflow.plates import PositionError, PositionSet, dataset_positions
 
-__all__ = ["DataError", "check_datasets", "command_problem", "dataset_problems"]
+__all__ = ["DataError", "check_datasets", "command_problem", "dataset_problems",
+           "planned_images"]
 
 # relative difference of image and target pixel sizes still taken as equal (rounding in
 # metadata written by different tools)
 SCALE_TOLERANCE = 1e-3
+# a Gaussian kernel's reach in sigmas (scipy's truncate; metrics.SIGMA_REACH, not imported
+# here because metrics imports scipy)
+SIGMA_REACH = 4
 
 
 def _source(spec: dict[str, Any]) -> str:
@@ -39,8 +43,12 @@ class DataError(ValueError):
     """A dataset in the config points to data that cannot be used as configured."""
 
 
-def _open(path: str, key: str, level: int) -> OmeImage:
+def _open(path: str, key: str, level: int,
+          planned: dict[str, PlannedImage] | None = None) -> OmeImage:
+    """The image at `level`: opened (metadata only), or described when a rule makes it."""
     try:
+        if planned and str(Path(path)) in planned:
+            return planned[str(Path(path))].at_level(level)
         return open_image(path, level=level)
     except OmeZarrError as err:
         raise DataError(f"config key '{key}': {err}") from None
@@ -50,8 +58,9 @@ def _spatial_shape(image: OmeImage) -> tuple[int, ...]:
     return tuple(image.data.shape[image.axes.index(a)] for a in image.spatial_axes)
 
 
-def _check_image(name: str, spec: dict[str, Any], level: int) -> OmeImage:
-    image = _open(spec["image"], f"datasets.{name}.image", level)
+def _check_image(name: str, spec: dict[str, Any], level: int,
+                 planned: dict[str, PlannedImage] | None = None) -> OmeImage:
+    image = _open(spec["image"], f"datasets.{name}.image", level, planned)
     try:
         resolve_channels(image, spec.get("channels"))
     except OmeZarrError as err:
@@ -157,13 +166,16 @@ def _check_label_dtype(model: str, config: dict, name: str, target: OmeImage) ->
                             f"set model.num_classes to the classes the labels hold")
 
 
-def _check_image_dataset(name: str, spec: dict[str, Any], level: int, produced: set[str]
+def _check_image_dataset(name: str, spec: dict[str, Any], level: int, produced: set[str],
+                         planned: dict[str, PlannedImage]
                          ) -> tuple[OmeImage | None, OmeImage | None]:
-    """Open what exists of a dataset; (image, target), None for paths a rule makes."""
-    image = None if _made_by_rule(spec["image"], produced) else _check_image(name, spec, level)
+    """Open a dataset's image and target, or describe them when a rule makes them (demo
+    data, TIFF conversions: `planned`); None for other paths a rule makes."""
+    image = None if _made_by_rule(spec["image"], produced, planned) else \
+        _check_image(name, spec, level, planned)
     target = None
-    if spec.get("target") and not _made_by_rule(spec["target"], produced):
-        target = _open(spec["target"], f"datasets.{name}.target", level)
+    if spec.get("target") and not _made_by_rule(spec["target"], produced, planned):
+        target = _open(spec["target"], f"datasets.{name}.target", level, planned)
         if image is not None:
             _check_same_pixels(name, spec, image, target)
     return image, target
@@ -331,6 +343,66 @@ def _check_shards(model: str, config: dict, predicted: dict[str, OmeImage]) -> N
                         f"predict.tile_shape; use at most {tiles[largest]} shards")
 
 
+def _check_halo(model: str, config: dict, predicted: dict[str, OmeImage]) -> None:
+    """A predict.halo wider than an image it predicts on (tiling.check_halo says why it is
+    refused, not clamped); the smallest image bounds it, as each image is tiled alone."""
+    settings = model_section(config, model, "predict")
+    if settings["halo"] is None:
+        return  # the model's exact halo: never refused
+    arch = model_section(config, model, "model")
+    multiple = 2 ** arch["depth"]
+    for name, image in predicted.items():
+        model_axes = image.spatial_shape[-arch["spatial_dims"]:]
+        limit = math.ceil(max(model_axes) / multiple) * multiple  # tiling.halo_limit
+        if settings["halo"] > limit:
+            raise DataError(f"config key {_where(config, model, 'predict', 'halo')}: "
+                            f"{settings['halo']} px per side, but dataset '{name}' "
+                            f"({image.path}, {_shape_text(image)}) is at most "
+                            f"{max(model_axes)} px along the model's axes: a wider halo "
+                            f"reads only reflected copies of the image, at the cost of a "
+                            f"window of tile + 2 x halo per tile; use at most {limit}, or "
+                            f"leave predict.halo unset for the model's exact halo")
+
+
+def _check_predict_batch(model: str, config: dict, predicted: dict[str, OmeImage]) -> None:
+    """predict.batch_size: tiles per forward pass, and batch_size + 1 dask threads by
+    default. Refused, not clamped, above the tiles of the largest image predicted on: such
+    a batch is never filled (each waits for tiles that do not exist) and 1,000,000 would
+    start a million threads; the setting is plainly a mistake for this data."""
+    settings = model_section(config, model, "predict")
+    if settings["batch_size"] <= 1 or not predicted:
+        return
+    arch = model_section(config, model, "model")
+    tiles = {n: _tile_count(im, settings, arch) for n, im in predicted.items()}
+    largest = max(tiles, key=tiles.get)
+    if settings["batch_size"] > tiles[largest]:
+        raise DataError(f"config key {_where(config, model, 'predict', 'batch_size')}: "
+                        f"{settings['batch_size']} tiles per forward pass but the largest "
+                        f"image model '{model}' predicts on (dataset '{largest}', "
+                        f"{predicted[largest].path}, {_shape_text(predicted[largest])}) has "
+                        f"{tiles[largest]} tile(s) of predict.tile_shape; use at most "
+                        f"{tiles[largest]}")
+
+
+def _check_train_batch(model: str, config: dict, patch_counts: dict[str, int]) -> None:
+    """train.batch_size against the patches extracted for training (patches.per_dataset or
+    per_megapixel, summed over train_on): every batch is filled up to batch_size by
+    repeating patches, so a batch larger than all patches only repeats them, in memory
+    (batch x patch pixels; 1e9 would never fit). Refused: the fix is the user's choice
+    (fewer per batch, or more patches)."""
+    if not patch_counts:
+        return
+    batch = model_section(config, model, "train")["batch_size"]
+    total = sum(patch_counts.values())
+    if batch > total:
+        raise DataError(f"config key {_where(config, model, 'train', 'batch_size')}: "
+                        f"{batch:,} patches per batch but model '{model}' extracts only "
+                        f"{total:,} patches from its datasets "
+                        f"({', '.join(patch_counts)}: patches.per_dataset or "
+                        f"per_megapixel); a batch would repeat its patches in memory: use "
+                        f"at most {total:,}, or extract more patches")
+
+
 def _shape_text(image: OmeImage) -> str:
     return "x".join(map(str, image.spatial_shape))
 
@@ -350,34 +422,38 @@ def _check_pyramid(model: str, config: dict, predicted: dict[str, OmeImage]) -> 
 
 
 def _check_sigmas(model: str, config: dict, used: dict[str, OmeImage]) -> None:
-    """evaluate.gaussian_sigmas (the regression baseline): a sigma wider than the largest
-    image only averages it, and its kernel (4 sigma each side) can take GBs."""
+    """evaluate.gaussian_sigmas (the regression baseline): refused when a sigma's reach (the
+    kernel's 4 sigma each side, as tune-baseline checks: metrics.check_sigma_reach) exceeds
+    the largest image. Such a Gaussian only averages the image, and its kernel grows with
+    sigma (1e9 tried to allocate 60 GiB). Refused, not clamped: a clamped candidate would be
+    tuned and reported under a sigma nobody asked for."""
     if config["models"][model]["task"] != "regression" or not used:
         return
     extent = {n: max(im.spatial_shape) for n, im in used.items()}
     largest = max(extent, key=extent.get)
     sigmas = model_section(config, model, "evaluate")["gaussian_sigmas"]
-    wide = [s for s in sigmas if s > extent[largest]]
+    wide = [s for s in sigmas if SIGMA_REACH * s > extent[largest]]
     if wide:
         raise DataError(f"config key {_where(config, model, 'evaluate', 'gaussian_sigmas')}: "
-                        f"sigma {wide[0]:g} px is wider than the largest image model "
-                        f"'{model}' uses (dataset '{largest}', {used[largest].path}, "
-                        f"{_shape_text(used[largest])}); a Gaussian that wide only averages "
-                        f"the image: use sigmas up to {extent[largest]}")
+                        f"sigma {wide[0]:g} px reaches {SIGMA_REACH * wide[0]:g} px (4 sigma), "
+                        f"beyond the largest image model '{model}' uses (dataset "
+                        f"'{largest}', {used[largest].path}, {_shape_text(used[largest])}); "
+                        f"a Gaussian that wide only averages the image: use sigmas up to "
+                        f"{extent[largest] / SIGMA_REACH:g}")
 
 
 def _check_patch_count(model: str, config: dict, name: str, image: OmeImage,
-                       positions: int) -> None:
+                       positions: int) -> int | None:
     """More patches than distinct patch origins (per image, times its positions) only
     repeats patches, and a count like 1e9 fills the disk."""
     settings = model_section(config, model, "patches")
     spatial, patch = image.spatial_shape, settings["shape"]
     if len(spatial) != len(patch) or any(p > n for p, n in zip(patch, spatial, strict=True)):
-        return  # said by _check_use_by_model
+        return None  # said by _check_use_by_model
     origins = positions * math.prod(n - p + 1 for n, p in zip(spatial, patch, strict=True))
     if settings["per_megapixel"]:
         key = "per_megapixel"
-        count = round(settings["per_megapixel"] * positions * math.prod(spatial) / 1e6)
+        count = max(1, round(settings["per_megapixel"] * positions * math.prod(spatial) / 1e6))
     else:
         key, count = "per_dataset", settings["per_dataset"] or 0
     if count > origins:
@@ -387,22 +463,29 @@ def _check_patch_count(model: str, config: dict, name: str, image: OmeImage,
                         f"{'positions hold' if positions > 1 else 'image holds'} only "
                         f"{origins:,} distinct patches of shape {patch}; ask for at most "
                         f"{origins:,}")
+    return count
 
 
-def _made_by_rule(path: str, produced: set[str]) -> bool:
-    return str(Path(path)) in produced
+def _made_by_rule(path: str, produced: set[str],
+                  planned: dict[str, PlannedImage] | None = None) -> bool:
+    """A path a rule makes and whose shape planning does not know."""
+    return str(Path(path)) in produced and str(Path(path)) not in (planned or {})
 
 
 def dataset_problems(config: dict[str, Any], produced: set[str] | None = None,
                      position_sets: dict[str, PositionSet] | None = None,
-                     converted: str | None = None) -> list[str]:
-    """Every problem found, one line each; paths in `produced` are made by a rule and skipped.
+                     converted: str | None = None,
+                     planned: dict[str, PlannedImage] | None = None) -> list[str]:
+    """Every problem found, one line each; paths in `produced` are made by a rule and skipped,
+    unless `planned` describes them (ome.PlannedImage: the demo data, TIFF conversions),
+    which are checked like existing stores.
 
     The positions of plate and collection datasets are read (and checked) on the way; they
     go into `position_sets` when given. A collection's TIFFs are read from their conversions
     under `converted` (see plates.dataset_positions).
     """
     produced = {str(Path(p)) for p in (produced or set())}
+    planned = {str(Path(p)): d for p, d in (planned or {}).items()}
     level = config["normalize"]["level"]
     problems: list[str] = []
     opened: dict[str, tuple[OmeImage | None, OmeImage | None]] = {}
@@ -411,7 +494,7 @@ def dataset_problems(config: dict[str, Any], produced: set[str] | None = None,
     for name, spec in config["datasets"].items():
         try:
             if dataset_kind(spec) == "image":
-                opened[name] = _check_image_dataset(name, spec, level, produced)
+                opened[name] = _check_image_dataset(name, spec, level, produced, planned)
                 first_images[name] = spec["image"]
             else:
                 positions, *opened[name] = _check_positions_dataset(name, spec, level,
@@ -423,6 +506,7 @@ def dataset_problems(config: dict[str, Any], produced: set[str] | None = None,
         except DataError as err:
             problems.append(str(err))
     for model, spec in config["models"].items():
+        patch_counts: dict[str, int] = {}  # training patches per dataset, when known
         for key in ("train_on", "predict_on"):
             for name in spec.get(key, []):
                 if name in opened and opened[name][0] is not None:
@@ -430,16 +514,23 @@ def dataset_problems(config: dict[str, Any], produced: set[str] | None = None,
                         _check_use_by_model(model, config, name, *opened[name],
                                             training=key == "train_on")
                         if key == "train_on":
-                            _check_patch_count(model, config, name, opened[name][0],
-                                               counts.get(name, 1))
+                            count = _check_patch_count(model, config, name, opened[name][0],
+                                                       counts.get(name, 1))
+                            if count is not None:
+                                patch_counts[name] = count
                     except DataError as err:
                         problems.append(str(err))
-        problems += _model_problems(model, config, opened, first_images)
+        if len(patch_counts) == len(spec.get("train_on", [])):
+            try:
+                _check_train_batch(model, config, patch_counts)
+            except DataError as err:
+                problems.append(str(err))
+        problems += _model_problems(model, config, opened, first_images, planned)
     return problems
 
 
-def _predicted_images(model: str, config: dict, opened: dict, first_images: dict[str, str]
-                      ) -> dict[str, OmeImage]:
+def _predicted_images(model: str, config: dict, opened: dict, first_images: dict[str, str],
+                      planned: dict[str, PlannedImage]) -> dict[str, OmeImage]:
     """The images `model` predicts on, at predict.level (opened again if not the level of
     the checks by dataset): metadata only."""
     level = model_section(config, model, "predict")["level"]
@@ -449,13 +540,15 @@ def _predicted_images(model: str, config: dict, opened: dict, first_images: dict
             continue
         image = opened[name][0]
         if level != config["normalize"]["level"]:
-            image = _open(first_images[name], _where(config, model, "predict", "level"), level)
+            image = _open(first_images[name], _where(config, model, "predict", "level"), level,
+                          planned)
         images[name] = image
     return images
 
 
 def _model_problems(model: str, config: dict, opened: dict,
-                    first_images: dict[str, str]) -> list[str]:
+                    first_images: dict[str, str], planned: dict[str, PlannedImage]
+                    ) -> list[str]:
     """A model's datasets against each other and its checkpoint (channels, train.init_from),
     and its settings against its data (shards, pyramid levels, sigmas): one line each."""
     spec = config["models"][model]
@@ -468,10 +561,11 @@ def _model_problems(model: str, config: dict, opened: dict,
     except DataError as err:
         problems.append(str(err))
     try:
-        predicted = _predicted_images(model, config, opened, first_images)
+        predicted = _predicted_images(model, config, opened, first_images, planned)
     except DataError as err:
         return [*problems, str(err)]
     for check, images in ((_check_shards, predicted), (_check_pyramid, predicted),
+                          (_check_halo, predicted), (_check_predict_batch, predicted),
                           (_check_sigmas, used)):
         try:
             check(model, config, images)
@@ -480,12 +574,42 @@ def _model_problems(model: str, config: dict, opened: dict,
     return problems
 
 
+def planned_images(config: dict[str, Any], demo_root: str,
+                   tiff_sources: dict[tuple[str, str], str]) -> dict[str, PlannedImage]:
+    """What the rules will write, described from settings and metadata so that planning
+    checks every setting against them too: the demo stores (rule demo_data, from the `demo`
+    settings) and each TIFF's conversion (rule convert, from the TIFF's tags: no pixels).
+
+    Without this a `predict.shards: 1000000` on the demo config was planned as a million
+    jobs (minutes, GBs) before any check could see the image. A TIFF not there yet is left
+    to Snakemake (a missing input); one whose axes cannot be converted is refused here.
+    """
+    from unetflow.convert import planned_conversion
+    from unetflow.demo_store import planned_demo_images
+
+    planned = dict(planned_demo_images(demo_root, config["demo"])) if config.get("demo") else {}
+    for (name, role), tiff in tiff_sources.items():
+        if not Path(tiff).is_file():
+            continue
+        spec = config["datasets"][name]
+        try:
+            planned[str(Path(spec[role]))] = planned_conversion(
+                tiff, spec[role], spec.get("axes"), spec.get("pixel_size"), role)
+        except Exception as err:  # tifffile raises several types for files it cannot read
+            raise DataError(f"config key 'datasets.{name}.{role}': {tiff}: cannot be read as "
+                            f"a TIFF ({err}); give a readable TIFF or an OME-Zarr image"
+                            if not isinstance(err, ValueError) else
+                            f"config key 'datasets.{name}.{role}': {err}") from None
+    return planned
+
+
 def check_datasets(config: dict[str, Any], produced: set[str] | None = None,
-                   converted: str | None = None) -> dict[str, PositionSet]:
+                   converted: str | None = None,
+                   planned: dict[str, PlannedImage] | None = None) -> dict[str, PositionSet]:
     """Raise DataError listing every problem of the configured data; return the positions of
     the plate and collection datasets (read once, at planning)."""
     position_sets: dict[str, PositionSet] = {}
-    problems = dataset_problems(config, produced, position_sets, converted)
+    problems = dataset_problems(config, produced, position_sets, converted, planned)
     if problems:
         raise DataError("\n".join(problems))
     return position_sets

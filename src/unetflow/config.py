@@ -120,7 +120,11 @@ def _describe_value_error(error: jsonschema.ValidationError, key: str) -> str | 
         return f"config key '{key}': {value!r} is too small; use a value {bound} {limit}"
     if kind in ("maximum", "exclusiveMaximum"):
         bound = "of at most" if kind == "maximum" else "less than"
-        return f"config key '{key}': {value!r} is too large; use a value {bound} {limit}"
+        # the schema may say why a bound exists (x-maximum-reason): a bound without a reason
+        # reads as arbitrary
+        reason = error.schema.get("x-maximum-reason") if isinstance(error.schema, dict) else None
+        return (f"config key '{key}': {value!r} is too large; use a value {bound} {limit}"
+                + (f" ({reason})" if reason else ""))
     if kind == "minItems" and not value:
         what = "dataset name defined under 'datasets'" if key.endswith("_on") else "entry"
         return f"config key '{key}': the list is empty; give at least {limit} {what}"

@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import dask.array as da
+import numpy as np
 
 from unetflow.config import ConfigError
-from unetflow.ome import write_image
+from unetflow.ome import PlannedImage, write_image
 
 __all__ = [
     "TIFF_SUFFIXES",
@@ -31,6 +32,7 @@ __all__ = [
     "default_chunks",
     "default_pyramid_levels",
     "convert_tiff",
+    "planned_conversion",
     "parse_pixel_size",
 ]
 
@@ -240,6 +242,38 @@ def _scale_and_units(meta: TiffMetadata, given: dict[str, float],
             if axis in "zyx":
                 unknown.append(axis)
     return scale, units, unknown
+
+
+def _ngff_shape(shape: tuple[int, ...], axes: list[str]) -> tuple[tuple[int, ...], list[str]]:
+    """`_to_ngff_order` on a shape: the shape and axes the conversion will have."""
+    order = sorted(range(len(axes)), key=lambda i: NGFF_ORDER.index(axes[i]))
+    shape, axes = [shape[i] for i in order], [axes[i] for i in order]
+    for name in ("t", "z"):
+        if name in axes and shape[axes.index(name)] == 1:
+            del shape[axes.index(name)]
+            axes.remove(name)
+    if "c" not in axes:
+        at = 1 if axes[0] == "t" else 0
+        shape, axes = shape[:at] + [1] + shape[at:], axes[:at] + ["c"] + axes[at:]
+    return tuple(shape), axes
+
+
+def planned_conversion(source: str | Path, output: str, axes: str | None = None,
+                       pixel_size: dict[str, float] | str | None = None,
+                       role: str = "image") -> PlannedImage:
+    """What `convert_tiff` will write at `output`, from the TIFF's metadata (no pixels read),
+    so that planning checks a TIFF dataset before its conversion exists. Raises ValueError
+    naming the file when its axes cannot be converted (as the conversion would)."""
+    source = str(source)
+    meta = read_tiff_metadata(source)
+    shape, out_axes = _ngff_shape(tuple(meta.shape), ngff_axes(meta.axes, axes, source))
+    scale, _, _ = _scale_and_units(meta, parse_pixel_size(pixel_size), out_axes)
+    labels = role == "target" and np.dtype(meta.dtype).kind in "iub"
+    names = meta.channel_names if len(meta.channel_names) == shape[out_axes.index("c")] else []
+    return PlannedImage(path=output, axes=tuple(out_axes), shape=shape, dtype=meta.dtype,
+                        scale=tuple(scale[a] for a in out_axes),
+                        levels=1 if labels else default_pyramid_levels(shape, out_axes),
+                        channel_names=tuple(names))
 
 
 def convert_tiff(source: str | Path, output: str | Path, axes: str | None = None,

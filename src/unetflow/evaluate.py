@@ -23,6 +23,7 @@ import numpy as np
 
 from unetflow.files import atomic_path, file_sha256, write_json_atomic, write_text_atomic
 from unetflow.metrics import (
+    check_sigma_reach,
     tune_gaussian_sigma,
 )
 from unetflow.normalize import denormalize_array
@@ -217,7 +218,7 @@ def tune_gaussian_baseline(datasets: list[dict[str, Any]], settings: dict[str, A
     `settings` the evaluate section (gaussian_sigmas, tuning_crops, tuning_crop_size). Only
     crops are read, so this stays cheap on large datasets.
     """
-    pairs, spacing = [], None
+    pairs, spacing, extents = [], None, {}
     for ds in datasets:
         img = open_image(ds["image"])
         image = channel_first(img, ds.get("channels"))
@@ -226,10 +227,15 @@ def tune_gaussian_baseline(datasets: list[dict[str, Any]], settings: dict[str, A
             raise ValueError(f"dataset '{ds['name']}': image shape {image.shape} differs from "
                              f"target shape {target.shape}; the Gaussian baseline needs both alike")
         spacing = tuple(img.spatial_scale()[a] for a in img.spatial_axes)
+        extents[ds["name"]] = (max(image.shape[1:]), ds["image"])
         for box in tuning_crops(image.shape[1:], settings["tuning_crop_size"],
                                 settings["tuning_crops"]):
             pairs.append((np.asarray(image[(slice(None), *box)]),
                           np.asarray(target[(slice(None), *box)])))
+    if extents:  # as planning checks: the largest image bounds the sigmas
+        name = max(extents, key=lambda n: extents[n][0])
+        check_sigma_reach(settings["gaussian_sigmas"], extents[name][0],
+                          f"the largest image tuned on (dataset '{name}', {extents[name][1]})")
     result = tune_gaussian_sigma(pairs, settings["gaussian_sigmas"], spacing)
     record = {**result, "datasets": [d["name"] for d in datasets], "crops": len(pairs),
               "sigma_unit": "pixels along x; other axes scaled by their pixel size"}

@@ -239,6 +239,21 @@ def otsu_instances(image: np.ndarray) -> np.ndarray:
 
 
 # --- Gaussian baseline --------------------------------------------------------------------
+SIGMA_REACH = 4  # scipy.ndimage.gaussian_filter's truncate: the kernel's reach in sigmas
+
+
+def check_sigma_reach(sigmas: list[float], extent: int, where: str) -> None:
+    """Refuse a Gaussian whose reach (4 sigma each side) exceeds an image of largest extent
+    `extent`: it only averages the image, and its kernel grows with sigma (1e9: 60 GiB).
+    Planning checks the same (checks._check_sigmas); this is the job's backstop."""
+    wide = [s for s in sigmas if SIGMA_REACH * s > extent]
+    if wide:
+        raise ValueError(f"config key 'evaluate.gaussian_sigmas': sigma {wide[0]:g} px "
+                         f"reaches {SIGMA_REACH * wide[0]:g} px (4 sigma), beyond {where} "
+                         f"(largest extent {extent} px); a Gaussian that wide only averages "
+                         f"the image: use sigmas up to {extent / SIGMA_REACH:g}")
+
+
 def gaussian_smooth(image: np.ndarray, sigma: float,
                     spacing: tuple[float, ...] | None = None) -> np.ndarray:
     """Each channel of (C, *spatial) smoothed by a Gaussian of `sigma` pixels along the last

@@ -26,6 +26,7 @@ __all__ = [
     "multiscales_and_version",
     "omero_channel_names",
     "OmeImage",
+    "PlannedImage",
     "OmeZarrError",
     "DamagedImageError",
     "open_image",
@@ -84,6 +85,43 @@ class OmeImage:
     def axis_translation(self) -> dict[str, float]:
         """Physical position of the first pixel's centre along every axis."""
         return dict(zip(self.axes, self.translation, strict=True))
+
+
+@dataclass(frozen=True)
+class PlannedImage:
+    """An image a rule will write (demo data, a TIFF's conversion), described from settings
+    or file metadata so that planning can check it like an existing store, without pixels.
+
+    `shape` and `scale` are level 0's; level i halves y and x (and z when `downsample_z`)
+    by integer division, as `write_image` does.
+    """
+
+    path: str
+    axes: tuple[str, ...]
+    shape: tuple[int, ...]
+    dtype: str
+    scale: tuple[float, ...]
+    levels: int = 1
+    downsample_z: bool = False
+    channel_names: tuple[str, ...] = ()
+
+    def at_level(self, level: int) -> OmeImage:
+        """The level as an OmeImage whose data is a zero-strided array: shape and dtype, no
+        memory (any read gives zeros, so only metadata checks may use it)."""
+        if not 0 <= level < self.levels:
+            raise OmeZarrError(f"{self.path}: resolution level {level} does not exist "
+                               f"(the image will have {self.levels} levels)")
+        factors = [2**level if a in ("y", "x") or (a == "z" and self.downsample_z) else 1
+                   for a in self.axes]
+        shape = tuple(max(1, n // f) for n, f in zip(self.shape, factors, strict=True))
+        scale = [s * n / m for s, n, m in zip(self.scale, self.shape, shape, strict=True)]
+        data = np.broadcast_to(np.zeros((), dtype=np.dtype(self.dtype)), shape)
+        n_channels = shape[self.axes.index("c")] if "c" in self.axes else 1
+        names = list(self.channel_names) if len(self.channel_names) == n_channels else \
+            [str(i) for i in range(n_channels)]
+        return OmeImage(path=self.path, axes=list(self.axes), data=data,
+                        level_path=str(level), scale=scale,
+                        translation=[0.0] * len(self.axes), channel_names=names)
 
 
 def spatial_axes(axes: list[str]) -> list[str]:

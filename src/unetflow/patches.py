@@ -211,28 +211,42 @@ def split_regions(spatial_shape: tuple[int, ...], patch_shape: tuple[int, ...], 
 
 def prepare_target(target: np.ndarray, task: str, num_classes: int,
                    ignore_label: int | None, where: str = "the target") -> np.ndarray:
-    """Segmentation targets as int32 class indices; with 2 classes any nonzero label is
-    foreground. With more, labels outside 0..num_classes-1 (but ignore_label) are refused
-    here, before training, naming `where` (a loss would fail on them after GPU hours)."""
+    """Segmentation targets as int32 class indices; with 2 classes any positive label is
+    foreground (instance labels). Negative labels (but ignore_label) are refused in every
+    case, and with more classes also labels >= num_classes, here, before training, naming
+    `where`: with 2 classes a -1 (say, an unlabelled marker whose ignore_label was not set)
+    was silently trained as foreground, and with more a loss fails after GPU hours."""
     if task != "segmentation":
         return target.astype(np.float32)
     if num_classes != 2:
         _check_label_range(target, num_classes, ignore_label, where)
         return target.astype(np.int32)
+    _check_label_range(target, None, ignore_label, where)
     binary = (target != 0).astype(np.int32)
     if ignore_label is not None:
         binary[target == ignore_label] = ignore_label
     return binary
 
 
-def _check_label_range(target: np.ndarray, num_classes: int, ignore_label: int | None,
+def _check_label_range(target: np.ndarray, num_classes: int | None, ignore_label: int | None,
                        where: str) -> None:
-    bad = (target < 0) | (target >= num_classes)
+    """Labels outside 0..num_classes-1 (num_classes None: negative labels) but ignore_label
+    are refused in one line naming `where`."""
+    if np.issubdtype(target.dtype, np.unsignedinteger) and num_classes is None:
+        return  # no negative values possible
+    bad = target < 0
+    if num_classes is not None:
+        bad |= target >= num_classes
     if ignore_label is not None:
         bad &= target != ignore_label
     if bad.any():
         values = np.unique(target[bad])
         shown = ", ".join(str(v) for v in values[:5]) + (", ..." if len(values) > 5 else "")
+        if num_classes is None:
+            raise PatchError(f"{where} holds negative labels {shown}; with 2 classes any "
+                             f"positive label is foreground and 0 background, a negative "
+                             f"one is neither: set train.ignore_label to it to skip those "
+                             f"pixels, or relabel the target")
         raise PatchError(f"{where} holds labels {shown}, outside 0-{num_classes - 1} "
                          f"(model.num_classes: {num_classes}); set model.num_classes to the "
                          f"classes the labels hold, train.ignore_label to skip a label, or "

@@ -501,12 +501,33 @@ def _raw_shape_and_chunks(plan: TilePlan) -> tuple[tuple[int, ...], tuple[int, .
             (plan.channels_out + 1, *plan.window))
 
 
+MAX_SHARDS = 10000  # the schema's maximum of predict.shards
+
+
+def check_shard_count(shards: int, tiles: int, image: str) -> None:
+    """The job's backstop for predict.shards (planning refuses more shards than the largest
+    image of a model has tiles, and the schema more than MAX_SHARDS).
+
+    An image with fewer tiles than shards is not refused here: shards are set per model, so
+    a model predicting on a large and a small image gives the small one empty shards (jobs
+    that write nothing), which cost little and leave the output whole; refusing them here
+    would fail, after training, a config that planning accepted. Refused is a count above
+    the image's tiles and above MAX_SHARDS, which no plan needs and only a settings JSON
+    that bypassed the schema (the CLI called by hand) can give.
+    """
+    if shards > MAX_SHARDS and shards > tiles:
+        raise ValueError(f"predict.shards {shards} but {image} has {tiles} tile(s) of "
+                         f"predict.tile_shape; use at most {max(1, tiles)} shards (and at "
+                         f"most {MAX_SHARDS}: no image needs more than one shard per tile)")
+
+
 def create_raw_store(job: PredictionJob, path: str | Path, shards: int) -> None:
     """Create the empty raw store (zarr v3) the shards write into, atomically.
 
     Chunks are tiles (crop) or tile windows (gaussian), so each tile has its own chunk. The
     tile plan is stored with it: shards and the gather check theirs against it.
     """
+    check_shard_count(shards, job.plan.tile_count(), job.image.path)
     warn_missing_chunks(job.image, "input")
     shape, chunks = _raw_shape_and_chunks(job.plan)
     with atomic_path(path) as tmp:

@@ -35,7 +35,9 @@ __all__ = [
     "UNIT_MEGAPIXELS",
     "Box",
     "TilePlan",
+    "check_halo",
     "clamp_tiles",
+    "halo_limit",
     "plan_tiles",
     "read_box",
     "reflect_indices",
@@ -164,6 +166,30 @@ def clamp_tiles(tile_shape: tuple[int, ...], shape: tuple[int, ...],
                  for t, s in zip(tile_shape, shape, strict=True))
 
 
+def halo_limit(shape: tuple[int, ...], multiple: int) -> int:
+    """The widest useful predict.halo for an image of `shape` (the model's axes): its largest
+    extent rounded up to `multiple`."""
+    return math.ceil(max(shape) / multiple) * multiple
+
+
+def check_halo(halo: int, shape: tuple[int, ...], multiple: int) -> None:
+    """Refuse a configured halo wider than the image along every model axis.
+
+    Refused, not clamped: a halo that wide reads only reflected copies of the image (the
+    context a tile can have is the image itself), yet each tile's window (tile + 2 halo)
+    is read and run through the network whole, so its memory and time grow as halo**dims
+    (1e9 would never finish). Clamping would change the output of a halo set on purpose;
+    the model's exact halo (predict.halo unset) is never refused.
+    """
+    limit = halo_limit(shape, multiple)
+    if halo > limit:
+        raise ValueError(f"predict.halo {halo} is wider than the image (largest extent along "
+                         f"the model's axes {max(shape)} px): beyond that the halo reads "
+                         f"only reflected copies of the image, at the cost of a window of "
+                         f"tile + 2 x halo per tile; use at most {limit}, or leave "
+                         f"predict.halo unset for the model's exact halo")
+
+
 def plan_tiles(axes: list[str], shape: tuple[int, ...], model: UNet,
                tile_shape: tuple[int, ...], halo: int | None = None,
                blending: str = "crop") -> TilePlan:
@@ -179,8 +205,10 @@ def plan_tiles(axes: list[str], shape: tuple[int, ...], model: UNet,
         raise ValueError(f"the image has axes {list(axes)} but the {dims}D model needs "
                          f"{dims} spatial axes last")
     _check_tile_shape(tuple(tile_shape), dims, model.size_multiple)
-    halo = _resolve_halo(model, halo, blending)
     extra = len(axes) - dims
+    if halo is not None:
+        check_halo(int(halo), tuple(shape)[extra:], model.size_multiple)
+    halo = _resolve_halo(model, halo, blending)
     tile_shape = clamp_tiles(tuple(tile_shape), tuple(shape)[extra:], model.size_multiple)
     tiles = _enlarge_small_tiles(tile_shape, halo)
     return TilePlan(axes=tuple(axes), shape=tuple(int(s) for s in shape),

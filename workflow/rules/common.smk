@@ -9,7 +9,7 @@ from snakemake.exceptions import WorkflowError
 from snakemake.logging import logger
 from snakemake.settings.types import DeploymentMethod
 
-from unetflow.checks import DataError, check_datasets, command_problem
+from unetflow.checks import DataError, check_datasets, command_problem, planned_images
 from unetflow.config import (
     PREDICT_OUTPUT_KEYS,
     ConfigError,
@@ -50,7 +50,8 @@ ENV = "../../envs/unetflow.yaml"
 DEMO_ROOT = "data/demo"  # where rule demo_data writes the demo stores (demo.smk)
 CONVERTED_COLLECTIONS = "results/converted_collections"  # rule convert_collection (convert.smk)
 # The data the config points to, checked from metadata before any job runs (unetflow.checks);
-# stores that rules make (demo data, TIFF conversions) are checked by the rules that read them.
+# stores that rules make (demo data, TIFF conversions) are checked as described by their
+# settings and the TIFFs' metadata (checks.planned_images), so no setting escapes the checks.
 # Plates and collections: their positions are read (and checked) here, once per run, so
 # that jobs are planned per batch of positions (POSITION_SETS: name -> plates.PositionSet).
 try:
@@ -59,6 +60,7 @@ try:
         set(demo_store_paths(DEMO_ROOT).values())
         | {DATASETS[name][role] for name, role in TIFF_SOURCES},
         converted=CONVERTED_COLLECTIONS,
+        planned=planned_images(config, DEMO_ROOT, TIFF_SOURCES),
     )
 except DataError as err:
     raise WorkflowError(f"invalid data:\n{err}") from None
