@@ -255,3 +255,16 @@ def test_a_damaged_baseline_file_is_named_in_one_line(completed_tiny_run, tmp_pa
                        "--baseline", str(baseline))
     assert_cli_error(result, "evaluate", str(baseline), "delete it and run Snakemake again")
     assert not out.exists()
+
+
+def test_a_complex_image_is_refused_at_planning_not_read_as_its_real_part(tmp_path):
+    from test_bad_input import dag_problem, data_config
+
+    image = write_2d(tmp_path / "complex.ome.zarr",
+                     (np.ones((64, 64)) * (1 + 2j)).astype(np.complex64))
+    labels = write_2d(tmp_path / "labels.ome.zarr", np.ones((64, 64), np.uint16))
+    dag_problem(data_config(image, labels), "config key 'datasets.d.image'",
+                "dtype complex64 is not a real number type", "write its magnitude")
+    result = normalize_cli(image, tmp_path / "stats.json")
+    assert_cli_error(result, "normalize", "dtype complex64 is not a real number type")
+    assert not (tmp_path / "stats.json").exists()

@@ -44,6 +44,9 @@ __all__ = [
 SPATIAL_AXES = ("z", "y", "x")
 
 
+REAL_KINDS = "biuf"  # numpy dtype kinds of the pixels unetflow reads: bool, int, uint, float
+
+
 class OmeZarrError(ValueError):
     """An input path is missing or is not a readable OME-Zarr image."""
 
@@ -229,6 +232,11 @@ def open_image(path: str | Path, level: int = 0,
     array = _open_level(path, level, level_path)
     if array.ndim != len(axes):
         raise OmeZarrError(f"{path}: axes {axes} do not match the array's {array.ndim} dimensions")
+    if np.dtype(array.dtype).kind not in REAL_KINDS:
+        raise OmeZarrError(f"{path}: dtype {array.dtype} is not a real number type; unetflow "
+                           f"reads images of integers, floats or booleans (a complex image "
+                           f"would silently lose its imaginary part): write its magnitude or "
+                           f"real part as float32")
     array = dask_array(array, axes) if dask_array else \
         checked_from_zarr(array, f"{path}/{level_path}")
     scale, translation = _transforms(datasets[level], len(axes))
