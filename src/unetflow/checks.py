@@ -328,19 +328,27 @@ def _check_shards(model: str, config: dict, predicted: dict[str, OmeImage]) -> N
     """predict.shards splits each image's tiles into jobs: more shards than the largest
     image has tiles only adds empty jobs (1,000,000 took minutes to plan)."""
     settings = model_section(config, model, "predict")
-    arch = model_section(config, model, "model")
     images = {n: im for n, im in predicted.items()
               if dataset_kind(config["datasets"][n]) == "image"}
     if not images:
         return
-    tiles = {n: _tile_count(im, settings, arch) for n, im in images.items()}
-    largest = max(tiles, key=tiles.get)
-    if settings["shards"] > tiles[largest]:
+    largest, tiles = _most_tiles(model, config, images)
+    if settings["shards"] > tiles:
         raise DataError(f"config key {_where(config, model, 'predict', 'shards')}: "
                         f"{settings['shards']} shards but the largest image model '{model}' "
                         f"predicts on (dataset '{largest}', {images[largest].path}, "
-                        f"{_shape_text(images[largest])}) has {tiles[largest]} tile(s) of "
-                        f"predict.tile_shape; use at most {tiles[largest]} shards")
+                        f"{_shape_text(images[largest])}) has {tiles} tile(s) of "
+                        f"predict.tile_shape; use at most {tiles} shards")
+
+
+def _most_tiles(model: str, config: dict, images: dict[str, OmeImage]) -> tuple[str, int]:
+    """(dataset, tiles) of the image with the most tiles of the model's predict.tile_shape:
+    what bounds the settings that divide or batch an image's tiles."""
+    settings = model_section(config, model, "predict")
+    arch = model_section(config, model, "model")
+    tiles = {n: _tile_count(im, settings, arch) for n, im in images.items()}
+    largest = max(tiles, key=tiles.get)
+    return largest, tiles[largest]
 
 
 def _check_halo(model: str, config: dict, predicted: dict[str, OmeImage]) -> None:
@@ -372,16 +380,13 @@ def _check_predict_batch(model: str, config: dict, predicted: dict[str, OmeImage
     settings = model_section(config, model, "predict")
     if settings["batch_size"] <= 1 or not predicted:
         return
-    arch = model_section(config, model, "model")
-    tiles = {n: _tile_count(im, settings, arch) for n, im in predicted.items()}
-    largest = max(tiles, key=tiles.get)
-    if settings["batch_size"] > tiles[largest]:
+    largest, tiles = _most_tiles(model, config, predicted)
+    if settings["batch_size"] > tiles:
         raise DataError(f"config key {_where(config, model, 'predict', 'batch_size')}: "
                         f"{settings['batch_size']} tiles per forward pass but the largest "
                         f"image model '{model}' predicts on (dataset '{largest}', "
                         f"{predicted[largest].path}, {_shape_text(predicted[largest])}) has "
-                        f"{tiles[largest]} tile(s) of predict.tile_shape; use at most "
-                        f"{tiles[largest]}")
+                        f"{tiles} tile(s) of predict.tile_shape; use at most {tiles}")
 
 
 def _check_train_batch(model: str, config: dict, patch_counts: dict[str, int]) -> None:
