@@ -105,8 +105,6 @@ def _print_channels(dataset: str, where: str, channels: list[dict[str, Any]]) ->
 
 
 def _warn_constant(dataset: str, source: str, channels: list[dict[str, Any]]) -> None:
-    from unetflow import notices
-
     for ch in channels:
         if ch["max"] == ch["min"]:
             notices.warn(f"dataset '{dataset}' channel {ch['name']} of {source} is constant "
@@ -115,8 +113,6 @@ def _warn_constant(dataset: str, source: str, channels: list[dict[str, Any]]) ->
 
 
 def _warn_sampled(dataset: str, used: dict[str, Any]) -> None:
-    from unetflow import notices
-
     if used["used"] < used["total"]:
         notices.warn(f"dataset '{dataset}': normalization statistics come from {used['used']} "
                      f"of {used['total']} positions (normalize.sample_positions); set it to "
