@@ -268,3 +268,23 @@ def test_a_complex_image_is_refused_at_planning_not_read_as_its_real_part(tmp_pa
     result = normalize_cli(image, tmp_path / "stats.json")
     assert_cli_error(result, "normalize", "dtype complex64 is not a real number type")
     assert not (tmp_path / "stats.json").exists()
+
+
+@pytest.mark.parametrize("model, dataset, target, said", [
+    ("seg", "te_seg", np.zeros((192, 192), np.uint16), "the target has no foreground pixel"),
+    ("dn", "te_dn", np.full((192, 192), 3.0, np.float32), "the target is constant"),
+])
+def test_a_target_that_scores_cannot_speak_about_is_warned_and_recorded(
+        completed_tiny_run, tmp_path, model, dataset, target, said):
+    flat = write_2d(tmp_path / "target.ome.zarr", target)
+    out = tmp_path / "metrics.json"
+    spec = TINY_CONFIG["datasets"][dataset]
+    result = run_cli("evaluate", "--prediction",
+                     str(completed_tiny_run / f"results/{model}/predictions/{dataset}.ome.zarr"),
+                     "--image", str(completed_tiny_run / spec["image"]), "--target", flat,
+                     "--task", TINY_CONFIG["models"][model]["task"], "--settings", "{}",
+                     "--model", model, "--dataset", dataset, "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    where = f"model '{model}', dataset '{dataset}': {said}"
+    assert f"unetflow evaluate: warning: {where}" in result.stderr
+    assert any(w.startswith(where) for w in json.loads(out.read_text())["warnings"])

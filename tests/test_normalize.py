@@ -294,9 +294,14 @@ def test_cli_normalizes_a_positions_file_per_dataset_and_per_position(plate, tmp
     stats = read_stats(tmp_path / "d.json")
     assert stats["positions"] == {"total": 4, "used": 2, "keys": ["A01_0", "A02_1"]}
     assert stats["histogram_bins"] == 4096  # the schema's defaults filled in
+    sampled = ("dataset 'screen': normalization statistics come from 2 of 4 positions "
+               "(normalize.sample_positions); set it to null to read every position")
+    assert f"unetflow normalize: warning: {sampled}" in result.stderr  # said, and recorded
+    assert stats["warnings"] == [sampled]
     result = run_cli(*base, "--per", "position", "--output", str(tmp_path / "p.json"))
     assert result.returncode == 0, result.stderr
     assert list(read_stats(tmp_path / "p.json")["positions"]) == chosen.keys
+    assert "warning" not in result.stderr and "warnings" not in read_stats(tmp_path / "p.json")
 
 
 @pytest.mark.parametrize(("extra", "message"), [
