@@ -44,6 +44,15 @@ TINY_CONFIG = {
 }
 
 
+@pytest.fixture(autouse=True)
+def fresh_notices():
+    """A stage records the warnings said in its process (unetflow.notices), and a job is one
+    process; tests run many stages in one, so each test starts with an empty record."""
+    from unetflow import notices
+
+    notices.forget()
+
+
 @pytest.fixture
 def one_torch_thread():
     """The CPU is shared: one torch thread per worker is fast and predictable."""
