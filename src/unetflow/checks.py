@@ -22,6 +22,7 @@ from unetflow.config import dataset_kind, has_target, model_section
 from unetflow.ome import OmeImage, OmeZarrError, PlannedImage, open_image, resolve_channels
 from unetflow.patches import PatchError, split_regions
 from unetflow.plates import PositionError, PositionSet, dataset_positions
+from unetflow.tiling import clamp_tiles, enlarged_tiles, halo_limit
 
 __all__ = ["DataError", "check_datasets", "command_problem", "dataset_problems",
            "planned_images"]
@@ -314,11 +315,8 @@ def _tile_count(image: OmeImage, settings: dict[str, Any], arch: dict[str, Any])
     most: tiles enlarged to an unset (exact) halo would be fewer."""
     shape = [n for n, a in zip(image.data.shape, image.axes, strict=True) if a != "c"]
     dims, multiple = arch["spatial_dims"], 2 ** arch["depth"]
-    # tiling.clamp_tiles, without importing tiling (which imports torch)
-    tiles = tuple(min(t, math.ceil(n / multiple) * multiple)
-                  for t, n in zip(settings["tile_shape"], shape[-dims:], strict=True))
-    halo = settings["halo"] or 0
-    tiles = tuple(t * math.ceil(halo / t) if t < halo else t for t in tiles)
+    tiles = enlarged_tiles(clamp_tiles(tuple(settings["tile_shape"]), tuple(shape[-dims:]),
+                                       multiple), settings["halo"] or 0)
     per_model_axes = math.prod(math.ceil(n / t) for n, t in zip(shape[-dims:], tiles,
                                                                  strict=True))
     return per_model_axes * math.prod(shape[:-dims])
@@ -335,10 +333,8 @@ def _check_shards(model: str, config: dict, predicted: dict[str, OmeImage]) -> N
     largest, tiles = _most_tiles(model, config, images)
     if settings["shards"] > tiles:
         raise DataError(f"config key {_where(config, model, 'predict', 'shards')}: "
-                        f"{settings['shards']} shards but the largest image model '{model}' "
-                        f"predicts on (dataset '{largest}', {images[largest].path}, "
-                        f"{_shape_text(images[largest])}) has {tiles} tile(s) of "
-                        f"predict.tile_shape; use at most {tiles} shards")
+                        f"{settings['shards']} shards but "
+                        f"{_tiles_text(model, largest, images[largest], tiles)} shards")
 
 
 def _most_tiles(model: str, config: dict, images: dict[str, OmeImage]) -> tuple[str, int]:
@@ -351,6 +347,13 @@ def _most_tiles(model: str, config: dict, images: dict[str, OmeImage]) -> tuple[
     return largest, tiles[largest]
 
 
+def _tiles_text(model: str, name: str, image: OmeImage, tiles: int) -> str:
+    """What bounds a tile count, for messages: the largest image and its tiles."""
+    return (f"the largest image model '{model}' predicts on (dataset '{name}', {image.path}, "
+            f"{_shape_text(image)}) has {tiles} tile(s) of predict.tile_shape; use at most "
+            f"{tiles}")
+
+
 def _check_halo(model: str, config: dict, predicted: dict[str, OmeImage]) -> None:
     """A predict.halo wider than an image it predicts on (tiling.check_halo says why it is
     refused, not clamped); the smallest image bounds it, as each image is tiled alone."""
@@ -361,7 +364,7 @@ def _check_halo(model: str, config: dict, predicted: dict[str, OmeImage]) -> Non
     multiple = 2 ** arch["depth"]
     for name, image in predicted.items():
         model_axes = image.spatial_shape[-arch["spatial_dims"]:]
-        limit = math.ceil(max(model_axes) / multiple) * multiple  # tiling.halo_limit
+        limit = halo_limit(model_axes, multiple)
         if settings["halo"] > limit:
             raise DataError(f"config key {_where(config, model, 'predict', 'halo')}: "
                             f"{settings['halo']} px per side, but dataset '{name}' "
@@ -383,10 +386,8 @@ def _check_predict_batch(model: str, config: dict, predicted: dict[str, OmeImage
     largest, tiles = _most_tiles(model, config, predicted)
     if settings["batch_size"] > tiles:
         raise DataError(f"config key {_where(config, model, 'predict', 'batch_size')}: "
-                        f"{settings['batch_size']} tiles per forward pass but the largest "
-                        f"image model '{model}' predicts on (dataset '{largest}', "
-                        f"{predicted[largest].path}, {_shape_text(predicted[largest])}) has "
-                        f"{tiles} tile(s) of predict.tile_shape; use at most {tiles}")
+                        f"{settings['batch_size']} tiles per forward pass but "
+                        f"{_tiles_text(model, largest, predicted[largest], tiles)}")
 
 
 def _check_train_batch(model: str, config: dict, patch_counts: dict[str, int]) -> None:

@@ -22,13 +22,16 @@ import json
 import math
 import warnings
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import dask.array as da
 import numpy as np
 
-from unetflow.model.unet import UNet, exact_halo
 from unetflow.ome import spatial_axes
+
+if TYPE_CHECKING:  # torch is imported only where a network is planned for, so that
+    # planning's checks (unetflow.checks) can size tiles with these very functions
+    from unetflow.model.unet import UNet
 
 __all__ = [
     "BLENDINGS",
@@ -37,6 +40,7 @@ __all__ = [
     "TilePlan",
     "check_halo",
     "clamp_tiles",
+    "enlarged_tiles",
     "halo_limit",
     "plan_tiles",
     "read_box",
@@ -130,6 +134,8 @@ def _check_tile_shape(tile_shape: tuple[int, ...], dims: int, multiple: int) -> 
 
 def _resolve_halo(model: UNet, halo: int | None, blending: str) -> int:
     """The configured halo, checked against the pooling grid; warns when crop is not exact."""
+    from unetflow.model.unet import exact_halo
+
     exact, multiple = exact_halo(model), model.size_multiple
     halo = exact if halo is None else int(halo)
     if halo < 0 or halo % multiple:
@@ -145,9 +151,15 @@ def _resolve_halo(model: UNet, halo: int | None, blending: str) -> int:
     return halo
 
 
+def enlarged_tiles(tile_shape: tuple[int, ...], halo: int) -> tuple[int, ...]:
+    """Tiles at least as large as the halo (whole multiples): dask overlap needs depth <=
+    chunk."""
+    return tuple(t * math.ceil(halo / t) if t < halo else t for t in tile_shape)
+
+
 def _enlarge_small_tiles(tile_shape: tuple[int, ...], halo: int) -> tuple[int, ...]:
-    """Tiles at least as large as the halo: dask overlap needs depth <= chunk."""
-    tiles = tuple(t * math.ceil(halo / t) if t < halo else t for t in tile_shape)
+    """Tiles at least as large as the halo (`enlarged_tiles`), said when they change."""
+    tiles = enlarged_tiles(tile_shape, halo)
     if tiles != tuple(tile_shape):
         warnings.warn(f"predict.tile_shape {list(tile_shape)} is smaller than the halo {halo} "
                       f"along some axis; using tiles {list(tiles)}", stacklevel=3)
