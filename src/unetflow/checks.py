@@ -22,6 +22,7 @@ from unetflow.config import dataset_kind, has_target, model_section
 from unetflow.ome import OmeImage, OmeZarrError, PlannedImage, open_image, resolve_channels
 from unetflow.patches import PatchError, split_regions
 from unetflow.plates import PositionError, PositionSet, dataset_positions
+from unetflow.targets import network_classes
 from unetflow.tiling import clamp_tiles, enlarged_tiles, halo_limit
 
 __all__ = ["DataError", "check_datasets", "command_problem", "dataset_problems",
@@ -245,7 +246,7 @@ def _check_channels(model: str, config: dict, opened: dict) -> tuple[int | None,
                         f"set of channels: give targets with the same channels")
     in_channels = next(iter(counts.values()), None)
     if spec["task"] == "segmentation":
-        return in_channels, model_section(config, model, "model")["num_classes"]
+        return in_channels, network_classes(model_section(config, model, "model"))
     train_targets = [targets[n] for n in spec["train_on"] if n in targets]
     return in_channels, (train_targets[0] if train_targets else None)
 

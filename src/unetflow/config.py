@@ -62,7 +62,8 @@ RETIRED_KEYS = {"amp_dtype": "It was merged into amp: use amp: bf16 or amp: fp16
 # are not params of predict_create and predict_shard. While the raw store exists (a gather
 # that failed or was cut off) editing them reruns the gather alone; after a complete
 # prediction the raw store (a temp() output) is gone and the whole prediction reruns.
-PREDICT_OUTPUT_KEYS = ("pyramid_levels", "chunks", "probabilities", "instances", "output_units")
+PREDICT_OUTPUT_KEYS = ("pyramid_levels", "chunks", "probabilities", "instances", "output_units",
+                      "watershed")
 
 
 class ConfigError(ValueError):
@@ -274,6 +275,25 @@ def _where(config: dict, model: str, section: str, key: str) -> str:
     return f"'{section}.{key}' (used by model '{model}')"
 
 
+def _check_segmentation_targets(config: dict) -> None:
+    """model.target boundaries: a segmentation model of objects (2 classes: the label
+    image holds instances, not classes)."""
+    for model, spec in config["models"].items():
+        arch = model_section(config, model, "model")
+        if arch["target"] != "boundaries":
+            continue
+        where = _where(config, model, "model", "target")
+        if spec["task"] != "segmentation":
+            raise ConfigError(f"config key {where}: 'boundaries' is a segmentation target, "
+                              f"but model '{model}' has task '{spec['task']}'; use target: "
+                              f"classes (or leave it out)")
+        if arch["num_classes"] != 2:
+            raise ConfigError(f"config key {_where(config, model, 'model', 'num_classes')}: "
+                              f"{arch['num_classes']} classes, but target 'boundaries' "
+                              f"separates objects of one class (the labels are instance ids); "
+                              f"use num_classes: 2, or target: classes for semantic classes")
+
+
 def _check_shapes(config: dict) -> None:
     for model in config["models"]:
         arch = model_section(config, model, "model")
@@ -303,11 +323,10 @@ def _model_exact_halo(config: dict[str, Any], model: str) -> int:
 
     Built from the model section alone, on the CPU: the halo does not depend on channels.
     """
-    from unetflow.model.unet import build_unet, exact_halo
+    from unetflow.model.unet import build_unet, exact_halo, layer_settings
 
     arch = model_section(config, model, "model")
-    layers = {k: v for k, v in arch.items() if k not in ("num_classes", "spatial_dims")}
-    return exact_halo(build_unet(layers, arch["spatial_dims"], 1, 1))
+    return exact_halo(build_unet(layer_settings(arch), arch["spatial_dims"], 1, 1))
 
 
 def config_warnings(config: dict[str, Any]) -> list[str]:
@@ -393,6 +412,7 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
     _check_references(config)
     _check_validation_groups(config)
     _check_shapes(config)
+    _check_segmentation_targets(config)
     return config
 
 

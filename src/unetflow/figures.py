@@ -53,6 +53,8 @@ __all__ = [
 # Okabe-Ito colours, distinguishable with colour-blindness.
 HIT, FALSE_POSITIVE, FALSE_NEGATIVE, IGNORED = (0.85, 0.85, 0.85), (0.9, 0.6, 0.0), \
     (0.0, 0.45, 0.7), (0.35, 0.35, 0.35)
+# object outlines in the montage: an outline pixel keeps this share of its object's colour
+OUTLINE_SHADE = 0.3
 COMPARISON_METRICS = {"segmentation": ["foreground_iou", "mean_ap"],
                       "regression": ["psnr", "ssim"]}
 BOUNDED_METRICS = {"foreground_iou", "mean_ap", "ssim"}
@@ -237,9 +239,14 @@ def display_range(stats: dict[str, Any]) -> tuple[float, float]:
 
 
 def _label_colors(labels: np.ndarray) -> np.ndarray:
-    """Instance labels as RGB: a fixed pseudo-random colour per id, black background."""
+    """Instance labels as RGB: a fixed pseudo-random colour per id, black background, and
+    each object's outline darkened, so that two touching objects (a split) show a line
+    between them even where their colours are alike, and a merge shows none."""
+    from skimage.segmentation import find_boundaries
+
     palette = np.random.default_rng(0).uniform(0.25, 1.0, (256, 3))
     rgb = palette[labels.astype(np.int64) % 255 + 1]
+    rgb[find_boundaries(labels, mode="inner")] *= OUTLINE_SHADE
     rgb[labels == 0] = 0
     return rgb
 

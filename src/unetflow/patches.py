@@ -78,6 +78,7 @@ from unetflow.normalize import normalize_array, position_stats, read_stats
 from unetflow.ome import channel_first, open_image, spatial_axes
 from unetflow.patchstore import ShardedPatches, create_patch_array, patches_per_shard
 from unetflow.plates import read_positions, spatial_shape
+from unetflow.targets import BOUNDARY_CLASSES, boundary_classes_lazy, segmentation_target
 
 __all__ = [
     "DatasetInput",
@@ -1141,6 +1142,9 @@ class SourceSet:
     first: tuple[str, int] | None = None  # where the first image came from, its channels
     # one budget for all images: labels decoded by the foreground pass, kept for writing
     memo: BlockMemo | None = None
+    # model.target boundaries: the boundary width (the labels become 3 classes), else None
+    boundary_width: int | None = None
+    ignore_label: int | None = None
 
     def __post_init__(self) -> None:
         if self.task == "segmentation":
@@ -1161,7 +1165,13 @@ class SourceSet:
                              f"{self.first[0]} has {self.first[1]}; pooled datasets must "
                              f"have the same channels (select them with datasets.*.channels)")
         self.first = self.first or (img.where, image.shape[0])
-        self.sources[img.id] = patch_source([image, target], self.patch)
+        source = patch_source([image, target], self.patch)
+        if self.boundary_width is not None:
+            classes = boundary_classes_lazy(source.arrays[1], self.boundary_width,
+                                            self.ignore_label, len(self.patch),
+                                            f"{img.where}: target {img.target}")
+            source = PatchSource((source.arrays[0], classes), source.patch)
+        self.sources[img.id] = source
         self.stats[img.id] = position_stats(stats, img.position or None)
         return self.sources[img.id]
 
@@ -1197,19 +1207,27 @@ def _sample_image(ds: DatasetInput, stats: dict, sources: SourceSet, settings: d
 
 def extract_patches(datasets: list[DatasetInput], task: str, settings: dict[str, Any],
                     normalize: dict[str, Any], num_classes: int, ignore_label: int | None,
-                    store: str | Path, manifest: str | Path) -> list[dict]:
+                    store: str | Path, manifest: str | Path,
+                    target: dict[str, Any] | None = None) -> list[dict]:
     """Sample patches of all `datasets`, normalize them and write store and manifest.
 
     A single-image dataset is sampled as one image; a plate or collection across its
     positions (`sample_position_patches`), opening only the positions that get patches. The
     store is written under a temporary name (`files.atomic_path`) and renamed when complete,
-    after the manifest. Returns the manifest records.
+    after the manifest. Returns the manifest records. `target`: the model's
+    `segmentation_target` (with boundaries, the labels become 3 classes: `unetflow.targets`).
     """
+    target = segmentation_target(target or {})
+    boundaries = task == "segmentation" and target["target"] == "boundaries"
+    if boundaries:
+        num_classes = BOUNDARY_CLASSES
     _check_validation_datasets(datasets, settings)
     stats = {ds.name: read_stats(ds.stats) for ds in datasets}
     positions = {ds.name: _source_images(ds) for ds in datasets if ds.positions}
     _check_validation_groups(datasets, positions, settings)
-    sources = SourceSet(task, tuple(settings["shape"]))
+    sources = SourceSet(task, tuple(settings["shape"]),
+                        boundary_width=target["boundary_width"] if boundaries else None,
+                        ignore_label=ignore_label)
     rng = np.random.default_rng(settings["seed"])
     records = []
     for ds in datasets:
@@ -1221,6 +1239,7 @@ def extract_patches(datasets: list[DatasetInput], task: str, settings: dict[str,
     with atomic_path(store) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         group.attrs["unetflow"] = {"task": task, "patch_shape": list(sources.patch),
+                                   "target": target if task == "segmentation" else None,
                                    "normalize": normalize,
                                    "datasets": _stats_for_store(stats, sources)}
         _write_store(records, sources.sources, sources.stats, group, task, normalize,

@@ -37,8 +37,9 @@ from unetflow.model.checkpoint import (
     save_checkpoint,
 )
 from unetflow.model.inference import memory_format_for
-from unetflow.model.unet import UNet, build_unet
+from unetflow.model.unet import UNet, build_unet, layer_settings
 from unetflow.patchstore import PatchArray, open_patch_array, open_patch_store
+from unetflow.targets import network_classes, segmentation_target
 
 __all__ = [
     "EXECUTION_KEYS",
@@ -270,6 +271,22 @@ def _read_store_meta(store: str) -> dict[str, Any]:
     return dict(group.attrs["unetflow"])
 
 
+def _check_store_target(meta: dict[str, Any], task: str, model_settings: dict[str, Any],
+                        store: str) -> None:
+    """The patches hold the targets this model learns (model.target): classes of a store
+    extracted for `boundaries` would train a 3-class network on 2-class labels."""
+    if task != "segmentation":
+        return
+    stored = segmentation_target(meta.get("target") or {})
+    wanted = segmentation_target(model_settings)
+    if stored["target"] == "classes" and wanted["target"] == "classes":
+        return
+    if stored != wanted:
+        raise ValueError(f"patch store {store} holds targets {stored} but the model section "
+                         f"asks for {wanted} (model.target, model.boundary_width); "
+                         f"re-extract the patches")
+
+
 # --- optimization ------------------------------------------------------------------------
 def build_optimizer(model: torch.nn.Module, settings: dict[str, Any]) -> torch.optim.Optimizer:
     """Adam or AdamW; weight decay on weights only, not on biases and normalization scales
@@ -384,6 +401,7 @@ class Trainer:
         _configure_torch(settings, threads)
         self.device = choose_device(settings["device"], "train.device")
         self.meta = _read_store_meta(store)
+        _check_store_target(self.meta, task, model_settings, store)
         self.ignore_label = settings["ignore_label"]
         self.train_data = PatchBatches(store, "train", settings["batch_size"], settings["seed"],
                                        settings["augment"], task)
@@ -411,12 +429,11 @@ class Trainer:
         images, targets = self.train_data.arrays()
         in_channels = images.shape[1]
         if self.task == "segmentation":
-            out_channels = self.model_settings["num_classes"]
+            out_channels = network_classes(self.model_settings)
         else:
             out_channels = targets.shape[1]
-        arch = {k: v for k, v in self.model_settings.items()
-                if k not in ("num_classes", "spatial_dims")}
-        model = build_unet(arch, self.model_settings["spatial_dims"], in_channels, out_channels)
+        model = build_unet(layer_settings(self.model_settings),
+                           self.model_settings["spatial_dims"], in_channels, out_channels)
         if self.settings["init_from"]:
             self._init_weights(model, self.settings["init_from"])
         return model

@@ -29,6 +29,7 @@ from unetflow.plates import (
     position_output_path,
     positions_digest,
 )
+from unetflow.targets import segmentation_target
 
 try:
     _validated = validate_config(config)
@@ -300,6 +301,13 @@ def model_task(wildcards):
 
 def num_classes(wildcards):
     return model_section(config, wildcards.model, "model")["num_classes"]
+
+
+def segmentation_target_json(wildcards):
+    """What a segmentation network learns from the labels (model.target and its width):
+    a param of extract_patches, so changing it reruns from extraction."""
+    arch = model_section(config, wildcards.model, "model")
+    return as_json(segmentation_target(arch) if model_task(wildcards) == "segmentation" else {})
 
 
 def ignore_label_arg(wildcards):

@@ -11,6 +11,7 @@ rule extract_patches:
         task=model_task,
         num_classes=num_classes,
         ignore_label=ignore_label_arg,
+        target=segmentation_target_json,
     log:
         "logs/extract_patches/{model}.log",
     threads: 2
@@ -21,5 +22,5 @@ rule extract_patches:
     shell:
         "unetflow extract-patches --datasets {params.datasets:q} --task {params.task}"
         " --settings {params.settings:q} --normalize {params.normalize:q}"
-        " --num-classes {params.num_classes} {params.ignore_label}"
+        " --num-classes {params.num_classes} {params.ignore_label} --target {params.target:q}"
         " --store {output.store:q} --manifest {output.manifest:q} > {log:q} 2>&1"

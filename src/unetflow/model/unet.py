@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["NORMS", "ACTIVATIONS", "DOWNSAMPLES", "UPSAMPLES", "UNet", "build_unet", "exact_halo"]
+__all__ = ["NORMS", "ACTIVATIONS", "DOWNSAMPLES", "UPSAMPLES", "UNet", "build_unet", "exact_halo",
+           "layer_settings"]
 
 NORMS = ("batch", "group", "instance", "none")
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu")
@@ -412,6 +413,12 @@ def _validate_config(config: dict[str, Any]) -> None:
             f"residual=True adds the input to the output, so in_channels="
             f"{config['in_channels']} must equal out_channels={config['out_channels']}"
         )
+
+
+def layer_settings(model_section: dict[str, Any]) -> dict[str, Any]:
+    """The model section's keys that shape the layers (not spatial_dims, num_classes, or
+    what a segmentation network learns: `unetflow.targets.TARGET_KEYS`)."""
+    return {k: v for k, v in model_section.items() if k in _MODEL_KEYS}
 
 
 def build_unet(
