@@ -51,7 +51,8 @@ def touching_pairs(rng: np.random.Generator, shape: tuple[int, ...], cell: int) 
 def noisy_maps(rng: np.random.Generator, labels: np.ndarray, quantize: bool,
                width: int = 2) -> np.ndarray:
     """Ideal maps blurred by noise: seeds miss interior pixels and appear in the boundary,
-    elevations vary (or, quantized, tie on plateaus: skimage then breaks ties by queue order)."""
+    elevations vary (or, quantized, tie on plateaus: skimage then breaks ties by queue order).
+    Channel 0 is not a true complement: the watershed reads channels 1 and 2 only."""
     ideal = ideal_maps(labels, width)
     objects = labels > 0
     interior = ideal[1] * 0.4 + rng.uniform(0, 0.6, labels.shape) * objects
