@@ -36,7 +36,11 @@ Ratios (higher is better):
   (resource.getrusage) is printed beside it, as it also counts the parent's memory at the
   fork. A cheap U-Net (depth 2, base 2, no norm) makes 268 megapixels fit in the time; the
   memory path (units, stores, pyramid, labels) is the same. For segmentation its class-1
-  bias is set so that 30% of pixels are foreground (many objects to label). Goal <= 1.25.
+  bias is set so that 30% of pixels are foreground (many objects to label). The boundaries
+  task (rss_boundaries_*) is a segmentation model of 3 classes whose checkpoint says
+  model_settings target: boundaries, so its labels are seeds grown by the watershed
+  (unetflow.watershed); its weights are set (boundary_model, not random) so that about 20%
+  of pixels are interior and 12% boundary, in blobs and rims. Goal <= 1.25.
 
 On CUDA (bench/predict_gpu_check.sh): --device cuda --amp both --batch-size N runs the
 throughput part with AMP off and on (bf16 where supported); the pure forward then moves
@@ -61,6 +65,7 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import torch
+from torch import nn
 
 from unetflow.config import section_settings
 from unetflow.demo import synthesize_nuclei
@@ -100,9 +105,13 @@ def build_model(depth: int, base: int, norm: str, channels_out: int = 1, seed: i
     return UNet(2, 1, channels_out, depth=depth, base_features=base, norm=norm).eval()
 
 
-def save_checkpoint(model: UNet, path: Path, task: str) -> str:
+def save_checkpoint(model: UNet, path: Path, task: str,
+                    model_settings: dict | None = None) -> str:
+    """A checkpoint as the trainer writes it; `model_settings` (the model section: target)
+    stored beside the weights when given."""
     normalization = {"method": "percentile", "clip": False, "datasets": {}}
-    save_checkpoint_file(path, new_checkpoint(model, task, normalization))
+    extra = {"model_settings": model_settings} if model_settings else {}
+    save_checkpoint_file(path, new_checkpoint(model, task, normalization, **extra))
     return str(path)
 
 
@@ -279,24 +288,78 @@ def _vm_hwm_mb() -> float | None:
     return None
 
 
+def _sample(image: str, stats: str) -> torch.Tensor:
+    data = np.asarray(open_image(image).data[:, :1024, :1024].compute(), dtype=np.float32)
+    return torch.from_numpy(normalize_array(data, read_stats(stats), "percentile", False)[None])
+
+
 def segmenting_model(model: UNet, image: str, stats: str, foreground: float = 0.3) -> UNet:
     """Shift the class-1 bias of a random 2-class model so that `foreground` of a sample is
     foreground: its output then has objects, and the labelling has real work to do."""
-    data = np.asarray(open_image(image).data[:, :1024, :1024].compute(), dtype=np.float32)
-    x = normalize_array(data, read_stats(stats), "percentile", False)
     with torch.inference_mode():
-        logits = model(torch.from_numpy(x[None]))[0]
+        logits = model(_sample(image, stats))[0]
         margin = (logits[1] - logits[0]).flatten()
         model.head.bias[1] -= torch.quantile(margin[::16], 1 - foreground)
     return model
 
 
+def boundary_model(model: UNet, image: str, stats: str, interior: float = 0.2,
+                   boundary: float = 0.12, margin: float = 3.0) -> UNet:
+    """Set the weights of a 3-class model (background, interior, boundary) so that the
+    brightest `interior` of a sample's pixels are interior, the next `boundary` boundary and
+    the rest background, after a blur: nuclei centres become seeds and their rims what the
+    watershed grows over, as a trained model's maps look.
+
+    A random network's output has no such structure: its logits are a checkerboard of the
+    transposed convolutions (correlation with the image 1e-5; the top quarter of a 1024^2
+    sample forms some 250,000 objects of one pixel), so every seed would be dropped and
+    nothing grown. Here the first channel runs through the full-resolution convolutions as a 3x3
+    box filter (four in all), everything else is zero, and the head turns that blurred
+    image g into logits: background -k(z - z1), interior k(z - z2), boundary 0, with z = g
+    standardized, z1 < z2 its quantiles, and k putting the middle of the boundary band
+    `margin` logits from either neighbour.
+    """
+    convs = [m for m in (*model.encoders[0], *model.decoders[0]) if isinstance(m, nn.Conv2d)]
+    skip = model.decoders[0][0].in_channels // 2  # the decoder reads [upsampled, skip]
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        for conv, channel in zip(convs, (0, 0, skip, 0), strict=True):
+            conv.weight[0, channel] = 1 / 9
+        with torch.inference_mode():
+            head_input = {}
+            hook = model.head.register_forward_hook(
+                lambda module, args, out: head_input.setdefault("g", args[0][0, 0]))
+            model(_sample(image, stats))
+            hook.remove()
+        g = head_input["g"]
+        mean, std = float(g.mean()), float(g.std())
+        z = ((g - mean) / std).flatten()[::16]
+        z1, z2 = (float(torch.quantile(z, q)) for q in (1 - interior - boundary, 1 - interior))
+        k = 2 * margin / max(z2 - z1, 1e-6)
+        for label, (slope, offset) in enumerate(((-k, k * z1), (k, -k * z2), (0.0, 0.0))):
+            model.head.weight[label, 0] = slope / std  # logit = slope * z + offset
+            model.head.bias[label] = offset - slope * mean / std
+    return model
+
+
+# the RSS tasks: checkpoint task, output classes, what makes the model's output segment
+# something, and the model_settings stored in the checkpoint
+RSS_TASKS = {
+    "regression": ("regression", 1, None, None),
+    "segmentation": ("segmentation", 2, segmenting_model, None),
+    "boundaries": ("segmentation", 3, boundary_model,
+                   {"target": "boundaries", "num_classes": 3, "boundary_width": 2}),
+}
+
+
 def peak_rss(root: Path, size: int, tile: int, task: str) -> dict[str, float]:
     image, stats = write_source(root, size, f"rss{size}")
-    model = build_model(2, 2, "none", 2 if task == "segmentation" else 1)
-    if task == "segmentation":
-        model = segmenting_model(model, *write_source(root, 2048, "rss2048"))
-    ckpt = save_checkpoint(model, root / f"rss_{task}.pt", task)
+    kind, classes, segmenting, model_settings = RSS_TASKS[task]
+    model = build_model(2, 2, "none", classes)
+    if segmenting:
+        model = segmenting(model, *write_source(root, 2048, "rss2048"))
+    ckpt = save_checkpoint(model, root / f"rss_{task}.pt", kind, model_settings)
     cmd = [sys.executable, __file__, "--rss-child", "--task", task, "--checkpoint", ckpt,
            "--image", image, "--stats", stats, "--tile", str(tile),
            "--output", str(root / f"rss_{task}_{size}.ome.zarr")]
@@ -346,7 +409,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2,
                         help="throughput timings are the best of this many interleaved runs")
     parser.add_argument("--skip-rss", action="store_true")
-    parser.add_argument("--rss-tasks", default="regression,segmentation")
+    parser.add_argument("--rss-tasks", default=",".join(RSS_TASKS))
     parser.add_argument("--rss-child", action="store_true", help=argparse.SUPPRESS)
     for name in ("task", "checkpoint", "image", "stats", "output"):
         parser.add_argument(f"--{name}", help=argparse.SUPPRESS)
