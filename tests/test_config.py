@@ -12,7 +12,8 @@ def test_demo_config_is_valid_and_gets_defaults():
     config = load_config("config/config.yaml")
     assert config["train"]["optimizer"] == "adamw"  # a default from the schema
     assert config["predict"]["blending"] == "crop"
-    assert set(config["models"]) == {"nuclei_seg", "nuclei_denoise"}
+    assert set(config["models"]) == {"nuclei_seg", "nuclei_boundaries", "nuclei_denoise"}
+    assert config["models"]["nuclei_boundaries"]["model"]["target"] == "boundaries"
 
 
 def test_model_override_merges_over_the_global_section(tiny_config):

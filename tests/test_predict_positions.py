@@ -17,6 +17,7 @@ import zarr
 from conftest import run_cli
 from test_predict import predict_defaults, smooth_image, tiny_model, write_checkpoint
 from unetflow import predict_positions as positions_module
+from unetflow.model.checkpoint import new_checkpoint, save_checkpoint
 from unetflow.normalize import (
     compute_dataset_stats,
     normalize_array,
@@ -68,6 +69,28 @@ def segmenting_checkpoint(path: Path, image: str, stats: str) -> str:
         logits = model(torch.from_numpy(x[None]))[0]
         model.head.bias[1] -= torch.quantile((logits[1] - logits[0]).flatten(), 0.7)
     return write_checkpoint(path, model, "segmentation")
+
+
+def boundary_checkpoint(path: Path, image: str, stats: str) -> str:
+    """A random 3-class model (model.target boundaries) biased so that about 40% of `image`
+    is interior and 25% boundary: seeds and rims for the watershed to grow."""
+    model = tiny_model(channels_out=3, seed=4)
+    x = normalize_array(np.asarray(open_image(image).data, dtype=np.float32),
+                        json.loads(Path(stats).read_text()))
+    with torch.inference_mode():
+        logits = model(torch.from_numpy(x[None]))[0]
+        spread = float((logits[1] - logits[0]).std())  # a random head's logits barely differ
+        model.head.weight *= 4 / spread
+        model.head.bias *= 4 / spread
+        logits = model(torch.from_numpy(x[None]))[0]
+        model.head.bias[1] -= torch.quantile((logits[1] - logits[0]).flatten(), 0.6)
+        model.head.bias[2] -= torch.quantile((logits[2] - logits[0]).flatten(), 0.75)
+    normalization = {"method": "percentile", "clip": False, "datasets": {}}
+    save_checkpoint(path, new_checkpoint(model, "segmentation", normalization,
+                                         model_settings={"num_classes": 2,
+                                                         "target": "boundaries",
+                                                         "boundary_width": 1}))
+    return str(path)
 
 
 def settings(**overrides) -> dict:
@@ -271,7 +294,12 @@ def collection(tmp_path_factory) -> dict:
     return {"root": root, "positions": position_set, "stats": str(stats),
             "reg": write_checkpoint(root / "reg.pt", tiny_model(residual=True), "regression"),
             "seg": segmenting_checkpoint(root / "seg.pt", position_set.positions[0].image,
-                                         str(stats))}
+                                         str(stats)),
+            "bnd": boundary_checkpoint(root / "bnd.pt", position_set.positions[0].image,
+                                       str(stats))}
+
+
+SMALL_OBJECTS = {"watershed": {"min_seed_size": 1, "min_size": 1, "halo": 16}}
 
 
 @pytest.mark.parametrize("task,overrides", [
@@ -279,6 +307,9 @@ def collection(tmp_path_factory) -> dict:
     ("seg", {"tile_shape": [32, 32], "probabilities": True}),  # several chunks: dask in memory
     ("reg", {"tile_shape": [32, 32], "blending": "gaussian"}),
     ("seg", {"memory_megapixels": 1e-4}),  # too large for memory: the raw store path
+    ("bnd", SMALL_OBJECTS),  # model.target boundaries: the seeded watershed, in each path
+    ("bnd", {"tile_shape": [32, 32], **SMALL_OBJECTS}),
+    ("bnd", {"memory_megapixels": 1e-4, "tile_shape": [32, 32], **SMALL_OBJECTS}),
 ])
 def test_a_collection_in_two_batches_equals_the_single_image_path(collection, tmp_path,
                                                                     monkeypatch, task,
@@ -301,6 +332,11 @@ def test_a_collection_in_two_batches_equals_the_single_image_path(collection, tm
                             predict_defaults(tile_shape=tile, **overrides), str(want), "m",
                             "cells", threads=1)
         assert_same_store(out / f"{position.key}.ome.zarr", want)
+        if task == "bnd":
+            provenance = zarr.open_group(str(want), mode="r").attrs["unetflow"]
+            assert provenance["objects"].startswith("seeded watershed")
+            labels = zarr.open_array(str(want / "labels/prediction/s0"))[...]
+            assert len(np.unique(labels)) > 3  # the comparison is not one of empty images
     index = finish_plate(position_set, out, records, "m", "cells", collection[task],
                          predict_defaults(), tmp_path / "index.json")
     assert index["kind"] == "collection"

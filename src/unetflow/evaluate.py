@@ -60,9 +60,10 @@ DEFINITIONS = {
                 "from both",
     "precision/recall/f1": "objects matched one-to-one at IoU >= iou_threshold",
     "mean_ap": "mean over IoU 0.50:0.05:0.95 of TP/(TP+FP+FN) (StarDist definition)",
-    "instances": "prediction objects = labels/prediction of the prediction store (connected "
-                 "components of the predicted foreground); no seeded watershed, because no "
-                 "model predicts boundaries",
+    "instances": "prediction objects = labels/prediction of the prediction store; 'objects' "
+                 "says how predict made them: connected components of the predicted "
+                 "foreground, or (model.target: boundaries) a seeded watershed that splits "
+                 "touching objects along the predicted boundaries",
 }
 LOWER_IS_BETTER = {"mae"}
 SUMMARY_METRICS = {

@@ -65,6 +65,7 @@ from unetflow.ome import (
     write_label_image,
     write_label_image_direct,
 )
+from unetflow.targets import segmentation_target, uses_boundaries
 from unetflow.tiling import (
     Box,
     TilePlan,
@@ -73,6 +74,7 @@ from unetflow.tiling import (
     shard_boxes,
     work_units,
 )
+from unetflow.watershed import seeded_watershed_chunked
 
 __all__ = [
     "TileRunner",
@@ -408,6 +410,17 @@ class PredictionJob:
     def segmentation(self) -> bool:
         return self.description["task"] == "segmentation"
 
+    @property
+    def boundaries(self) -> bool:
+        """The network learnt background, interior and boundary (model.target
+        boundaries): its objects come from a seeded watershed, not connected components."""
+        return self.segmentation and uses_boundaries(self.description.get("model_settings"))
+
+    @property
+    def separate_axes(self) -> tuple[int, ...]:
+        """Spatial axes (of the label image) along which objects are never joined: time."""
+        return tuple(i for i, a in enumerate(self.plan.axes) if a == "t")
+
     @cached_property
     def checkpoint_sha256(self) -> str:
         """The checkpoint file's SHA-256, which every store made from it records."""
@@ -703,6 +716,24 @@ def _chunks_for(job: PredictionJob, axes: list[str], channels: int) -> tuple[int
     return tuple(channels if a == "c" else min(tiles[a], sizes[a]) for a in axes)
 
 
+def objects_made_by(job: PredictionJob) -> str | None:
+    """How the labels/prediction objects of a segmentation were made, in words (the
+    metrics repeat it beside the instance scores)."""
+    if not job.segmentation:
+        return None
+    if not job.settings["instances"]:
+        return "none: labels/prediction holds the class map (predict.instances: false)"
+    if job.boundaries:
+        width = segmentation_target(job.description["model_settings"])["boundary_width"]
+        w = job.settings["watershed"]
+        return (f"seeded watershed (model.target: boundaries, boundary_width {width}): seeds "
+                f"= connected components of P(interior) > {w['seed_threshold']} with at "
+                f"least {w['min_seed_size']} px, grown over P(boundary) within P(interior) "
+                f"+ P(boundary) > {w['foreground_threshold']}, objects under "
+                f"{w['min_size']} px dropped")
+    return "connected components of the predicted foreground (model.target: classes)"
+
+
 def prediction_provenance(job: PredictionJob, model_name: str, dataset: str,
                           records: list[dict[str, Any]],
                           checkpoint_sha256: str | None = None) -> dict[str, Any]:
@@ -721,7 +752,8 @@ def prediction_provenance(job: PredictionJob, model_name: str, dataset: str,
                                                     ("shard", "tiles", "seconds", "device")}
                                                    for r in records],
             "normalize": job.normalization, "normalization": job.stats,
-            "model_config": ckpt["model_config"], "unetflow_version": unetflow.__version__,
+            "model_config": ckpt["model_config"], "objects": objects_made_by(job),
+            "unetflow_version": unetflow.__version__,
             "warnings": notices.recorded()}
 
 
@@ -753,13 +785,18 @@ def write_regression(job: PredictionJob, values: da.Array | np.ndarray, output: 
                 translation=geo["translation"])
 
 
-def instance_labels(job: PredictionJob, classes: da.Array, work: Path,
+def instance_labels(job: PredictionJob, probabilities: da.Array, work: Path,
                     workers: int) -> tuple[da.Array, int]:
-    """Connected components of the foreground (per time point), stored once under `work`
-    (both writes read them), and their count."""
-    per_time_point = tuple(i for i, a in enumerate(job.plan.axes) if a == "t")
-    labels, count = connected_components(classes > 0, work / "local_labels.zarr", workers,
-                                         separate_axes=per_time_point)
+    """The objects (per time point), stored once under `work` (both writes read them), and
+    their count: connected components of the foreground, or with model.target boundaries
+    the seeded watershed of predict.watershed (`unetflow.watershed`)."""
+    if job.boundaries:
+        labels, count = seeded_watershed_chunked(probabilities, work / "watershed", workers,
+                                                 job.settings["watershed"], job.separate_axes)
+    else:
+        classes = probabilities.argmax(axis=0)
+        labels, count = connected_components(classes > 0, work / "local_labels.zarr", workers,
+                                             separate_axes=job.separate_axes)
     stored = zarr.open_array(str(work / "labels.zarr"), mode="w", shape=labels.shape,
                              chunks=labels.chunksize, dtype=labels.dtype)
     with dask.config.set(scheduler="threads", num_workers=workers):
@@ -793,14 +830,13 @@ def write_segmentation(job: PredictionJob, probabilities: da.Array | np.ndarray,
 def _write_segmentation(job: PredictionJob, probabilities: da.Array, output: Path,
                         provenance: dict[str, Any], work: Path, workers: int) -> int:
     """Probabilities (optional) as the image, labels under labels/prediction; returns count."""
-    classes = probabilities.argmax(axis=0).astype(np.uint32)
     if job.settings["instances"]:
-        labels, count = instance_labels(job, classes, work, workers)
+        labels, count = instance_labels(job, probabilities, work, workers)
     else:
-        labels, count = classes, None
+        labels, count = probabilities.argmax(axis=0).astype(np.uint32), None
     with dask.config.set(scheduler="threads", num_workers=workers):
         write_segmentation(job, probabilities, labels, output, provenance)
-    return count if count is not None else int(classes.max().compute())
+    return count if count is not None else int(labels.max().compute())
 
 
 def gather_prediction(job: PredictionJob, raw_path: str | Path, records: list[dict[str, Any]],

@@ -74,6 +74,7 @@ from unetflow.predict import (
     write_segmentation,
 )
 from unetflow.tiling import UNIT_MEGAPIXELS, TilePlan, reflect_indices
+from unetflow.watershed import seeded_watershed
 
 __all__ = [
     "finish_plate",
@@ -229,12 +230,15 @@ def _single_chunk(plan: TilePlan) -> bool:
 
 def _labels_of_one_chunk(job: PredictionJob, probabilities: np.ndarray) -> np.ndarray:
     """The output labels of a position of one chunk, as `predict.instance_labels` makes
-    them: `components.connected_components` of one chunk is scipy's labels of it."""
+    them: `components.connected_components` of one chunk is scipy's labels of it, and
+    `watershed.seeded_watershed_chunked` of one chunk is `seeded_watershed`."""
     from scipy import ndimage
 
     classes = probabilities.argmax(axis=0).astype(np.uint32)
     if not job.settings["instances"]:
         return classes
+    if job.boundaries:
+        return seeded_watershed(probabilities, job.settings["watershed"], job.separate_axes)
     return ndimage.label(classes > 0)[0].astype(np.uint32)
 
 
@@ -261,7 +265,7 @@ def _write_chunked(job: PredictionJob, values: np.ndarray, output: str,
             classes = lazy.argmax(axis=0).astype(np.uint32)
             if job.settings["instances"]:
                 work.mkdir(parents=True, exist_ok=True)
-                classes = instance_labels(job, classes, work, workers)[0]
+                classes = instance_labels(job, lazy, work, workers)[0]
             with dask.config.set(scheduler="sync"):
                 write_segmentation(job, lazy, classes, Path(output), provenance)
         else:

@@ -362,6 +362,8 @@ def score_prediction(prediction: str, image: str, target: str, task: str,
             result = score_segmentation(pred, image_arr, target_arr, num_classes,
                                         provenance.get("predict", {}), settings["ignore_label"],
                                         settings["iou_threshold"], Path(tmp), crops=crops, **run)
+        result["objects"] = provenance.get("objects") or ("connected components of the "
+                                                          "predicted foreground")
     else:
         spacing = tuple(img.spatial_scale()[a] for a in img.spatial_axes)
         result = score_regression(pred["image"], image_arr, target_arr, sigma, spacing,
