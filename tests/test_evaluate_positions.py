@@ -178,6 +178,9 @@ def test_dataset_metrics_are_a_summary_row_per_model_and_dataset(segmentation, t
     assert record["positions"] == 12 and record["aggregate"] == "mean over positions"
     assert "aggregate" in record["definitions"]
     rows = read_position_table(out / "positions.tsv")
+    # how the objects were made, said once for the dataset (every position's is the same)
+    assert {r["objects"] for r in rows} == {record["objects"]}
+    assert record["objects"].startswith("connected components of the predicted foreground")
     unet = record["scores"]["unet"]
     assert unet["foreground_iou"] == pytest.approx(np.mean([r["unet.foreground_iou"]
                                                             for r in rows]))

@@ -42,11 +42,13 @@ def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
     return len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1]
 
 
-@pytest.mark.parametrize("shape, chunks", [((256, 256), (64, 96)),
-                                           ((32, 128, 128), (16, 48, 48))])
+# 2D: a corner-sized scene of the demo's kind; 3D: the demo's own stack (demo_store's
+# stack_3d: shape_3d [32, 128, 128], seed 42 + 2)
+@pytest.mark.parametrize("shape, seed, chunks", [((256, 256), 42, (64, 96)),
+                                                 ((32, 128, 128), 44, (16, 48, 48))])
 def test_ideal_maps_of_the_demo_nuclei_give_back_the_nuclei_tiled_as_whole(
-        tmp_path, shape, chunks):
-    labels = synthesize_nuclei(shape, seed=42).labels
+        tmp_path, shape, seed, chunks):
+    labels = synthesize_nuclei(shape, seed=seed).labels
     maps = ideal_maps(labels, width=1)
     halo = largest_clump(labels) + 1  # exactness needs clumps within the halo
     settings = {**SETTINGS, "halo": halo}

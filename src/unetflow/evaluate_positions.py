@@ -53,7 +53,7 @@ __all__ = [
 ]
 
 PLACE_COLUMNS = ["dataset", "position", "well", "row", "column", "field"]
-TEXT_COLUMNS = {*PLACE_COLUMNS, "prediction", "notes", "warnings"}
+TEXT_COLUMNS = {*PLACE_COLUMNS, "prediction", "notes", "warnings", "objects"}
 INFO_COLUMNS = {"segmentation": ["level", "ignore_label", "iou_threshold", "instance_target",
                                  "excluded_pixels"],
                 "regression": ["level", "data_range"]}
@@ -163,7 +163,8 @@ def evaluate_positions(position_set: PositionSet, keys: list[str] | None, predic
         warnings = [w.removeprefix(f"{where}: ") for w in result["warnings"]]
         rows.append({**_place(dataset, position), **_row(result, settings, task),
                      "prediction": prediction, "notes": "; ".join(result["notes"]),
-                     "warnings": "; ".join(warnings)})
+                     "warnings": "; ".join(warnings),
+                     **({"objects": result["objects"]} if "objects" in result else {})})
     _write_table(rows, output_tsv)
     return rows
 
@@ -341,6 +342,8 @@ def _dataset_record(position_set: PositionSet, rows: list[dict[str, Any]], task:
         record["ignore_label"] = int(labels[0]) if labels else None
         record["instance_target"] = all(r.get("instance_target") for r in rows)
         record["excluded_pixels"] = int(_aggregate(rows, "excluded_pixels") or 0)
+        record["objects"] = "; ".join(dict.fromkeys(r["objects"] for r in rows
+                                                    if r.get("objects")))
     return {**record, "definitions": {**DEFINITIONS, "aggregate": AGGREGATE_DEFINITION}}
 
 

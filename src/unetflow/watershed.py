@@ -32,11 +32,11 @@ from scipy import ndimage
 from unetflow import notices
 from unetflow.blockwise import Block, map_blocks_ordered, plan_blocks
 from unetflow.components import connected_components
+from unetflow.targets import BOUNDARY, INTERIOR
 
 __all__ = ["BOUNDARY", "INTERIOR", "WATERSHED_DEFAULTS", "seeded_watershed",
            "seeded_watershed_chunked"]
 
-INTERIOR, BOUNDARY = 1, 2
 WATERSHED_DEFAULTS = {"foreground_threshold": 0.5, "seed_threshold": 0.5,
                       "min_seed_size": 8, "min_size": 16, "halo": 64}
 
