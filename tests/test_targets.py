@@ -161,3 +161,18 @@ def test_training_refuses_patches_extracted_for_another_target(tmp_path: Path):
     with pytest.raises(ValueError, match="re-extract the patches"):
         _check_store_target(meta, "segmentation", wanted, str(tmp_path))
     _check_store_target({}, "segmentation", {"num_classes": 2}, str(tmp_path))  # older store
+
+
+def test_boundary_classes_agree_with_a_distance_transform_per_object():
+    """A second definition: interior = object pixels farther than the width (taxicab) from
+    every pixel not of their object (scipy's chamfer distance within the image)."""
+    from scipy import ndimage
+
+    labels = synthesize_nuclei((96, 128), seed=5, mean_radius=6).labels
+    for width in (1, 2, 3):
+        interior = np.zeros(labels.shape, bool)
+        for label in np.unique(labels[labels > 0]):
+            own = labels == label
+            interior |= own & (ndimage.distance_transform_cdt(own, metric="taxicab") > width)
+        expected = np.where(interior, N, np.where(labels > 0, B, 0))
+        assert np.array_equal(boundary_classes(labels, width), expected)
