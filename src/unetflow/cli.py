@@ -170,7 +170,7 @@ def _cmd_extract_patches(args: argparse.Namespace) -> None:
     records = extract_patches(datasets, args.task, _section(args, "patches"),
                               {"method": norm["method"], "clip": norm["clip"]},
                               args.num_classes, args.ignore_label, args.store, args.manifest,
-                              target=args.target)
+                              target=args.segmentation_target)
     for line in summarize_records(records):
         print(f"extract_patches: {line}")
 
@@ -617,7 +617,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--normalize", type=_json, required=True, help="the normalize section")
     p.add_argument("--num-classes", type=int, default=2)
     p.add_argument("--ignore-label", type=int, default=None)
-    p.add_argument("--target", type=_json, default=None,
+    p.add_argument("--segmentation-target", type=_json, default=None,
                    help='segmentation: {"target": "classes" or "boundaries", '
                         '"boundary_width": N} (the model section\'s keys)')
     p.add_argument("--store", required=True)
