@@ -1145,6 +1145,9 @@ class SourceSet:
     # model.target boundaries: the boundary width (the labels become 3 classes), else None
     boundary_width: int | None = None
     ignore_label: int | None = None
+    # the targets as stored, for the sampler: their foreground is the boundary classes'
+    # (nonzero, not ignored), so the classes are computed only where patches are cut
+    stored_targets: dict[tuple[str, str], da.Array] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.task == "segmentation":
@@ -1166,6 +1169,7 @@ class SourceSet:
                              f"have the same channels (select them with datasets.*.channels)")
         self.first = self.first or (img.where, image.shape[0])
         source = patch_source([image, target], self.patch)
+        self.stored_targets[img.id] = source.arrays[1]
         if self.boundary_width is not None:
             classes = boundary_classes_lazy(source.arrays[1], self.boundary_width,
                                             self.ignore_label, len(self.patch),
@@ -1179,7 +1183,7 @@ class SourceSet:
         """The target alone, for the sampler (None for regression, which draws uniformly)."""
         if self.task != "segmentation":
             return None
-        return patch_source([self.sources[img.id].arrays[1]], self.patch)
+        return patch_source([self.stored_targets[img.id]], self.patch)
 
 
 def _stats_for_store(stats: dict[str, dict], sources: SourceSet) -> dict[str, dict]:

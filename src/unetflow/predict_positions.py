@@ -234,11 +234,11 @@ def _labels_of_one_chunk(job: PredictionJob, probabilities: np.ndarray) -> np.nd
     `watershed.seeded_watershed_chunked` of one chunk is `seeded_watershed`."""
     from scipy import ndimage
 
+    if job.settings["instances"] and job.boundaries:
+        return seeded_watershed(probabilities, job.settings["watershed"], job.separate_axes)
     classes = probabilities.argmax(axis=0).astype(np.uint32)
     if not job.settings["instances"]:
         return classes
-    if job.boundaries:
-        return seeded_watershed(probabilities, job.settings["watershed"], job.separate_axes)
     return ndimage.label(classes > 0)[0].astype(np.uint32)
 
 

@@ -22,5 +22,6 @@ rule extract_patches:
     shell:
         "unetflow extract-patches --datasets {params.datasets:q} --task {params.task}"
         " --settings {params.settings:q} --normalize {params.normalize:q}"
-        " --num-classes {params.num_classes} {params.ignore_label} --segmentation-target {params.target:q}"
+        " --num-classes {params.num_classes} {params.ignore_label}"
+        " --segmentation-target {params.target:q}"
         " --store {output.store:q} --manifest {output.manifest:q} > {log:q} 2>&1"
