@@ -440,3 +440,40 @@ def test_cuda_resumed_run_equals_uninterrupted_in_deterministic_mode(tmp_path):
     parts = resumed.run(False)
     for key, tensor in whole["model_state"].items():
         assert torch.equal(parts["model_state"][key], tensor), key
+
+
+# --- encoder transfer (train.init_encoder_only) --------------------------------------------
+def test_encoder_transfer_copies_exactly_the_encoder_and_leaves_decoder_and_head(
+        reference, tmp_path):
+    """A segmentation checkpoint's encoder starts a regression model (another head): the
+    encoder's weights and statistics are the checkpoint's, everything else is what a fresh
+    model of the same seed has; the checkpoint records where its encoder came from."""
+    store, ref = reference
+    source = load_checkpoint(ref / "checkpoint_last.pt")
+    regression = write_store(tmp_path / "r.zarr", "regression", n_train=4, n_val=2)
+    fresh = Trainer(regression, str(tmp_path / "fresh"), "regression",
+                    *sections("regression", steps=2, validate_every=2)).model.state_dict()
+    model, train = sections("regression", steps=2, validate_every=2, freeze_encoder_steps=2,
+                            init_from=str(ref / "checkpoint_last.pt"), init_encoder_only=True)
+    trainer = Trainer(regression, str(tmp_path / "run"), "regression", model, train)
+    state = trainer.model.state_dict()
+    encoder = _encoder_state(source["model_state"])
+    assert encoder and all(torch.equal(state[k], v) for k, v in encoder.items())
+    rest = [k for k in state if k not in encoder]
+    assert rest and all(torch.equal(state[k], fresh[k]) for k in rest)
+    assert not torch.equal(state["bottleneck.0.weight"], source["model_state"]["bottleneck.0.weight"])
+    final = trainer.run(progress=False)
+    assert all(torch.equal(final["model_state"][k], v) for k, v in encoder.items())  # frozen
+    record = final["initialized_from"]
+    assert record["part"] == "encoder" and record["task"] == "segmentation"
+    assert record["path"] == str(ref / "checkpoint_last.pt") and len(record["sha256"]) == 64
+
+
+def test_encoder_transfer_refuses_another_encoder_naming_both(reference, tmp_path):
+    store, ref = reference
+    model, train = sections(model={"depth": 3}, init_from=str(ref / "checkpoint_last.pt"),
+                            init_encoder_only=True)
+    with pytest.raises(ValueError, match="train.init_encoder_only needs the same encoder") as err:
+        Trainer(store, str(tmp_path), "segmentation", model, train)
+    assert "'depth': 2" in str(err.value) and "'depth': 3" in str(err.value)
+    assert "\n" not in str(err.value)

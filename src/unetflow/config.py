@@ -30,6 +30,7 @@ __all__ = [
     "section_settings",
     "execution_settings",
     "result_settings",
+    "training_settings",
 ]
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
@@ -262,10 +263,13 @@ def _check_references(config: dict) -> None:
             if name not in datasets:
                 raise ConfigError(f"config key 'models.{model}.patches.validation_datasets[{i}]':"
                                   f" dataset '{name}' is not defined under 'datasets'")
+        if model_section(config, model, "model")["target"] == "n2v":
+            continue  # learns from the images alone
         for name in spec["train_on"]:
             if not has_target(datasets[name]):
                 raise ConfigError(f"config key 'datasets.{name}.target': model '{model}' trains "
-                                  f"on '{name}', which has no target; set its target path")
+                                  f"on '{name}', which has no target; set its target path "
+                                  f"(or, for a denoiser, train it with model.target: n2v)")
 
 
 def _where(config: dict, model: str, section: str, key: str) -> str:
@@ -275,11 +279,43 @@ def _where(config: dict, model: str, section: str, key: str) -> str:
     return f"'{section}.{key}' (used by model '{model}')"
 
 
+def _check_n2v(config: dict, model: str, spec: dict) -> None:
+    """model.target n2v: a regression model, trained with mse or mae on the masked pixels;
+    train.blind_spot's window odd and its struct_axis one of the model's axes."""
+    where = _where(config, model, "model", "target")
+    if spec["task"] != "regression":
+        raise ConfigError(f"config key {where}: 'n2v' trains a denoiser (task regression), "
+                          f"but model '{model}' has task '{spec['task']}'; pretrain an n2v "
+                          f"model and start this one from its encoder (train.init_from, "
+                          f"train.init_encoder_only)")
+    train = model_section(config, model, "train")
+    if train["loss"] not in (None, "mse", "mae"):
+        raise ConfigError(f"config key {_where(config, model, 'train', 'loss')}: "
+                          f"{train['loss']!r}; an n2v model learns from single masked pixels: "
+                          f"use mse (the default) or mae")
+    spot = train["blind_spot"]
+    if spot["window"] % 2 == 0:
+        raise ConfigError(f"config key {_where(config, model, 'train', 'blind_spot')}: window "
+                          f"{spot['window']} must be odd (centred on the masked pixel)")
+    dims = model_section(config, model, "model")["spatial_dims"]
+    if spot["struct_axis"] == "z" and dims == 2:
+        raise ConfigError(f"config key {_where(config, model, 'train', 'blind_spot')}: "
+                          f"struct_axis 'z' but the model is 2D; use x or y")
+
+
 def _check_segmentation_targets(config: dict) -> None:
     """model.target boundaries: a segmentation model of objects (2 classes: the label
-    image holds instances, not classes)."""
+    image holds instances, not classes); n2v: `_check_n2v`. train.init_encoder_only needs
+    train.init_from."""
     for model, spec in config["models"].items():
         arch = model_section(config, model, "model")
+        train = model_section(config, model, "train")
+        if train["init_encoder_only"] and not train["init_from"]:
+            raise ConfigError(f"config key {_where(config, model, 'train', 'init_encoder_only')}"
+                              f": true, but no train.init_from names the checkpoint whose "
+                              f"encoder to copy")
+        if arch["target"] == "n2v":
+            _check_n2v(config, model, spec)
         if arch["target"] != "boundaries":
             continue
         where = _where(config, model, "model", "target")
@@ -450,6 +486,20 @@ def result_settings(section: str, values: dict[str, Any],
     """The keys of a section that decide its results (all but EXECUTION_KEYS, `leave_out`)."""
     skip = set(EXECUTION_KEYS.get(section, ())) | set(leave_out)
     return {k: v for k, v in values.items() if k not in skip}
+
+
+def training_settings(settings: dict[str, Any], model_settings: dict[str, Any]
+                      ) -> dict[str, Any]:
+    """The train settings that decide this model's weights: train.blind_spot only for a
+    model.target n2v model, train.init_encoder_only only with train.init_from. Left out
+    otherwise, so that a model trained before these keys existed keeps its Snakemake params
+    (it is not retrained) and its training fingerprint (a stopped run resumes)."""
+    drop = set()
+    if model_settings.get("target") != "n2v":
+        drop.add("blind_spot")
+    if not settings.get("init_from"):
+        drop.add("init_encoder_only")
+    return {k: v for k, v in settings.items() if k not in drop}
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

@@ -8,16 +8,34 @@ neighbourhood; with noise independent from pixel to pixel, the best such predict
 clean signal. structN2V (Broaddus et al. 2020) also hides a short line of neighbours along
 one axis, for noise correlated along that axis (scan lines, camera stripes).
 
-Part of issue 18 (not yet wired into the workflow): the masking and the masked loss.
+In the workflow a regression model with `model.target: n2v` trains this way
+(`train.blind_spot` holds the settings): the patch store holds the images only, the loader
+masks each batch with a generator drawn from (seed, step) so a resumed run replays the same
+masks, and the target it hands the loss is the image at the masked pixels and NaN elsewhere,
+so a batch stays a pair of tensors and the loss needs no third one.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["DEFAULT_FRACTION", "DEFAULT_WINDOW", "masked_count", "blind_spot", "masked_mse"]
+__all__ = [
+    "DEFAULT_FRACTION",
+    "DEFAULT_WINDOW",
+    "blind_spot",
+    "mask_batch",
+    "masked_count",
+    "masked_loss",
+    "masked_mse",
+    "masked_psnr",
+]
+
+AXIS_OFFSET = {"x": -1, "y": -2, "z": -3}  # train.blind_spot.struct_axis from the end
 
 DEFAULT_FRACTION = 0.002  # of a patch's pixels: 0.2%
 DEFAULT_WINDOW = 11  # px: the replacement is drawn from this window around the pixel
@@ -110,3 +128,57 @@ def masked_mse(prediction: Tensor, target: Tensor, mask: Tensor) -> Tensor:
     weight = mask.to(prediction.dtype)
     total = ((prediction - target) ** 2 * weight).sum()
     return total / torch.clamp(weight.sum(), min=1.0)
+
+
+def mask_batch(x: np.ndarray, settings: dict[str, Any], rng: np.random.Generator
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """A batch (N, C, *spatial) as (network input, loss target): each patch through
+    `blind_spot` with `settings` (train.blind_spot: fraction, window, struct_axis as "x",
+    "y" or "z" or None, struct_span); the target holds the original values at the masked
+    pixels and NaN elsewhere (`masked_loss` reads the mask from it)."""
+    spatial_dims = x.ndim - 2
+    axis = settings.get("struct_axis")
+    struct = None
+    if axis is not None:
+        if -AXIS_OFFSET[axis] > spatial_dims:
+            raise ValueError(f"train.blind_spot.struct_axis {axis!r}: the patches have "
+                             f"only {spatial_dims} spatial axes")
+        struct = spatial_dims + AXIS_OFFSET[axis]
+    inputs = np.empty_like(x, dtype=np.float32)
+    targets = np.full(x.shape, np.nan, dtype=np.float32)
+    for i in range(len(x)):
+        inputs[i], mask = blind_spot(x[i].astype(np.float32), rng, settings["fraction"],
+                                     settings["window"], struct, settings["struct_span"])
+        targets[i][mask] = x[i][mask]
+    return inputs, targets
+
+
+def masked_loss(kind: str) -> Callable[[Tensor, Tensor], Tensor]:
+    """The loss over the finite pixels of the target only (`mask_batch`): "mse" (as
+    published) or "mae"."""
+    if kind not in ("mse", "mae"):
+        raise ValueError(f"train.loss {kind!r}: a model.target n2v model trains with mse or "
+                         f"mae on the masked pixels")
+
+    def loss(prediction: Tensor, target: Tensor) -> Tensor:
+        mask = torch.isfinite(target)
+        error = prediction - torch.nan_to_num(target)
+        error = error**2 if kind == "mse" else error.abs()
+        return (error * mask).sum() / torch.clamp(mask.sum(), min=1)
+
+    return loss
+
+
+def masked_psnr(output: Tensor, target: Tensor) -> tuple[float, int]:
+    """(sum of the per-patch PSNR over the masked pixels, count): the validation metric of
+    an n2v model, against the noisy values it never saw (the data range is that of the
+    masked values of each patch). Higher is better, as for any regression model."""
+    mask = torch.isfinite(target).flatten(1)
+    values = torch.nan_to_num(target).flatten(1)
+    count = mask.sum(1).clamp(min=1)
+    mse = (((output.flatten(1) - values) ** 2) * mask).sum(1) / count
+    high = torch.where(mask, values, torch.full_like(values, -torch.inf)).max(1).values
+    low = torch.where(mask, values, torch.full_like(values, torch.inf)).min(1).values
+    data_range = (high - low).clamp(min=1e-6)
+    psnr = 10 * torch.log10(data_range**2 / mse.clamp(min=1e-12))
+    return float(psnr.sum()), len(psnr)

@@ -61,7 +61,7 @@ import uuid
 import zlib
 from collections import Counter, defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +78,12 @@ from unetflow.normalize import normalize_array, position_stats, read_stats
 from unetflow.ome import channel_first, open_image, spatial_axes
 from unetflow.patchstore import ShardedPatches, create_patch_array, patches_per_shard
 from unetflow.plates import read_positions, spatial_shape
-from unetflow.targets import BOUNDARY_CLASSES, boundary_classes_lazy, segmentation_target
+from unetflow.targets import (
+    BOUNDARY_CLASSES,
+    N2V,
+    boundary_classes_lazy,
+    segmentation_target,
+)
 
 __all__ = [
     "DatasetInput",
@@ -130,8 +135,6 @@ class DatasetInput:
         if (self.image is None) == (self.positions is None):
             raise PatchError(f"dataset '{self.name}': give exactly one of image (one image) "
                              f"and positions (a positions file)")
-        if self.image is not None and not self.target:
-            raise PatchError(f"dataset '{self.name}': image {self.image} has no target")
         if not self.stats:
             raise PatchError(f"dataset '{self.name}': no normalization statistics (stats)")
 
@@ -143,7 +146,7 @@ class SourceImage:
 
     dataset: str
     image: str
-    target: str
+    target: str | None  # None: the image is its own target (model.target n2v)
     position: str = ""
     well: str = ""
 
@@ -630,9 +633,13 @@ def sample_patches(ctx: Sampler, spatial: tuple[int, ...], held_out: bool,
 
 
 # --- datasets of positions (plates, collections) ------------------------------------------
-def _source_images(ds: DatasetInput) -> list[SourceImage]:
-    """The positions of a plate or collection dataset as images with their targets."""
+def _source_images(ds: DatasetInput, self_supervised: bool) -> list[SourceImage]:
+    """The positions of a plate or collection dataset as images with their targets (none
+    read when the model learns from the images alone)."""
     found = read_positions(ds.positions)
+    if self_supervised:
+        return [SourceImage(ds.name, p.image, None, p.key, p.well or "")
+                for p in found.positions]
     missing = [p for p in found.positions if not p.target]
     if missing:
         raise PatchError(f"dataset '{ds.name}' position {missing[0].key} ({missing[0].image}) "
@@ -889,10 +896,13 @@ def _open_source(path: str, level: int, channels: list | None,
 
 
 def _open_pair(img: SourceImage, channels: list | None, task: str, level: int,
-               memo: BlockMemo | None = None) -> tuple[da.Array, da.Array]:
+               memo: BlockMemo | None = None) -> tuple[da.Array, da.Array | None]:
     """Image and target, the target's decoded blocks kept in `memo` for the second pass over
-    it (foreground indexing reads it, then patch writing)."""
+    it (foreground indexing reads it, then patch writing); no target for an image that is
+    its own (model.target n2v)."""
     image, spatial_chunks = _open_source(img.image, level, channels)
+    if img.target is None:
+        return image, None
     target, _ = _open_source(img.target, level, None, spatial_chunks, memo)
     if target.shape[1:] != image.shape[1:]:
         raise PatchError(f"{img.where}: image {img.image} has spatial shape "
@@ -915,13 +925,16 @@ def _normalize_stack(stack: np.ndarray, stats: dict, normalize: dict) -> np.ndar
 
 
 def _encode_block(items: np.ndarray, stacks: list[np.ndarray], *, indices: np.ndarray,
-                  images: ShardedPatches, targets: ShardedPatches, stats: dict,
+                  images: ShardedPatches, targets: ShardedPatches | None, stats: dict,
                   normalize: dict, task: str, num_classes: int,
                   ignore_label: int | None, where: str = "the target") -> list[tuple]:
     """Normalize one source chunk's patches and encode them as store chunks: per item its
-    (store index, foreground fraction or "", image chunk, target chunk)."""
-    image, target = stacks
-    image = _normalize_stack(image, stats, normalize)
+    (store index, foreground fraction or "", image chunk, target chunk or None)."""
+    image = _normalize_stack(stacks[0], stats, normalize)
+    if targets is None:  # the image is its own target (n2v): nothing more to store
+        return list(zip(indices[items].tolist(), [""] * len(items), images.encode(image),
+                        [None] * len(items), strict=True))
+    target = stacks[1]
     target = prepare_target(target, task, num_classes, ignore_label, where)
     if task == "segmentation":
         axes = tuple(range(1, target.ndim))
@@ -934,7 +947,7 @@ def _encode_block(items: np.ndarray, stacks: list[np.ndarray], *, indices: np.nd
 
 
 def _write_shard(cells: list[np.ndarray], shard: int, images: ShardedPatches,
-                 targets: ShardedPatches) -> np.ndarray:
+                 targets: ShardedPatches | None) -> np.ndarray:
     """Write shard `shard` of both arrays from the encoded patches in `cells` (those of the
     chunk tasks that hold its patches); returns its (store index, foreground fraction)."""
     wanted = images.shard_range(shard)
@@ -947,18 +960,22 @@ def _write_shard(cells: list[np.ndarray], shard: int, images: ShardedPatches,
         raise AssertionError(f"shard {shard}: patches {sorted(set(wanted) - set(found))} "
                              f"were not encoded")
     images.write_shard(shard, [found[i][1] for i in wanted])
-    targets.write_shard(shard, [found[i][2] for i in wanted])
+    if targets is not None:
+        targets.write_shard(shard, [found[i][2] for i in wanted])
     return _cell([(i, found[i][0]) for i in wanted])
 
 
 def _create_arrays(group: zarr.Group, split: str, n: int, channels: int,
-                   target_lead: tuple[int, ...], patch: tuple[int, ...],
-                   target_dtype: str) -> tuple[ShardedPatches, ShardedPatches]:
+                   target_lead: tuple[int, ...] | None, patch: tuple[int, ...],
+                   target_dtype: str) -> tuple[ShardedPatches, ShardedPatches | None]:
     """Images and targets arrays of one split, sharded alike (shard k of both holds the same
-    patches), the shard size set by the image patches."""
+    patches), the shard size set by the image patches; no targets array when `target_lead`
+    is None (the images are their own targets)."""
     sub = group.require_group(split)
     per_shard = patches_per_shard((channels, *patch), "float32", n)
     images = create_patch_array(sub, "images", n, (channels, *patch), "float32", per_shard)
+    if target_lead is None:
+        return ShardedPatches(images), None
     targets = create_patch_array(sub, "targets", n, (*target_lead, *patch), target_dtype,
                                  per_shard)
     return ShardedPatches(images), ShardedPatches(targets)
@@ -1006,8 +1023,9 @@ def _write_split(records: list[dict], split: str,
     if not chosen:
         return None
     first = sources[_source_id(chosen[0])]
-    image0, target0 = first.arrays
-    lead = () if task == "segmentation" else (target0.shape[0],)
+    image0 = first.arrays[0]
+    lead = None if len(first.arrays) == 1 else \
+        () if task == "segmentation" else (first.arrays[1].shape[0],)
     images, targets = _create_arrays(group, split, len(chosen), image0.shape[0], lead,
                                      first.patch,
                                      "int32" if task == "segmentation" else "float32")
@@ -1168,6 +1186,10 @@ class SourceSet:
                              f"{self.first[0]} has {self.first[1]}; pooled datasets must "
                              f"have the same channels (select them with datasets.*.channels)")
         self.first = self.first or (img.where, image.shape[0])
+        if target is None:  # n2v: the image alone
+            self.sources[img.id] = patch_source([image], self.patch)
+            self.stats[img.id] = position_stats(stats, img.position or None)
+            return self.sources[img.id]
         source = patch_source([image, target], self.patch)
         self.stored_targets[img.id] = source.arrays[1]
         if self.boundary_width is not None:
@@ -1199,6 +1221,16 @@ def _stats_for_store(stats: dict[str, dict], sources: SourceSet) -> dict[str, di
     return out
 
 
+def _check_targets_given(datasets: list[DatasetInput]) -> None:
+    """A single-image dataset needs its target unless the model learns from images alone
+    (model.target n2v, which is not checked)."""
+    for ds in datasets:
+        if ds.image is not None and not ds.target:
+            raise PatchError(f"dataset '{ds.name}': image {ds.image} has no target (give "
+                             f"datasets.{ds.name}.target, or train a model.target n2v "
+                             f"model, which learns from the images alone)")
+
+
 def _sample_image(ds: DatasetInput, stats: dict, sources: SourceSet, settings: dict[str, Any],
                   ignore_label: int | None, rng: np.random.Generator) -> list[dict]:
     """Patches of a single-image dataset."""
@@ -1223,11 +1255,17 @@ def extract_patches(datasets: list[DatasetInput], task: str, settings: dict[str,
     """
     target = segmentation_target(target or {})
     boundaries = task == "segmentation" and target["target"] == "boundaries"
+    self_supervised = task == "regression" and target["target"] == N2V
     if boundaries:
         num_classes = BOUNDARY_CLASSES
+    if self_supervised:  # the images are their own targets: none is read or stored
+        datasets = [replace(ds, target=None) for ds in datasets]
+    else:
+        _check_targets_given(datasets)
     _check_validation_datasets(datasets, settings)
     stats = {ds.name: read_stats(ds.stats) for ds in datasets}
-    positions = {ds.name: _source_images(ds) for ds in datasets if ds.positions}
+    positions = {ds.name: _source_images(ds, self_supervised)
+                 for ds in datasets if ds.positions}
     _check_validation_groups(datasets, positions, settings)
     sources = SourceSet(task, tuple(settings["shape"]),
                         boundary_width=target["boundary_width"] if boundaries else None,
@@ -1243,7 +1281,8 @@ def extract_patches(datasets: list[DatasetInput], task: str, settings: dict[str,
     with atomic_path(store) as tmp:
         group = zarr.open_group(str(tmp), mode="w", zarr_format=3)
         group.attrs["unetflow"] = {"task": task, "patch_shape": list(sources.patch),
-                                   "target": target if task == "segmentation" else None,
+                                   "target": target if task == "segmentation" or
+                                   self_supervised else None,
                                    "normalize": normalize,
                                    "datasets": _stats_for_store(stats, sources)}
         _write_store(records, sources.sources, sources.stats, group, task, normalize,

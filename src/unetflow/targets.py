@@ -30,16 +30,21 @@ __all__ = [
     "INTERIOR",
     "BOUNDARY",
     "BOUNDARY_CLASSES",
+    "N2V",
     "TARGET_KEYS",
     "boundary_classes",
     "boundary_classes_lazy",
     "network_classes",
     "segmentation_target",
     "uses_boundaries",
+    "uses_n2v",
 ]
 
 BACKGROUND, INTERIOR, BOUNDARY = 0, 1, 2
 BOUNDARY_CLASSES = 3
+# model.target of a regression model that learns from its images alone (Noise2Void's blind
+# spot, unetflow.n2v): no target is read, the patch store holds the images only
+N2V = "n2v"
 # the model-section keys that say what a segmentation network learns (not its layers)
 TARGET_KEYS = ("target", "boundary_width")
 
@@ -53,6 +58,10 @@ def segmentation_target(model_settings: dict[str, Any]) -> dict[str, Any]:
 
 def uses_boundaries(model_settings: dict[str, Any] | None) -> bool:
     return bool(model_settings) and model_settings.get("target", "classes") == "boundaries"
+
+
+def uses_n2v(model_settings: dict[str, Any] | None) -> bool:
+    return bool(model_settings) and model_settings.get("target", "classes") == N2V
 
 
 def network_classes(model_settings: dict[str, Any]) -> int:

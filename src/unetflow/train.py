@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from unetflow.config import EXECUTION_KEYS as CONFIG_EXECUTION_KEYS
+from unetflow.config import training_settings
 from unetflow.files import atomic_path, write_text_atomic
 from unetflow.losses import build_loss
 from unetflow.model.checkpoint import (
@@ -37,9 +38,17 @@ from unetflow.model.checkpoint import (
     save_checkpoint,
 )
 from unetflow.model.inference import memory_format_for
-from unetflow.model.unet import UNet, build_unet, layer_settings
+from unetflow.model.unet import (
+    ENCODER_PARTS,
+    UNet,
+    build_unet,
+    encoder_config,
+    encoder_state,
+    layer_settings,
+)
+from unetflow.n2v import mask_batch, masked_loss, masked_psnr
 from unetflow.patchstore import PatchArray, open_patch_array, open_patch_store
-from unetflow.targets import network_classes, segmentation_target
+from unetflow.targets import N2V, network_classes, segmentation_target, uses_n2v
 
 __all__ = [
     "EXECUTION_KEYS",
@@ -93,19 +102,25 @@ class PatchBatches(torch.utils.data.Dataset):
 
     The arrays are opened on first use in each process (a DataLoader worker re-opens them)
     and read patch by patch (unetflow.patchstore), so nothing but the patches of the current
-    batches is ever in memory.
+    batches is ever in memory. With `blind_spot` (train.blind_spot of a model.target n2v
+    model) the store holds images only: each batch is masked (`unetflow.n2v.mask_batch`,
+    after augmentation) with a generator drawn from (seed, step), and validation patches
+    from (seed, first patch), so every validation masks the same pixels.
     """
 
     def __init__(self, store: str, split: str, batch_size: int, seed: int,
-                 augment: dict[str, Any] | None, task: str) -> None:
+                 augment: dict[str, Any] | None, task: str,
+                 blind_spot: dict[str, Any] | None = None) -> None:
         self.store, self.split, self.batch_size, self.seed = store, split, batch_size, seed
-        self.augment, self.task = augment, task
-        self._arrays: tuple[PatchArray, PatchArray] | None = None
+        self.augment, self.task, self.blind_spot = augment, task, blind_spot
+        self._arrays: tuple[PatchArray, PatchArray | None] | None = None
 
-    def arrays(self) -> tuple[PatchArray, PatchArray]:
+    def arrays(self) -> tuple[PatchArray, PatchArray | None]:
+        """(images, targets); targets None for n2v (the images are their own)."""
         if self._arrays is None:
             group = open_patch_store(self.store)
             self._arrays = (open_patch_array(group, f"{self.split}/images"),
+                            None if self.blind_spot else
                             open_patch_array(group, f"{self.split}/targets"))
         return self._arrays
 
@@ -123,17 +138,25 @@ class PatchBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = self.arrays()
         index = batch_indices(images.shape[0], self.batch_size, self.seed, step)
-        x, y = images.read(index), targets.read(index)
+        x = images.read(index)
+        y = x if targets is None else targets.read(index)
         if self.augment:
             rng = np.random.default_rng([self.seed % 2**63, step, 1])
             x, y = augment_batch(x, y, self.augment, rng, self.task)
+        if self.blind_spot:
+            x, y = mask_batch(x, self.blind_spot,
+                              np.random.default_rng([self.seed % 2**63, step, 2]))
         return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
 
     def patches(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Patches [start, stop) as stored, never augmented (validation)."""
+        """Patches [start, stop) as stored, never augmented (validation); n2v: masked."""
         images, targets = self.arrays()
-        return (torch.from_numpy(images.read_range(start, stop)),
-                torch.from_numpy(targets.read_range(start, stop)))
+        x = images.read_range(start, stop)
+        if self.blind_spot:
+            x, y = mask_batch(x, self.blind_spot,
+                              np.random.default_rng([self.seed % 2**63, start, 3]))
+            return torch.from_numpy(x), torch.from_numpy(y)
+        return torch.from_numpy(x), torch.from_numpy(targets.read_range(start, stop))
 
 
 def _worker_init(worker_id: int) -> None:
@@ -231,7 +254,10 @@ def store_identity(store: str) -> dict[str, Any]:
     identity: dict[str, Any] = {"attrs": group.attrs.asdict()}
     digest = hashlib.sha256()
     for key in ("train/images", "train/targets", "val/images", "val/targets"):
-        array = open_patch_array(group, key)
+        try:
+            array = open_patch_array(group, key)
+        except KeyError:  # a store of images alone (n2v)
+            continue
         identity[key] = [list(array.shape), str(array.dtype)]
         picks = np.unique(np.linspace(0, array.shape[0] - 1,
                                       min(array.shape[0], FINGERPRINT_SAMPLES)).astype(int))
@@ -249,19 +275,44 @@ def training_fingerprint(model_settings: dict[str, Any], settings: dict[str, Any
     mode change speed or floating-point rounding, not what is optimized, and a job moved
     to another node or given more workers should resume, not start over.
     """
-    problem = {k: v for k, v in settings.items() if k not in EXECUTION_KEYS}
+    problem = {k: v for k, v in training_settings(settings, model_settings).items()
+               if k not in EXECUTION_KEYS}
     if settings["init_from"]:  # a retrained starting point is another problem
-        problem["init_from_sha256"] = hashlib.sha256(
-            Path(settings["init_from"]).read_bytes()).hexdigest()
+        problem["init_from_sha256"] = _file_sha256(settings["init_from"])
     text = json.dumps([model_settings, problem, store_identity(store)], sort_keys=True,
                       default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _file_sha256(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def load_encoder(model: UNet, checkpoint: dict[str, Any], path: str | Path) -> None:
+    """Copy the encoder (`unet.encoder_state`: the parts train.freeze_encoder_steps holds)
+    of `checkpoint` into `model`, leaving its decoder and head as initialized; refused in
+    one line naming both architectures when the encoders differ in shape."""
+    held = checkpoint.get("model_config") or {}
+    if encoder_config(held) != encoder_config(model.config()):
+        raise ValueError(f"train.init_from: the encoder of checkpoint {path} "
+                         f"({encoder_config(held)}, a {checkpoint.get('task')} model) differs "
+                         f"from this model's ({encoder_config(model.config())}); "
+                         f"train.init_encoder_only needs the same encoder")
+    source = encoder_state(checkpoint["model_state"])
+    target = encoder_state(model.state_dict())
+    if {k: tuple(v.shape) for k, v in source.items()} != \
+            {k: tuple(v.shape) for k, v in target.items()}:
+        raise ValueError(f"train.init_from: the encoder weights of checkpoint {path} do not "
+                         f"have the shapes of this model's ({model.config()}); the file may "
+                         f"come from another version of unetflow")
+    model.load_state_dict(source, strict=False)
+
+
 def _read_store_meta(store: str) -> dict[str, Any]:
     group = open_patch_store(store)
+    own_targets = (group.attrs["unetflow"].get("target") or {}).get("target") == N2V
     for split in ("train", "val"):
-        for name in ("images", "targets"):
+        for name in ("images",) if own_targets else ("images", "targets"):
             try:
                 open_patch_array(group, f"{split}/{name}")
             except KeyError:
@@ -274,10 +325,16 @@ def _read_store_meta(store: str) -> dict[str, Any]:
 def _check_store_target(meta: dict[str, Any], task: str, model_settings: dict[str, Any],
                         store: str) -> None:
     """The patches hold the targets this model learns (model.target): classes of a store
-    extracted for `boundaries` would train a 3-class network on 2-class labels."""
-    if task != "segmentation":
-        return
+    extracted for `boundaries` would train a 3-class network on 2-class labels; a store of
+    images alone (n2v) has no targets for a supervised model, and the reverse."""
     stored = segmentation_target(meta.get("target") or {})
+    if task != "segmentation":
+        if (stored["target"] == N2V) != uses_n2v(model_settings):
+            wanted = N2V if uses_n2v(model_settings) else "the datasets' target images"
+            raise ValueError(f"patch store {store} was extracted for model.target "
+                             f"{stored['target']!r} but this model learns from {wanted} "
+                             f"(model.target); re-extract the patches")
+        return
     wanted = segmentation_target(model_settings)
     if stored["target"] == "classes" and wanted["target"] == "classes":
         return
@@ -398,23 +455,27 @@ class Trainer:
                  settings: dict[str, Any], threads: int | None = None) -> None:
         self.store, self.out_dir, self.task = store, Path(out_dir), task
         self.settings, self.model_settings = settings, model_settings
+        self.init_source: dict[str, Any] | None = None  # train.init_from, when given
         _configure_torch(settings, threads)
         self.device = choose_device(settings["device"], "train.device")
         self.meta = _read_store_meta(store)
         _check_store_target(self.meta, task, model_settings, store)
         self.ignore_label = settings["ignore_label"]
+        self.n2v = uses_n2v(model_settings)
+        blind_spot = settings["blind_spot"] if self.n2v else None
         self.train_data = PatchBatches(store, "train", settings["batch_size"], settings["seed"],
-                                       settings["augment"], task)
+                                       settings["augment"], task, blind_spot)
         self.val_data = PatchBatches(store, "val", settings["batch_size"], settings["seed"],
-                                     None, task)
+                                     None, task, blind_spot)
         self.total_steps = total_steps(settings, len(self.train_data))
         self.model = self._build_model().to(self.device)
         # channels-last on every device: on the 2-core CPU box the demo model trained 1.44x
         # faster (28.2 against 19.6 samples/s, bench/train.py), as on GPUs
         self.memory_format = memory_format_for(self.model.spatial_dims)
         self.model = self.model.to(memory_format=self.memory_format)
-        self.loss_fn = build_loss(task, settings["loss"] or default_loss(task), self.ignore_label,
-                                  settings["class_weights"])
+        self.loss_fn = masked_loss(settings["loss"] or "mse") if self.n2v else build_loss(
+            task, settings["loss"] or default_loss(task), self.ignore_label,
+            settings["class_weights"])
         self.optimizer = build_optimizer(self.model, settings)
         self.schedule = LearningRateSchedule(self.optimizer, settings, self.total_steps)
         self.amp_dtype = autocast_dtype(self.device, settings["amp"])
@@ -430,8 +491,8 @@ class Trainer:
         in_channels = images.shape[1]
         if self.task == "segmentation":
             out_channels = network_classes(self.model_settings)
-        else:
-            out_channels = targets.shape[1]
+        else:  # n2v: the image is the target
+            out_channels = (images if targets is None else targets).shape[1]
         model = build_unet(layer_settings(self.model_settings),
                            self.model_settings["spatial_dims"], in_channels, out_channels)
         if self.settings["init_from"]:
@@ -439,11 +500,20 @@ class Trainer:
         return model
 
     def _init_weights(self, model: UNet, path: str) -> None:
-        """Fine-tuning starts from a checkpoint of the same architecture and task."""
+        """Fine-tuning starts from a checkpoint of the same architecture and task, or with
+        train.init_encoder_only from the encoder of any checkpoint whose encoder has this
+        model's shape (a denoiser or an n2v model starts a segmentation model)."""
         try:
             ckpt = load_checkpoint(path)
         except (ValueError, FileNotFoundError) as err:
             raise ValueError(f"train.init_from: {err}") from err
+        self.init_source = {"path": str(path), "sha256": _file_sha256(path),
+                            "task": ckpt.get("task"), "model_config": ckpt.get("model_config"),
+                            "model_settings": ckpt.get("model_settings"),
+                            "part": "encoder" if self.settings["init_encoder_only"] else "all"}
+        if self.settings["init_encoder_only"]:
+            load_encoder(model, ckpt, path)
+            return
         if ckpt.get("task") != self.task or ckpt.get("model_config") != model.config():
             raise ValueError(
                 f"train.init_from: checkpoint {path} holds a {ckpt.get('task')} model "
@@ -461,7 +531,7 @@ class Trainer:
             scaler_state=self.scaler.state_dict(), total_steps=self.total_steps,
             best_metric=self.best_metric, rng=_rng_states(), history=self.history,
             train_settings=self.settings, model_settings=self.model_settings,
-            fingerprint=self.fingerprint)
+            fingerprint=self.fingerprint, initialized_from=self.init_source)
 
     def _saved_state(self) -> dict[str, Any] | None:
         if not self.state_path.exists():
@@ -501,7 +571,7 @@ class Trainer:
     def _set_train_mode(self, encoder_frozen: bool) -> None:
         """Frozen encoder: no gradients and normalization statistics kept as loaded."""
         self.model.train()
-        for part in (self.model.encoders, self.model.downsamplings):
+        for part in (getattr(self.model, name) for name in ENCODER_PARTS):
             part.train(not encoder_frozen)
             for p in part.parameters():
                 p.requires_grad_(not encoder_frozen)
@@ -541,7 +611,8 @@ class Trainer:
             with self._autocast():
                 out = self.compiled(x).float()
             loss_sum += float(self.loss_fn(out, y)) * len(x)
-            m, c = validation_metric(self.task, out, y, self.ignore_label)
+            m, c = masked_psnr(out, y) if self.n2v else \
+                validation_metric(self.task, out, y, self.ignore_label)
             metric_sum, count = metric_sum + m, count + c
         return loss_sum / max(count, 1), metric_sum / max(count, 1)
 

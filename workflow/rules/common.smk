@@ -15,9 +15,11 @@ from unetflow.config import (
     ConfigError,
     config_warnings,
     execution_settings,
+    has_target,
     model_section,
     normalization_stats_settings,
     result_settings,
+    training_settings,
     validate_config,
 )
 from unetflow.convert import use_converted_tiffs
@@ -29,7 +31,7 @@ from unetflow.plates import (
     position_output_path,
     positions_digest,
 )
-from unetflow.targets import segmentation_target
+from unetflow.targets import N2V, segmentation_target, uses_n2v
 
 try:
     _validated = validate_config(config)
@@ -243,27 +245,39 @@ def patch_datasets(model):
     return MODELS[model]["train_on"]
 
 
+def learns_from_images(model):
+    """model.target n2v: the model reads no target in training (a dataset's target, when
+    given, only evaluates it)."""
+    return uses_n2v(model_section(config, model, "model"))
+
+
 def extract_inputs(wildcards):
     names = patch_datasets(wildcards.model)
     images = [d for d in names if d not in POSITION_SETS]
+    with_targets = not learns_from_images(wildcards.model)
     return {
         "images": [DATASETS[d]["image"] for d in images],
-        "targets": [DATASETS[d]["target"] for d in images],
+        "targets": [DATASETS[d]["target"] for d in images if with_targets],
         "positions": [positions_path(d) for d in names if d in POSITION_SETS],
         "stats": [stats_path(d) for d in names],
     }
 
 
-def extract_dataset_entry(name):
-    """A dataset as extract-patches reads it: its image and target, or its positions file."""
+def extract_dataset_entry(name, with_target=True):
+    """A dataset as extract-patches reads it: its image and target (none for n2v), or its
+    positions file."""
     entry = {"name": name, "stats": stats_path(name), "channels": DATASETS[name]["channels"]}
     if name in POSITION_SETS:
         return {**entry, "positions": positions_path(name)}
-    return {**entry, "image": DATASETS[name]["image"], "target": DATASETS[name]["target"]}
+    target = DATASETS[name]["target"] if with_target else None
+    return {**entry, "image": DATASETS[name]["image"], "target": target}
 
 
 def extract_datasets(wildcards):
-    return as_json([extract_dataset_entry(d) for d in patch_datasets(wildcards.model)])
+    with_targets = not learns_from_images(wildcards.model)
+    return as_json(
+        [extract_dataset_entry(d, with_targets) for d in patch_datasets(wildcards.model)]
+    )
 
 
 def section_json(section, leave_out=()):
@@ -295,6 +309,14 @@ def apply_normalization(wildcards):
     return as_json({"method": norm["method"], "clip": norm["clip"]})
 
 
+def train_settings_json(wildcards):
+    """The train section less the settings of how it runs and those inert for this model
+    (config.training_settings): editing or adding an inert key retrains nothing."""
+    settings = model_section(config, wildcards.model, "train")
+    arch = model_section(config, wildcards.model, "model")
+    return as_json(result_settings("train", training_settings(settings, arch)))
+
+
 def model_task(wildcards):
     return MODELS[wildcards.model]["task"]
 
@@ -304,10 +326,13 @@ def num_classes(wildcards):
 
 
 def segmentation_target_json(wildcards):
-    """What a segmentation network learns from the labels (model.target and its width):
-    a param of extract_patches, so changing it reruns from extraction."""
+    """What a segmentation network learns from the labels (model.target and its width), or
+    that a regression model learns from its images alone (n2v): a param of
+    extract_patches, so changing it reruns from extraction."""
     arch = model_section(config, wildcards.model, "model")
-    return as_json(segmentation_target(arch) if model_task(wildcards) == "segmentation" else {})
+    if model_task(wildcards) == "segmentation":
+        return as_json(segmentation_target(arch))
+    return as_json({"target": N2V} if uses_n2v(arch) else {})
 
 
 def ignore_label_arg(wildcards):
@@ -399,7 +424,7 @@ def montage_path(model, dataset):
 def evaluation_inputs(wildcards):
     """What evaluate reads, and the checkpoint the prediction must have been made with."""
     inputs = {**evaluate_inputs(wildcards), "checkpoint": predict_checkpoint(wildcards)}
-    if MODELS[wildcards.model]["task"] == "regression":
+    if MODELS[wildcards.model]["task"] == "regression" and baseline_datasets(wildcards.model):
         inputs["baseline"] = baseline_path(wildcards.model)
     return inputs
 
@@ -421,8 +446,14 @@ def baseline_images(name):
     return [(f"{name}/{p.key}", p.image, p.target) for p in positions[::step][:BASELINE_POSITIONS]]
 
 
+def baseline_datasets(model):
+    """The model's training datasets that have targets, which the baselines are tuned on
+    (all of them, except for an n2v model, which may train on images that have none)."""
+    return [d for d in MODELS[model]["train_on"] if has_target(DATASETS[d])]
+
+
 def tune_baseline_inputs(wildcards):
-    names = MODELS[wildcards.model]["train_on"]
+    names = baseline_datasets(wildcards.model)
     used = [e for d in names if d not in TIFF_COLLECTIONS for e in baseline_images(d)]
     return {
         "images": [e[1] for e in used],
@@ -436,7 +467,7 @@ def tune_baseline_datasets(wildcards):
     return as_json(
         [
             {"name": n, "image": image, "target": target, "channels": DATASETS[d]["channels"]}
-            for d in MODELS[wildcards.model]["train_on"]
+            for d in baseline_datasets(wildcards.model)
             for n, image, target in baseline_images(d)
         ]
     )

@@ -15,7 +15,7 @@ rule train:
         model_dir="results/{model}",
         task=model_task,
         model_settings=section_json("model"),
-        settings=section_json("train"),
+        settings=train_settings_json,
     log:
         "logs/train/{model}.log",
     benchmark:

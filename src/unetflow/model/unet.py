@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["NORMS", "ACTIVATIONS", "DOWNSAMPLES", "UPSAMPLES", "UNet", "build_unet", "exact_halo",
-           "layer_settings"]
+           "encoder_config", "encoder_state", "layer_settings", "ENCODER_PARTS"]
 
 NORMS = ("batch", "group", "instance", "none")
 ACTIVATIONS = ("relu", "leaky_relu", "gelu", "silu")
@@ -34,6 +34,13 @@ _MAX_POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
 _BATCH_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
 _INSTANCE_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
 _ACTIVATION = {"relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU, "silu": nn.SiLU}
+# The encoder: the convolution blocks and downsamplings of the contracting path (not the
+# bottleneck), what train.freeze_encoder_steps holds and train.init_encoder_only copies;
+# its shape is set by these constructor arguments alone (not out_channels, upsample, residual)
+ENCODER_PARTS = ("encoders", "downsamplings")
+_ENCODER_CONFIG = ("spatial_dims", "in_channels", "depth", "base_features", "growth", "norm",
+                   "activation", "downsample")
+
 _MODEL_KEYS = (
     "depth", "base_features", "growth", "norm", "activation", "downsample", "upsample", "residual",
 )
@@ -413,6 +420,17 @@ def _validate_config(config: dict[str, Any]) -> None:
             f"residual=True adds the input to the output, so in_channels="
             f"{config['in_channels']} must equal out_channels={config['out_channels']}"
         )
+
+
+def encoder_config(config: dict[str, Any]) -> dict[str, Any]:
+    """The constructor arguments (UNet.config()) that shape the encoder."""
+    return {k: config.get(k) for k in _ENCODER_CONFIG}
+
+
+def encoder_state(state: dict[str, Any]) -> dict[str, Any]:
+    """The entries of a state dict that belong to the encoder (ENCODER_PARTS), normalization
+    statistics included."""
+    return {k: v for k, v in state.items() if k.split(".", 1)[0] in ENCODER_PARTS}
 
 
 def layer_settings(model_section: dict[str, Any]) -> dict[str, Any]:
