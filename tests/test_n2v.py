@@ -150,7 +150,6 @@ def test_the_masked_loss_reads_its_mask_from_the_target():
 
 def test_a_store_of_images_alone_and_a_supervised_model_refuse_each_other(tmp_path):
     from test_train import sections, write_store
-
     from unetflow.train import Trainer
 
     store, _, _ = write_noisy_store(tmp_path / "p.zarr")
@@ -169,7 +168,6 @@ def test_n2v_resume_after_sigterm_gives_the_uninterrupted_weights(tmp_path):
     from pathlib import Path
 
     from test_train import STEPS, assert_same_training, outputs, wait_for_saved_state
-
     from unetflow.train import train_model
 
     store, _, _ = write_noisy_store(tmp_path / "p.zarr")

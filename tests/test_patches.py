@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -462,8 +463,33 @@ def test_dataset_input_is_one_image_or_positions(plate, data):
     with pytest.raises(PatchError, match="exactly one of image"):
         DatasetInput("x", image=data["a"].image, target=data["a"].target, stats=data["a"].stats,
                      positions=plate["dataset"].positions)
-    with pytest.raises(PatchError, match="has no target"):
-        DatasetInput("x", image=data["a"].image, stats=data["a"].stats)
+    without = DatasetInput("x", image=data["a"].image, stats=data["a"].stats)
+    with pytest.raises(PatchError, match="dataset 'x': image .* has no target .* n2v"):
+        _extract(Path(data["a"].stats).parent / "never", [without])
+    assert not (Path(data["a"].stats).parent / "never.zarr").exists()
+
+
+N2V = {"target": "n2v"}
+
+
+@pytest.mark.parametrize("source", ["image", "plate"])
+def test_an_n2v_store_holds_the_images_a_regression_store_holds_and_no_target(
+        tmp_path, data, plate, source):
+    """model.target n2v reads no target (the dataset may have none): the same uniform
+    patches as a regression model at the same seed, images only."""
+    ds, extra = (data["a_clean"], {}) if source == "image" else (plate["clean"], PLATE_PATCHES)
+    _, rows, supervised = _extract(tmp_path, [ds], task="regression", out="r", **extra)
+    alone = replace(ds, target=None)
+    store, manifest = tmp_path / "n.zarr", tmp_path / "n.tsv"
+    extract_patches([alone], "regression", {**PATCHES, **extra}, NORM, 2, None, store,
+                    manifest, target=N2V)
+    group = zarr.open_group(str(store), mode="r")
+    assert read_manifest(manifest) == rows
+    assert group.attrs["unetflow"]["target"]["target"] == "n2v"
+    for split in ("train", "val"):
+        assert sorted(group[split].array_keys()) == ["images"]
+        np.testing.assert_array_equal(group[f"{split}/images"][...],
+                                      supervised[f"{split}/images"][...])
 
 
 def test_manifests_written_before_positions_still_read(tmp_path):

@@ -233,6 +233,28 @@ def test_init_from_a_checkpoint_of_another_task_or_network_is_refused(pair, tmp_
                 "config key 'train.init_from'", str(junk))
 
 
+def test_encoder_transfer_plans_from_another_task_and_refuses_another_encoder(pair, tmp_path):
+    """train.init_encoder_only: a denoiser (1 output) starts a 2-class segmentation model;
+    a checkpoint with another encoder, or a model of this config with other encoder
+    settings, is refused when Snakemake plans (before that model is trained)."""
+    regression = save_ckpt(tmp_path / "reg.pt", "regression", out_channels=1,
+                           upsample="interpolate", residual=True)
+    transfer = {"init_from": regression, "init_encoder_only": True}
+    assert dataset_problems(configure(pair, train=transfer)) == []
+    wider = save_ckpt(tmp_path / "wide.pt", "regression", out_channels=1, base_features=8)
+    dag_problem(configure(pair, train={**transfer, "init_from": wider}),
+                "the encoder of checkpoint", "base_features 8 (the model: 4)",
+                "train.init_encoder_only needs the same encoder")
+    config = configure(pair)
+    config["datasets"]["dn"] = {"image": pair["image"], "target": pair["clean"]}
+    config["models"]["pre"] = {"task": "regression", "train_on": ["dn"],
+                               "model": {"depth": 3}}
+    config["models"]["m"]["train"] = {"init_from": "results/pre/checkpoint_best.pt",
+                                      "init_encoder_only": True}
+    dag_problem(validate_config(config), "model 'pre', whose encoder model 'm' starts from",
+                "depth 3 (the model: 2)")
+
+
 def test_planning_imports_no_torch_without_init_from(pair):
     """Metadata checks stay cheap: torch is imported only to read an init_from checkpoint."""
     text = json.dumps(json.dumps(configure(pair)))

@@ -461,7 +461,8 @@ def test_encoder_transfer_copies_exactly_the_encoder_and_leaves_decoder_and_head
     assert encoder and all(torch.equal(state[k], v) for k, v in encoder.items())
     rest = [k for k in state if k not in encoder]
     assert rest and all(torch.equal(state[k], fresh[k]) for k in rest)
-    assert not torch.equal(state["bottleneck.0.weight"], source["model_state"]["bottleneck.0.weight"])
+    bottleneck = "bottleneck.0.weight"
+    assert not torch.equal(state[bottleneck], source["model_state"][bottleneck])
     final = trainer.run(progress=False)
     assert all(torch.equal(final["model_state"][k], v) for k, v in encoder.items())  # frozen
     record = final["initialized_from"]

@@ -273,28 +273,79 @@ def _made_checkpoint(config: dict, path: str) -> bool:
                for m in config["models"] for which in ("best", "last"))
 
 
+# what shapes the encoder, of the keys above (model.unet's encoder_config, less channels)
+ENCODER_KEYS = ("spatial_dims", "depth", "base_features", "growth", "norm", "activation",
+                "downsample")
+
+
+def _source_model(config: dict, path: str) -> str | None:
+    """The model of this config whose checkpoint `path` is (results/<model>/checkpoint_*.pt)."""
+    return next((m for m in config["models"] for which in ("best", "last")
+                 if str(Path(path)) == str(Path(f"results/{m}/checkpoint_{which}.pt"))), None)
+
+
+def _made_checkpoint(config: dict, path: str) -> bool:
+    """A checkpoint that a rule of this config trains (results/<model>/checkpoint_*.pt)."""
+    return _source_model(config, path) is not None
+
+
+def _encoder_differences(held: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """The encoder settings (and input channels, when known) that differ."""
+    return [f"{k} {held.get(k)!r} (the model: {wanted[k]!r})"
+            for k in (*ENCODER_KEYS, "in_channels")
+            if wanted.get(k) is not None and held.get(k) != wanted[k]]
+
+
+def _check_encoder_source(model: str, config: dict, path: str, key: str) -> None:
+    """train.init_encoder_only from a model of this config: its encoder settings must be
+    this model's, checked before Snakemake trains it (not after)."""
+    source = _source_model(config, path)
+    if source is None:
+        return
+    held = model_section(config, source, "model")
+    differ = _encoder_differences(held, model_section(config, model, "model"))
+    if differ:
+        raise DataError(f"config key {key}: model '{source}', whose encoder model '{model}' "
+                        f"starts from (train.init_encoder_only), differs in "
+                        f"{', '.join(differ)}; give both models the same encoder settings")
+
+
 def _check_init_from(model: str, config: dict, in_channels: int | None,
                      out_channels: int | None) -> None:
-    """train.init_from: the checkpoint's task and network must be this model's. Its plain
-    entries are read (torch imported) only when a model sets one; a missing file is left to
-    Snakemake (the train rule's input) and a checkpoint this config trains is not read."""
-    path = model_section(config, model, "train")["init_from"]
-    if not path or not Path(path).is_file() or _made_checkpoint(config, path):
+    """train.init_from: the checkpoint's task and network must be this model's (with
+    train.init_encoder_only: its encoder). Its plain entries are read (torch imported) only
+    when a model sets one; a missing file is left to Snakemake (the train rule's input) and
+    a checkpoint this config trains is compared through that model's settings."""
+    train = model_section(config, model, "train")
+    path, encoder_only = train["init_from"], train["init_encoder_only"]
+    if not path:
+        return
+    key = _where(config, model, "train", "init_from")
+    if encoder_only:
+        _check_encoder_source(model, config, path, key)
+    if not Path(path).is_file() or _made_checkpoint(config, path):
         return
     from unetflow.model.checkpoint import read_description
 
-    key = _where(config, model, "train", "init_from")
     try:
         description = read_description(path)
     except (ValueError, OSError) as err:
         raise DataError(f"config key {key}: {err}") from None
+    held = description.get("model_config") or {}
+    wanted = _expected_network(config, model, in_channels, out_channels)
+    if encoder_only:
+        differ = _encoder_differences(held, wanted)
+        if differ:
+            raise DataError(f"config key {key}: the encoder of checkpoint {path} differs "
+                            f"from model '{model}''s in {', '.join(differ)}; "
+                            f"train.init_encoder_only needs the same encoder")
+        return
     task = config["models"][model]["task"]
     if description.get("task") != task:
         raise DataError(f"config key {key}: checkpoint {path} holds a "
                         f"{description.get('task')} model but model '{model}' is a {task} "
-                        f"model; fine-tuning starts from a checkpoint of the same task")
-    held = description.get("model_config") or {}
-    wanted = _expected_network(config, model, in_channels, out_channels)
+                        f"model; fine-tuning starts from a checkpoint of the same task "
+                        f"(or set train.init_encoder_only to take its encoder alone)")
     differ = [f"{k} {held.get(k)!r} (the model: {v!r})" for k, v in wanted.items()
               if held.get(k) != v]
     if differ:
