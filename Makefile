@@ -9,7 +9,7 @@ TORCH_SPEC ?= torch==2.13.0
 LOCK := envs/constraints.txt
 CORES ?= all
 
-.PHONY: demo demo-plate test install install-bench lock clean-results report
+.PHONY: demo demo-plate demo-pretrain test install install-bench lock clean-results report
 
 install: $(VENV)/.installed
 
@@ -48,6 +48,13 @@ demo-plate: install
 	@echo; echo "per well (denoising, results/plate_denoise/metrics/plate_test_denoise_wells.tsv):"
 	@$(BIN)/unetflow show results/plate_denoise/metrics/plate_test_denoise_wells.tsv \
 		--columns well,positions,unet.psnr,gaussian.psnr,input.psnr,unet.ssim
+
+# Learning from little data (README): a Noise2Void denoiser of the demo's noisy image, and a
+# segmentation model fine-tuned from its encoder on 32 patches beside one from scratch.
+demo-pretrain: install
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile config/pretrain.yaml
+	@echo
+	@$(BIN)/unetflow show results/summary.tsv
 
 report: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --report report.html

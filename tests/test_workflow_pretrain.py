@@ -18,7 +18,7 @@ def pretrain_config(tiny_config: dict) -> dict:
         "n2v": {"task": "regression", "train_on": ["noisy"], "predict_on": ["te_dn"],
                 "model": {"target": "n2v"},
                 "train": {"blind_spot": {"fraction": 0.01}}},
-        "ft": {"task": "segmentation", "train_on": ["tr_seg"], "predict_on": ["te_seg"],
+        "ft": {"task": "segmentation", "train_on": ["tr_seg"],  # trained, not applied
                "train": {"init_from": "results/n2v/checkpoint_best.pt",
                          "init_encoder_only": True, "freeze_encoder_steps": 4}},
     }
