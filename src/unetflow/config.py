@@ -330,6 +330,23 @@ def _check_segmentation_targets(config: dict) -> None:
                               f"use num_classes: 2, or target: classes for semantic classes")
 
 
+def _check_augment_ranges(augment: dict[str, Any], prefix: str) -> None:
+    """Every [low, high] range of train.augment (a 2-item list) has low <= high: the schema
+    checks each end, not their order."""
+    for name, block in augment.items():
+        for key, value in (block.items() if isinstance(block, dict) else ()):
+            if isinstance(value, list) and len(value) == 2 and value[0] > value[1]:
+                raise ConfigError(f"config key '{prefix}.{name}.{key}': {value!r} has its low "
+                                  f"end above its high end; give [low, high] with low <= high")
+
+
+def _check_train_augment(config: dict) -> None:
+    _check_augment_ranges(config["train"]["augment"], "train.augment")
+    for model, spec in config["models"].items():
+        _check_augment_ranges(spec.get("train", {}).get("augment", {}),
+                              f"models.{model}.train.augment")
+
+
 def _check_shapes(config: dict) -> None:
     for model in config["models"]:
         arch = model_section(config, model, "model")
@@ -449,6 +466,7 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
     _check_validation_groups(config)
     _check_shapes(config)
     _check_segmentation_targets(config)
+    _check_train_augment(config)
     return config
 
 
@@ -473,6 +491,8 @@ def section_settings(section: str, values: dict[str, Any],
     if errors:
         raise ConfigError(_describe(errors[0], schema, (section,)))
     _fill_defaults(section_schema, values, schema)
+    if section == "train":
+        _check_augment_ranges(values["augment"], "train.augment")
     return values
 
 
@@ -514,13 +534,19 @@ def load_config(path: str | Path) -> dict[str, Any]:
 def model_section(config: dict[str, Any], model: str, section: str) -> dict[str, Any]:
     """The effective `section` for `model`: the global section updated by the model's override.
 
-    Nested dicts (e.g. train.augment) are merged key by key. The result is plain data, so
-    Snakemake's params comparison sees exactly the settings a job depends on.
+    Nested dicts (e.g. train.augment, train.augment.rotate) are merged key by key, at every
+    depth. The result is plain data, so Snakemake's params comparison sees exactly the
+    settings a job depends on.
     """
-    merged = copy.deepcopy(config.get(section, {}))
-    for key, value in config["models"][model].get(section, {}).items():
+    return _merged(config.get(section, {}), config["models"][model].get(section, {}))
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` updated by `override`; a dict in both is merged the same way, recursively."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
+            merged[key] = _merged(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
