@@ -213,6 +213,14 @@ def test_gamma_keeps_each_channels_min_and_max_and_order():
     assert np.all(np.diff(xa[0, 0].ravel()[order]) >= -1e-5)  # monotonic
 
 
+@pytest.mark.parametrize(("shape", "out"), [((2, 5, 9), (16, 30)), ((1, 4, 9, 7), (9, 30, 1))])
+def test_linear_resize_is_ndimage_zoom_of_order_one(shape, out):
+    array = np.random.default_rng(0).normal(size=shape).astype(np.float32)
+    zoom = (1, *[o / n for o, n in zip(out, shape[1:], strict=True)])
+    assert np.allclose(augment._resize_linear(array, out),
+                       ndimage.zoom(array, zoom, order=1, mode="nearest"), atol=1e-6)
+
+
 def test_low_resolution_at_zoom_one_and_blur_at_sigma_zero_change_nothing():
     x, _ = blobs((16, 16))
     settings = always("low_resolution", "blur", low_resolution={"zoom": [1, 1]},
