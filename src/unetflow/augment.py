@@ -149,11 +149,13 @@ def _sampling_grid(shape: tuple[int, ...], settings: dict[str, Any],
 def _grid(shape: tuple[int, ...], matrix: np.ndarray, field: np.ndarray | None
           ) -> np.ndarray:
     """Input coordinates matrix @ v + centre (+ field) of the output offsets v from the
-    patch centre, float32 (dims, *shape)."""
+    patch centre, float32 (dims, *shape). Written out as sums, not a matrix product: BLAS
+    threads stall on such small products when the cores are busy."""
     dims = len(shape)
     centre = (np.array(shape, dtype=np.float32) - 1) / 2
-    offsets = np.indices(shape, dtype=np.float32).reshape(dims, -1) - centre[:, None]
-    grid = (matrix.astype(np.float32) @ offsets + centre[:, None]).reshape(dims, *shape)
+    offsets = np.indices(shape, dtype=np.float32) - centre.reshape(dims, *[1] * dims)
+    grid = np.stack([sum(np.float32(matrix[i, j]) * offsets[j] for j in range(dims)) + centre[i]
+                     for i in range(dims)])
     return grid if field is None else grid + field
 
 
