@@ -10,7 +10,14 @@ from scipy import ndimage
 from test_train import write_store
 from unetflow import augment
 from unetflow.augment import GEOMETRIC, IMAGE_ONLY, RICH_AUGMENT
-from unetflow.config import ConfigError, model_section, section_settings, validate_config
+from unetflow.config import (
+    ConfigError,
+    config_warnings,
+    model_section,
+    section_settings,
+    training_settings,
+    validate_config,
+)
 from unetflow.train import PatchBatches, augment_batch
 
 DEFAULTS = section_settings("train", {})["augment"]
@@ -263,8 +270,9 @@ def test_rich_set_uses_the_schema_ranges_with_nnunets_probabilities():
         "low_resolution": 0.25}
 
 
-def _config(train: dict | None = None, model_train: dict | None = None) -> dict:
-    model = {"task": "segmentation", "train_on": ["d"]}
+def _config(train: dict | None = None, model_train: dict | None = None,
+            task: str = "segmentation", **model: dict) -> dict:
+    model = {"task": task, "train_on": ["d"], **model}
     if model_train is not None:
         model["train"] = model_train
     return validate_config({"datasets": {"d": {"image": "i", "target": "t"}},
@@ -301,3 +309,26 @@ def test_a_range_with_low_above_high_is_refused_naming_the_key(where):
 def test_the_schema_refuses_bad_probabilities_and_ranges(block):
     with pytest.raises(ConfigError, match=r"config key 'train\.augment\.scale"):
         section_settings("train", {"augment": {"scale": block}})
+
+
+def test_augmentations_left_off_change_no_params_and_no_fingerprint():
+    """A model trained before rotate...low_resolution existed keeps its Snakemake params and
+    training fingerprint: a block at p 0 draws nothing and is left out of both."""
+    config = _config(model_train={"augment": {"gamma": {"p": 0.3}}})
+    settings = training_settings(model_section(config, "m", "train"),
+                                 model_section(config, "m", "model"))
+    assert set(settings["augment"]) == {"flips", "rotate90", "intensity", "intensity_target",
+                                        "noise", "gamma"}
+    # what the rule passes, filled again by the command line, is what the trainer ran with
+    filled = section_settings("train", settings)
+    assert filled["augment"] == model_section(config, "m", "train")["augment"]
+
+
+def test_an_n2v_model_with_pixel_mixing_augmentations_is_warned_about():
+    config = _config(model_train={"augment": {"blur": {"p": 0.2}, "gamma": {"p": 0.3}}},
+                     task="regression", model={"target": "n2v"})
+    warnings = config_warnings(config)
+    assert len(warnings) == 1 and warnings[0].startswith("config key 'models.m.train.augment'")
+    assert "blur" in warnings[0]
+    config = _config(train={"augment": {"blur": {"p": 0.2}}})  # not n2v: no warning
+    assert config_warnings(config) == []

@@ -399,6 +399,29 @@ def config_warnings(config: dict[str, Any]) -> list[str]:
                          f"halo {exact} of model '{model}' with crop "
                          f"blending, so its predictions will show seams at tile borders; set "
                          f"predict.halo: {exact} (or null), or blending: gaussian")
+    return found + _n2v_augment_warnings(config)
+
+
+# augmentations that mix neighbouring pixels: blur and resampling (unetflow.augment)
+NOISE_CORRELATING_AUGMENT = ("rotate", "scale", "elastic", "blur", "low_resolution")
+
+
+def _n2v_augment_warnings(config: dict[str, Any]) -> list[str]:
+    """Noise2Void needs noise that is independent from pixel to pixel; blur, simulated low
+    resolution and the linear resampling of rotate/scale/elastic correlate it, and the blind
+    spot then learns to predict the noise too."""
+    found = []
+    for model in config["models"]:
+        if model_section(config, model, "model")["target"] != "n2v":
+            continue
+        augment = model_section(config, model, "train")["augment"]
+        for name in NOISE_CORRELATING_AUGMENT:
+            if augment[name]["p"] > 0:
+                found.append(f"config key {_where(config, model, 'train', 'augment')}: "
+                             f"{name} (p {augment[name]['p']}) mixes neighbouring pixels, "
+                             f"which correlates the noise that model '{model}' (n2v) must "
+                             f"see independent; set {name}.p: 0 for it (flips and rotate90 "
+                             f"move whole pixels)")
     return found
 
 
@@ -511,15 +534,20 @@ def result_settings(section: str, values: dict[str, Any],
 def training_settings(settings: dict[str, Any], model_settings: dict[str, Any]
                       ) -> dict[str, Any]:
     """The train settings that decide this model's weights: train.blind_spot only for a
-    model.target n2v model, train.init_encoder_only only with train.init_from. Left out
-    otherwise, so that a model trained before these keys existed keeps its Snakemake params
-    (it is not retrained) and its training fingerprint (a stopped run resumes)."""
+    model.target n2v model, train.init_encoder_only only with train.init_from, a block of
+    train.augment (rotate, scale, ...) only when its p is above 0. Left out otherwise, so
+    that a model trained before these keys existed keeps its Snakemake params (it is not
+    retrained) and its training fingerprint (a stopped run resumes)."""
     drop = set()
     if model_settings.get("target") != "n2v":
         drop.add("blind_spot")
     if not settings.get("init_from"):
         drop.add("init_encoder_only")
-    return {k: v for k, v in settings.items() if k not in drop}
+    kept = {k: v for k, v in settings.items() if k not in drop}
+    if isinstance(kept.get("augment"), dict):  # an augmentation at p 0 draws nothing
+        kept["augment"] = {k: v for k, v in kept["augment"].items()
+                           if not (isinstance(v, dict) and v.get("p") == 0)}
+    return kept
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
