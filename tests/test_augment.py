@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
-from test_train import write_store
+from test_train import sections, write_store
 from unetflow import augment
 from unetflow.augment import GEOMETRIC, IMAGE_ONLY, RICH_AUGMENT
 from unetflow.config import (
@@ -18,7 +19,7 @@ from unetflow.config import (
     training_settings,
     validate_config,
 )
-from unetflow.train import PatchBatches, augment_batch
+from unetflow.train import PatchBatches, Trainer, augment_batch
 
 DEFAULTS = section_settings("train", {})["augment"]
 PLAIN = {**DEFAULTS, "flips": False, "rotate90": False, "intensity": 0.0, "noise": 0.0}
@@ -257,6 +258,23 @@ def test_a_step_read_fresh_is_the_step_read_after_others(tmp_path):
     x, y = fresh[3]
     assert np.array_equal(x.numpy(), batches[3][0].numpy())
     assert np.array_equal(y.numpy(), batches[3][1].numpy())
+
+
+def test_a_resumed_run_with_every_augmentation_equals_the_uninterrupted_one(tmp_path):
+    """3D regression, every augmentation at probability 1 (test_train: the same for the
+    default settings, and after SIGTERM)."""
+    task, shape = "regression", (8, 16, 16)
+    store = write_store(tmp_path / "p.zarr", task, n_train=6, n_val=2, shape=shape)
+    rich = {name: {"p": 1.0} for name in (*GEOMETRIC, *IMAGE_ONLY)}
+    model, train = sections(task, {"spatial_dims": len(shape)}, steps=6, validate_every=3,
+                            augment=rich, threads=1)
+    whole = Trainer(store, str(tmp_path / "whole"), task, model, train).run(False)
+    Trainer(store, str(tmp_path / "parts"), task, model, train).run(False, until=3)
+    resumed = Trainer(store, str(tmp_path / "parts"), task, model, train)
+    assert resumed.resume_if_possible() and resumed.step == 3
+    parts = resumed.run(False)
+    for key, tensor in whole["model_state"].items():
+        assert torch.equal(parts["model_state"][key], tensor), key
 
 
 # --- configuration -------------------------------------------------------------------------
