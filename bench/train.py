@@ -11,6 +11,13 @@ Ratios:
                                     / training-step samples/s. Goal >= 10.
   loader_workers_to_training_ratio  the same with --workers DataLoader worker processes
                                     (default 2; a GPU node has cores for more).
+  loader_rich_augment_to_training_ratio
+                                    loader samples/s (num_workers 0) with every augmentation
+                                    of unetflow.augment.RICH_AUGMENT (rotation, scaling,
+                                    elastic deformation, gamma, blur, low resolution) at
+                                    probability 1 on top of the defaults: the worst case, each
+                                    sample pays for all of them / training-step samples/s.
+                                    Goal >= 10.
   patch_read_vs_zarr_ratio          patches/s of reading random batches of 8 (images and
                                     targets, no augmentation) with PatchArray, as the loader
                                     does / the same through zarr's get_orthogonal_selection.
@@ -21,6 +28,7 @@ Usage: .venv/bin/python bench/train.py [--device auto|cpu|cuda] [--amp true|fals
 from __future__ import annotations
 
 import argparse
+import copy
 import tempfile
 import time
 from pathlib import Path
@@ -29,10 +37,11 @@ import numpy as np
 import torch
 import zarr
 
+from unetflow.augment import RICH_AUGMENT
 from unetflow.config import model_section, validate_config
 from unetflow.demo import synthesize_nuclei
 from unetflow.patchstore import PatchArray, create_patch_array, patches_per_shard
-from unetflow.train import Trainer, make_loader
+from unetflow.train import PatchBatches, Trainer, make_loader
 
 
 def write_patch_store(path: Path, n_train: int, n_val: int, patch: int, seed: int = 0) -> str:
@@ -68,10 +77,18 @@ def demo_sections(device: str, amp: bool | str, steps: int) -> tuple[dict, dict]
     return model_section(config, "m", "model"), model_section(config, "m", "train")
 
 
-def loader_samples_per_s(trainer: Trainer, steps: int, workers: int) -> float:
+def every_augmentation(batches: PatchBatches) -> PatchBatches:
+    """The same training batches with every augmentation of the rich set at probability 1."""
+    rich = copy.copy(batches)
+    rich.augment = {**batches.augment,
+                    **{name: {**block, "p": 1.0} for name, block in RICH_AUGMENT.items()}}
+    return rich
+
+
+def loader_samples_per_s(batches: PatchBatches, steps: int, workers: int) -> float:
     """Iterate the training DataLoader alone; the first batches (worker start) not timed."""
     warmup = 2 * workers + 2
-    loader = iter(make_loader(trainer.train_data, 0, steps + warmup, workers))
+    loader = iter(make_loader(batches, 0, steps + warmup, workers))
     for _ in range(warmup):
         next(loader)
     start = time.perf_counter()
@@ -136,8 +153,10 @@ def main() -> None:
               f"batch 8 of {args.patch}x{args.patch}", flush=True)
         reads = {way: max(patch_reads_per_s(store, 100, way == "zarr") for _ in range(3))
                  for way in ("patcharray", "zarr")}
-        loader0 = loader_samples_per_s(trainer, args.loader_steps, 0)
-        loader_n = loader_samples_per_s(trainer, args.loader_steps, args.workers)
+        loader0 = loader_samples_per_s(trainer.train_data, args.loader_steps, 0)
+        loader_n = loader_samples_per_s(trainer.train_data, args.loader_steps, args.workers)
+        loader_rich = loader_samples_per_s(every_augmentation(trainer.train_data),
+                                           args.loader_steps, 0)
         if trainer.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         training = training_samples_per_s(trainer, steps)
@@ -147,9 +166,11 @@ def main() -> None:
     print(f"loader_samples_per_s: {loader0:.1f}")
     print(f"loader_workers: {args.workers}")
     print(f"loader_workers_samples_per_s: {loader_n:.1f}")
+    print(f"loader_rich_augment_samples_per_s: {loader_rich:.1f}")
     print(f"training_samples_per_s: {training:.2f}")
     print(f"loader_to_training_ratio: {loader0 / training:.1f}")
     print(f"loader_workers_to_training_ratio: {loader_n / training:.1f}")
+    print(f"loader_rich_augment_to_training_ratio: {loader_rich / training:.1f}")
     if trainer.device.type == "cuda":
         print(f"gpu_peak_memory_mib: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
 

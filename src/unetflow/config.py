@@ -330,6 +330,23 @@ def _check_segmentation_targets(config: dict) -> None:
                               f"use num_classes: 2, or target: classes for semantic classes")
 
 
+def _check_augment_ranges(augment: dict[str, Any], prefix: str) -> None:
+    """Every [low, high] range of train.augment (a 2-item list) has low <= high: the schema
+    checks each end, not their order."""
+    for name, block in augment.items():
+        for key, value in (block.items() if isinstance(block, dict) else ()):
+            if isinstance(value, list) and len(value) == 2 and value[0] > value[1]:
+                raise ConfigError(f"config key '{prefix}.{name}.{key}': {value!r} has its low "
+                                  f"end above its high end; give [low, high] with low <= high")
+
+
+def _check_train_augment(config: dict) -> None:
+    _check_augment_ranges(config["train"]["augment"], "train.augment")
+    for model, spec in config["models"].items():
+        _check_augment_ranges(spec.get("train", {}).get("augment", {}),
+                              f"models.{model}.train.augment")
+
+
 def _check_shapes(config: dict) -> None:
     for model in config["models"]:
         arch = model_section(config, model, "model")
@@ -382,6 +399,29 @@ def config_warnings(config: dict[str, Any]) -> list[str]:
                          f"halo {exact} of model '{model}' with crop "
                          f"blending, so its predictions will show seams at tile borders; set "
                          f"predict.halo: {exact} (or null), or blending: gaussian")
+    return found + _n2v_augment_warnings(config)
+
+
+# augmentations that mix neighbouring pixels: blur and resampling (unetflow.augment)
+NOISE_CORRELATING_AUGMENT = ("rotate", "scale", "elastic", "blur", "low_resolution")
+
+
+def _n2v_augment_warnings(config: dict[str, Any]) -> list[str]:
+    """Noise2Void needs noise that is independent from pixel to pixel; blur, simulated low
+    resolution and the linear resampling of rotate/scale/elastic correlate it, and the blind
+    spot then learns to predict the noise too."""
+    found = []
+    for model in config["models"]:
+        if model_section(config, model, "model")["target"] != "n2v":
+            continue
+        augment = model_section(config, model, "train")["augment"]
+        for name in NOISE_CORRELATING_AUGMENT:
+            if augment[name]["p"] > 0:
+                found.append(f"config key {_where(config, model, 'train', 'augment')}: "
+                             f"{name} (p {augment[name]['p']}) mixes neighbouring pixels, "
+                             f"which correlates the noise that model '{model}' (n2v) must "
+                             f"see independent; set {name}.p: 0 for it (flips and rotate90 "
+                             f"move whole pixels)")
     return found
 
 
@@ -449,6 +489,7 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
     _check_validation_groups(config)
     _check_shapes(config)
     _check_segmentation_targets(config)
+    _check_train_augment(config)
     return config
 
 
@@ -473,6 +514,8 @@ def section_settings(section: str, values: dict[str, Any],
     if errors:
         raise ConfigError(_describe(errors[0], schema, (section,)))
     _fill_defaults(section_schema, values, schema)
+    if section == "train":
+        _check_augment_ranges(values["augment"], "train.augment")
     return values
 
 
@@ -491,15 +534,20 @@ def result_settings(section: str, values: dict[str, Any],
 def training_settings(settings: dict[str, Any], model_settings: dict[str, Any]
                       ) -> dict[str, Any]:
     """The train settings that decide this model's weights: train.blind_spot only for a
-    model.target n2v model, train.init_encoder_only only with train.init_from. Left out
-    otherwise, so that a model trained before these keys existed keeps its Snakemake params
-    (it is not retrained) and its training fingerprint (a stopped run resumes)."""
+    model.target n2v model, train.init_encoder_only only with train.init_from, a block of
+    train.augment (rotate, scale, ...) only when its p is above 0. Left out otherwise, so
+    that a model trained before these keys existed keeps its Snakemake params (it is not
+    retrained) and its training fingerprint (a stopped run resumes)."""
     drop = set()
     if model_settings.get("target") != "n2v":
         drop.add("blind_spot")
     if not settings.get("init_from"):
         drop.add("init_encoder_only")
-    return {k: v for k, v in settings.items() if k not in drop}
+    kept = {k: v for k, v in settings.items() if k not in drop}
+    if isinstance(kept.get("augment"), dict):  # an augmentation at p 0 draws nothing
+        kept["augment"] = {k: v for k, v in kept["augment"].items()
+                           if not (isinstance(v, dict) and v.get("p") == 0)}
+    return kept
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -514,13 +562,19 @@ def load_config(path: str | Path) -> dict[str, Any]:
 def model_section(config: dict[str, Any], model: str, section: str) -> dict[str, Any]:
     """The effective `section` for `model`: the global section updated by the model's override.
 
-    Nested dicts (e.g. train.augment) are merged key by key. The result is plain data, so
-    Snakemake's params comparison sees exactly the settings a job depends on.
+    Nested dicts (e.g. train.augment, train.augment.rotate) are merged key by key, at every
+    depth. The result is plain data, so Snakemake's params comparison sees exactly the
+    settings a job depends on.
     """
-    merged = copy.deepcopy(config.get(section, {}))
-    for key, value in config["models"][model].get(section, {}).items():
+    return _merged(config.get(section, {}), config["models"][model].get(section, {}))
+
+
+def _merged(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`base` updated by `override`; a dict in both is merged the same way, recursively."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = {**merged[key], **value}
+            merged[key] = _merged(merged[key], value)
         else:
             merged[key] = copy.deepcopy(value)
     return merged
