@@ -154,7 +154,7 @@ def test_prediction_of_other_shape_is_refused(seg_case):
         run_segmentation(tmp_path, truth[:40, :40])
 
 
-def test_tune_gaussian_baseline_on_stores(tmp_path):
+def test_tune_only_the_configured_baselines_on_stores(tmp_path):
     rng = np.random.default_rng(2)
     image = rng.uniform(0, 1, (1, 64, 64)).astype(np.float32)
     write_image(tmp_path / "image.ome.zarr", image, AXES)

@@ -202,7 +202,7 @@ def evaluate_prediction(prediction: str, image: str, target: str, task: str,
     """Score the prediction and the baselines against the target; write the metrics JSON.
 
     `settings` is the model's evaluate section (ignore_label, iou_threshold, and how the
-    passes run: block_pixels, workers); `baseline` is the JSON of `tune_gaussian_baseline`
+    passes run: block_pixels, workers); `baseline` is the JSON of `tune_baselines`
     (regression only). With `crop_scores`, also writes the montage's per-crop errors there
     (TSV; settings["montage_crop_size"]), so the montage reads only the crops it draws.
     The image is read block by block (`unetflow.scoring`); object labels that need making

@@ -23,7 +23,8 @@ While a pass runs, the per-crop errors that the montage ranks its crops by are s
 Memory: about 2 x `workers` blocks of `block_pixels` pixels in flight, each holding the
 prediction, input and target over the block and its halo plus the SSIM filter's float64
 temporaries: measured, about 100 bytes per block pixel, channel and worker for regression
-and 50 for segmentation, over about 250 MB (README "Memory"); object tables add about 50
+(about 60 MB more at 1024² blocks with the TV and NLM baselines) and 50 for segmentation,
+over about 250 MB (README "Memory"); object tables add about 50
 bytes per true object and per predicted object that crosses blocks or may match.
 """
 
