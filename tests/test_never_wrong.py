@@ -248,7 +248,8 @@ def test_an_all_zero_run_says_no_better_and_its_warnings_reach_terminal_and_repo
 
 @pytest.mark.parametrize("content", ["{not json", "{}", '{"sigma": "NaN"}', "[1, 2]",
                                      '{"baselines": {"tv": {"weight": "NaN"}}, '
-                                     '"noise_sd": [1.0]}'])
+                                     '"noise_sd": [1.0]}',
+                                     '{"baselines": {"tv": {"weight": 1}}, "noise_sd": [0]}'])
 def test_a_damaged_baseline_file_is_named_in_one_line(completed_tiny_run, tmp_path, content):
     baseline = tmp_path / "baselines.json"
     baseline.write_text(content)

@@ -184,6 +184,8 @@ def read_baselines(baseline: str | None) -> dict[str, dict[str, Any]] | None:
     except (ValueError, KeyError, TypeError) as err:
         raise _stale(baseline, f"not a file of tuned baselines ({err.__class__.__name__}: "
                                f"{err})") from None
+    if any(not math.isfinite(sd) or sd <= 0 for sd in noise):
+        raise _stale(baseline, f"noise sd {noise} is not a list of positive numbers")
     for name, parameters in chosen.items():
         value = next(iter(parameters.values()))
         if not math.isfinite(value) or value <= 0:
