@@ -326,8 +326,9 @@ to 48 px). On a demo-like 1024² image, tuned: MSE 0.69 with 10 fixed iterations
 
 NLM_PATCH = {2: (5, 6), 3: (3, 3)}
 """(patch_size, patch_distance) of the NLM baseline by spatial dimensions: scikit-image's
-defaults in 2D (5, 6: 0.5 Mpx/s here); in 3D, 3 and 3 (0.17 Mvoxel/s here, twice as fast as
-3 and 4, and better on the demo's stack: MSE 1.57 against 1.89)."""
+defaults in 2D (5, 6: 0.5-0.6 Mpx/s on one core here); in 3D, 3 and 3 (0.17 Mvoxel/s here,
+twice as fast as 3 and 4, and better on a demo-like stack: MSE 1.57 against 1.89). TV runs
+at about 5 Mpx/s in 2D and 3D."""
 
 _MAD_TO_SD = 0.6744897501960817  # the median of |N(0, 1)|
 
