@@ -234,18 +234,22 @@ def test_regression_scores_the_model_input_and_gaussian_per_position(plate, tmp_
         write_image(position_output_path(root, "plate", position), read_channels_first(source),
                     ["c", "y", "x"], attrs={"predict": PREDICT, **recorded("regression")})
     baseline = tmp_path / "baseline.json"
-    baseline.write_text(json.dumps({"sigma": 1.0}))
+    baseline.write_text(json.dumps({"baselines": {"gaussian": {"sigma": 1.0},
+                                                  "tv": {"weight": 2.0}, "nlm": {"h": 1.0}},
+                                    "noise_sd": [0.05]}))
     tables = batch_tables(positions, root, tmp_path, task="regression", baseline=str(baseline))
     record, out = aggregate(positions, tables, tmp_path, task="regression")
     rows = read_position_table(out / "positions.tsv")
     assert [r["position"] for r in rows if math.isfinite(r["unet.psnr"])] == [CORRUPTED]
-    assert all(r["gaussian.sigma"] == 1.0 and "input.psnr" in r for r in rows)
+    assert all(r["gaussian.sigma"] == 1.0 and r["tv.weight"] == 2.0 and r["nlm.h"] == 1.0
+               and "input.psnr" in r and "nlm.psnr" in r for r in rows)
     assert record["scores"]["unet"]["psnr"] == math.inf  # the mean of 11 perfect and 1 not
     assert json.loads((out / "dn.json").read_text())["scores"]["unet"]["psnr"] == "inf"
     assert record["scores"]["unet"]["mae"] == pytest.approx(
         np.mean([r["unet.mae"] for r in rows]))
     summary = write_summary([str(out / "dn.json")], str(tmp_path / "summary.tsv"))
-    assert [r["method"] for r in summary] == ["unet", "input", "gaussian(sigma=1)"]
+    assert [r["method"] for r in summary] == ["unet", "input", "gaussian(sigma=1)",
+                                              "tv(weight=2)", "nlm(h=1)"]
 
 
 def test_a_collection_gets_a_strip_of_its_images_and_no_wells(plate, tmp_path):

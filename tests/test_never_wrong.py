@@ -51,7 +51,7 @@ def test_behind_any_baseline_on_any_score_is_not_better():
     unet = {**ZERO, "f1": "0.5000"}
     otsu = {**ZERO, "foreground_iou": "0.1000"}
     assert verdicts(_rows(unet, otsu=otsu)) == [
-        "m on d: NOT better than every baseline - behind otsu on foreground_iou."]
+        "m on d: NOT better than otsu (behind on foreground_iou)."]
 
 
 def test_undefined_scores_are_neither_a_win_nor_a_tie():
@@ -246,9 +246,12 @@ def test_an_all_zero_run_says_no_better_and_its_warnings_reach_terminal_and_repo
     assert yaml.safe_load((workdir / "config.yaml").read_text())  # the config ran as written
 
 
-@pytest.mark.parametrize("content", ["{not json", "{}", '{"sigma": "NaN"}', "[1, 2]"])
+@pytest.mark.parametrize("content", ["{not json", "{}", '{"sigma": "NaN"}', "[1, 2]",
+                                     '{"baselines": {"tv": {"weight": "NaN"}}, '
+                                     '"noise_sd": [1.0]}',
+                                     '{"baselines": {"tv": {"weight": 1}}, "noise_sd": [0]}'])
 def test_a_damaged_baseline_file_is_named_in_one_line(completed_tiny_run, tmp_path, content):
-    baseline = tmp_path / "baseline_gaussian.json"
+    baseline = tmp_path / "baselines.json"
     baseline.write_text(content)
     out = tmp_path / "metrics.json"
     result = _evaluate(completed_tiny_run, "dn", "te_dn", "regression", out,

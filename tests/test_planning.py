@@ -143,6 +143,9 @@ def test_a_sigma_wider_than_the_image_is_refused(pair):
     config = configure(pair, "regression", evaluate={"gaussian_sigmas": [1.0, 1e9]})
     dag_problem(config, "config key 'evaluate.gaussian_sigmas' (used by model 'm')",
                 "sigma 1e+09 px reaches 4e+09 px (4 sigma)", "use sigmas up to 32")
+    config["evaluate"]["baselines"] = ["tv", "nlm"]  # the Gaussian not tuned: not checked
+    assert dataset_problems(config) == []
+    config["evaluate"]["baselines"] = ["gaussian"]
     config["models"]["m"]["task"] = "segmentation"  # no Gaussian baseline: not used
     config["datasets"]["tr"]["target"] = config["datasets"]["te"]["target"] = pair["target"]
     assert dataset_problems(config) == []

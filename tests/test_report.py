@@ -90,5 +90,7 @@ def test_evaluate_settings_rerun_only_the_rules_that_use_them(tiny_run_copy, tin
     assert planned_rules({**tiny_config, "evaluate": {"montage_crops": 2}}) == {"montage", "all"}
     assert planned_rules({**tiny_config, "evaluate": {"iou_threshold": 0.6}}) == {
         "evaluate", "summarize", "compare", "all"}
-    assert planned_rules({**tiny_config, "evaluate": {"gaussian_sigmas": [1.0]}}) == {
-        "tune_baseline", "evaluate", "summarize", "compare", "all"}
+    for tuning in ({"gaussian_sigmas": [1.0]}, {"tv_weights": [1.0]}, {"nlm_strengths": [1.0]},
+                   {"baselines": ["gaussian", "tv"]}):
+        assert planned_rules({**tiny_config, "evaluate": tuning}) == {
+            "tune_baseline", "evaluate", "summarize", "compare", "all"}, tuning

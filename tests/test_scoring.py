@@ -15,11 +15,13 @@ from unetflow.metrics import (
     gaussian_smooth,
     instance_scores,
     label_objects,
+    nlm_denoise,
     otsu_instances,
     regression_scores,
+    tv_denoise,
 )
 from unetflow.ome import write_image, write_label_image
-from unetflow.scoring import gaussian_reach, score_prediction
+from unetflow.scoring import baseline_reach, gaussian_reach, score_prediction
 
 SMALL_BLOCKS = 4096  # block_pixels: 64 x 64 pixels, or 16 x 16 x 16 voxels
 
@@ -49,23 +51,28 @@ def oracle_segmentation(labels, image, truth, num_classes, instances, ignore_lab
         int(np.count_nonzero(~valid))
 
 
-def oracle_regression(pred, image, target, sigma, spacing):
+def oracle_regression(pred, image, target, baselines, spacing):
+    """Each baseline applied to the whole input, then scored."""
     data_range = float(target.max()) - float(target.min()) or 1.0
     scores = {"unet": regression_scores(pred, target, data_range),
               "input": regression_scores(image, target, data_range)}
-    scores["gaussian"] = {**regression_scores(gaussian_smooth(image, sigma, spacing), target,
-                                              data_range), "sigma": sigma}
+    whole = {"gaussian": lambda p: gaussian_smooth(image, p["sigma"], spacing),
+             "tv": lambda p: tv_denoise(image, p["weight"], p["noise_sd"]),
+             "nlm": lambda p: nlm_denoise(image, p["h"], p["noise_sd"])}
+    for name, parameters in baselines.items():
+        scores[name] = {**regression_scores(whole[name](parameters), target, data_range),
+                        **{k: v for k, v in parameters.items() if k != "noise_sd"}}
     return scores
 
 
-def assert_same(streamed, expected, path="scores"):
+def assert_same(streamed, expected, path="scores", rel=1e-9):
     """Equal to float tolerance, key by key, with the path of a difference in the message."""
     if isinstance(expected, dict):
         assert set(streamed) == set(expected), path
         for key in expected:
-            assert_same(streamed[key], expected[key], f"{path}.{key}")
+            assert_same(streamed[key], expected[key], f"{path}.{key}", rel)
     elif isinstance(expected, float) and math.isfinite(expected):
-        assert streamed == pytest.approx(expected, rel=1e-9, abs=1e-12), path
+        assert streamed == pytest.approx(expected, rel=rel, abs=1e-12), path
     else:
         assert streamed == expected, path
 
@@ -188,13 +195,21 @@ def regression_case(tmp_path, shape, channels, spacing, seed):
     ((20, 37, 45), 1, (2.0, 1.0, 1.0), 1.0),
 ])
 def test_regression_streams_to_the_in_memory_scores(tmp_path, shape, channels, spacing, sigma):
+    """Every baseline, applied block by block to the input read with its halo, scores as
+    it does applied to the whole image: NLM equal to float rounding (the halo is its
+    reach), TV too (a fixed number of iterations, each reaching one pixel further)."""
     pred, noisy, clean = regression_case(tmp_path, shape, channels, spacing, seed=11)
+    baselines = {"gaussian": {"sigma": sigma},
+                 "tv": {"weight": 1.5, "noise_sd": [1.0] * channels},
+                 "nlm": {"h": 1.0, "noise_sd": [1.0] * channels}}
     settings = {"block_pixels": SMALL_BLOCKS, "workers": 2}
-    result = score(tmp_path, tmp_path / "pred.ome.zarr", "regression", settings, sigma=sigma)
-    expected = oracle_regression(pred, noisy, clean, sigma, spacing)
-    assert_same(result["scores"], expected)
+    result = score(tmp_path, tmp_path / "pred.ome.zarr", "regression", settings,
+                   baselines=baselines)
+    expected = oracle_regression(pred, noisy, clean, baselines, spacing)
+    assert_same(result["scores"], expected, rel=1e-7)
     assert result["data_range"] == pytest.approx(float(clean.max() - clean.min()))
     assert max(gaussian_reach(sigma, spacing)) == int(4 * sigma + 0.5)
+    assert max(baseline_reach(baselines, spacing)) == 10  # TV's 10 iterations reach furthest
 
 
 @pytest.mark.parametrize("task", ["segmentation", "regression"])

@@ -484,12 +484,17 @@ def _check_sigmas(model: str, config: dict, used: dict[str, OmeImage]) -> None:
     kernel's 4 sigma each side, as tune-baseline checks: metrics.check_sigma_reach) exceeds
     the largest image. Such a Gaussian only averages the image, and its kernel grows with
     sigma (1e9 tried to allocate 60 GiB). Refused, not clamped: a clamped candidate would be
-    tuned and reported under a sigma nobody asked for."""
-    if config["models"][model]["task"] != "regression" or not used:
+    tuned and reported under a sigma nobody asked for. Not checked when evaluate.baselines
+    leaves the Gaussian out. TV's weights and NLM's strengths need no check beyond the
+    schema's (positive, at least one): they are multiples of the noise sd, and any value
+    runs in the same time and memory."""
+    settings = model_section(config, model, "evaluate")
+    if config["models"][model]["task"] != "regression" or not used \
+            or "gaussian" not in settings["baselines"]:
         return
     extent = {n: max(im.spatial_shape) for n, im in used.items()}
     largest = max(extent, key=extent.get)
-    sigmas = model_section(config, model, "evaluate")["gaussian_sigmas"]
+    sigmas = settings["gaussian_sigmas"]
     wide = [s for s in sigmas if SIGMA_REACH * s > extent[largest]]
     if wide:
         raise DataError(f"config key {_where(config, model, 'evaluate', 'gaussian_sigmas')}: "

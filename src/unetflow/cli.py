@@ -329,11 +329,15 @@ def _cmd_evaluate_dataset(args: argparse.Namespace) -> None:
 
 
 def _cmd_tune_baseline(args: argparse.Namespace) -> None:
-    from unetflow.evaluate import tune_gaussian_baseline
+    from unetflow.evaluate import BASELINE_PARAMETER, tune_baselines
 
-    result = tune_gaussian_baseline(args.datasets, _section(args, "evaluate"), args.output)
-    print(f"tune-baseline: sigma {result['sigma']:g} px from {result['crops']} crops; "
-          f"MSE by sigma {json.dumps(result['mse_by_sigma'])}")
+    result = tune_baselines(args.datasets, _section(args, "evaluate"), args.output)
+    print(f"tune-baseline: {result['crops']} crops, input MSE {result['input_mse']:.6g}, "
+          f"noise sd {', '.join(f'{sd:.4g}' for sd in result['noise_sd'])}")
+    for name, tuned in result["baselines"].items():
+        parameter = BASELINE_PARAMETER[name]
+        print(f"tune-baseline: {name}: {parameter} {tuned[parameter]:g}; MSE by {parameter} "
+              f"{json.dumps(tuned[f'mse_by_{parameter}'])}")
 
 
 def _cmd_montage(args: argparse.Namespace) -> None:
@@ -655,7 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_evaluate_positions(sub)
 
     p = _add(sub, "tune-baseline", _cmd_tune_baseline,
-             "choose the Gaussian baseline's sigma on a model's training datasets")
+             "tune the regression baselines (Gaussian, TV, NLM) on a model's training datasets")
     p.add_argument("--datasets", type=_json, required=True,
                    help='[{"name", "image", "target", "channels"}, ...]')
     _settings(p, "evaluate")

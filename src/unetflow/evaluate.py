@@ -2,8 +2,10 @@
 hand, and collecting all scores into one table.
 
 Baselines, computed on the same pixels as the model:
-  - regression: the input itself, and the input smoothed by a Gaussian whose sigma was tuned
-    on the model's training data (`tune_gaussian_baseline`, rule `tune_baseline`);
+  - regression: the input itself, and the input denoised as one would by hand, each with its
+    parameter tuned on the model's training data (`tune_baselines`, rule `tune_baseline`,
+    `evaluate.baselines`): a Gaussian (sigma), total variation (scikit-image's Chambolle,
+    weight) and non-local means (scikit-image, strength h);
   - segmentation: Otsu's threshold on the first input channel, then connected components.
 The definitions of every metric are in `unetflow.metrics`; the metrics JSON repeats them.
 Images are read block by block (`unetflow.scoring`), at the resolution level the prediction
@@ -23,8 +25,14 @@ import numpy as np
 
 from unetflow.files import atomic_path, file_sha256, write_json_atomic, write_text_atomic
 from unetflow.metrics import (
+    TV_ITERATIONS,
     check_sigma_reach,
+    nlm_denoise,
+    nlm_patch,
+    noise_sd,
+    tune_candidates,
     tune_gaussian_sigma,
+    tv_denoise,
 )
 from unetflow.normalize import denormalize_array
 from unetflow.ome import channel_first, open_image
@@ -37,11 +45,13 @@ __all__ = [
     "prediction_level",
     "open_prediction",
     "evaluate_prediction",
-    "read_sigma",
+    "BASELINE_PARAMETER",
+    "read_baselines",
     "read_metrics",
     "tuning_crops",
-    "tune_gaussian_baseline",
+    "tune_baselines",
     "write_json",
+    "method_label",
     "write_summary",
     "write_summary_html",
     "metric_warnings",
@@ -145,20 +155,45 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def read_sigma(baseline: str | None) -> float | None:
-    """The tuned Gaussian's sigma from `tune_gaussian_baseline`'s JSON; None without one."""
+BASELINE_PARAMETER = {"gaussian": "sigma", "tv": "weight", "nlm": "h"}
+"""Each tuned baseline and the name of its parameter, as the summary shows it."""
+
+
+def _stale(baseline: str, why: str) -> ValueError:
+    return ValueError(f"{baseline}: {why}; delete it and run Snakemake again, which tunes it "
+                      f"again")
+
+
+def read_baselines(baseline: str | None) -> dict[str, dict[str, Any]] | None:
+    """The tuned baselines of `tune_baselines`' JSON, as the scoring takes them:
+    {"gaussian": {"sigma"}, "tv": {"weight", "noise_sd"}, "nlm": {"h", "noise_sd"}}, those
+    that were tuned; None without a file. A file of an older unetflow (the Gaussian's sigma
+    only) is refused as stale, not read as "TV and NLM not wanted"."""
     if not baseline:
         return None
     try:
-        sigma = float(json.loads(Path(baseline).read_text())["sigma"])
+        record = json.loads(Path(baseline).read_text())
+    except ValueError as err:
+        raise _stale(baseline, f"not a file of tuned baselines ({err})") from None
+    if isinstance(record, dict) and "sigma" in record and "baselines" not in record:
+        raise _stale(baseline, "written by an older unetflow, which tuned the Gaussian only")
+    try:
+        noise = [float(sd) for sd in record["noise_sd"]]
+        chosen = {name: {BASELINE_PARAMETER[name]: float(record["baselines"][name][
+            BASELINE_PARAMETER[name]])} for name in record["baselines"]}
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{baseline}: not a tuned Gaussian baseline ({err.__class__.__name__}: "
-                         f"{err}); delete it and run Snakemake again, which tunes it "
-                         f"again") from None
-    if not math.isfinite(sigma) or sigma <= 0:
-        raise ValueError(f"{baseline}: sigma {sigma} is not a positive number; delete it and "
-                         f"run Snakemake again, which tunes it again")
-    return sigma
+        raise _stale(baseline, f"not a file of tuned baselines ({err.__class__.__name__}: "
+                               f"{err})") from None
+    if any(not math.isfinite(sd) or sd <= 0 for sd in noise):
+        raise _stale(baseline, f"noise sd {noise} is not a list of positive numbers")
+    for name, parameters in chosen.items():
+        value = next(iter(parameters.values()))
+        if not math.isfinite(value) or value <= 0:
+            raise _stale(baseline, f"{name}'s {BASELINE_PARAMETER[name]} {value} is not a "
+                                   f"positive number")
+        if name != "gaussian":
+            parameters["noise_sd"] = noise
+    return chosen
 
 
 def evaluate_prediction(prediction: str, image: str, target: str, task: str,
@@ -169,7 +204,7 @@ def evaluate_prediction(prediction: str, image: str, target: str, task: str,
     """Score the prediction and the baselines against the target; write the metrics JSON.
 
     `settings` is the model's evaluate section (ignore_label, iou_threshold, and how the
-    passes run: block_pixels, workers); `baseline` is the JSON of `tune_gaussian_baseline`
+    passes run: block_pixels, workers); `baseline` is the JSON of `tune_baselines`
     (regression only). With `crop_scores`, also writes the montage's per-crop errors there
     (TSV; settings["montage_crop_size"]), so the montage reads only the crops it draws.
     The image is read block by block (`unetflow.scoring`); object labels that need making
@@ -182,7 +217,7 @@ def evaluate_prediction(prediction: str, image: str, target: str, task: str,
                                   file_sha256(checkpoint) if checkpoint else None)
     Path(output).parent.mkdir(parents=True, exist_ok=True)
     result = score_prediction(prediction, image, target, task, settings, num_classes, channels,
-                              f"model '{model}', dataset '{dataset}'", read_sigma(baseline),
+                              f"model '{model}', dataset '{dataset}'", read_baselines(baseline),
                               provenance=provenance,
                               crop_size=settings["montage_crop_size"] if crop_scores else None,
                               scratch_dir=Path(output).parent)
@@ -211,14 +246,11 @@ def tuning_crops(shape: tuple[int, ...], crop: int, count: int,
     return boxes
 
 
-def tune_gaussian_baseline(datasets: list[dict[str, Any]], settings: dict[str, Any],
-                           output: str) -> dict[str, Any]:
-    """Choose the Gaussian sigma that best maps training images onto their targets.
-
-    `datasets` are the model's training datasets ({"name", "image", "target", "channels"});
-    `settings` the evaluate section (gaussian_sigmas, tuning_crops, tuning_crop_size). Only
-    crops are read, so this stays cheap on large datasets.
-    """
+def _tuning_pairs(datasets: list[dict[str, Any]], settings: dict[str, Any]
+                  ) -> tuple[list[tuple[np.ndarray, np.ndarray]], tuple[float, ...] | None,
+                             dict[str, tuple[int, str]]]:
+    """(image, target) crops of every training dataset, the pixel size, and each dataset's
+    largest extent and image path."""
     pairs, spacing, extents = [], None, {}
     for ds in datasets:
         img = open_image(ds["image"])
@@ -226,20 +258,65 @@ def tune_gaussian_baseline(datasets: list[dict[str, Any]], settings: dict[str, A
         target = channel_first(open_image(ds["target"]))
         if image.shape != target.shape:
             raise ValueError(f"dataset '{ds['name']}': image shape {image.shape} differs from "
-                             f"target shape {target.shape}; the Gaussian baseline needs both alike")
+                             f"target shape {target.shape}; the baselines need both alike")
         spacing = tuple(img.spatial_scale()[a] for a in img.spatial_axes)
         extents[ds["name"]] = (max(image.shape[1:]), ds["image"])
         for box in tuning_crops(image.shape[1:], settings["tuning_crop_size"],
                                 settings["tuning_crops"]):
             pairs.append((np.asarray(image[(slice(None), *box)]),
                           np.asarray(target[(slice(None), *box)])))
-    if extents:  # as planning checks: the largest image bounds the sigmas
+    return pairs, spacing, extents
+
+
+def _tune(name: str, pairs: list, settings: dict[str, Any], spacing: tuple[float, ...] | None,
+          noise: list[float]) -> dict[str, Any]:
+    """One baseline's chosen parameter, the MSE of every candidate, and what defines it."""
+    if name == "gaussian":
+        result = tune_gaussian_sigma(pairs, settings["gaussian_sigmas"], spacing)
+        return {**result, "sigma_unit": "pixels along x; other axes scaled by their pixel size"}
+    if name == "tv":
+        weight, mse = tune_candidates(pairs, settings["tv_weights"],
+                                      lambda img, w: tv_denoise(img, w, noise))
+        return {"weight": weight, "mse_by_weight": mse, "weight_unit": "noise sd",
+                "iterations": TV_ITERATIONS, "method": "skimage denoise_tv_chambolle"}
+    ndim = pairs[0][0].ndim - 1
+    h, mse = tune_candidates(pairs, settings["nlm_strengths"],
+                             lambda img, v: nlm_denoise(img, v, noise))
+    size, distance = nlm_patch(ndim)
+    return {"h": h, "mse_by_h": mse, "h_unit": "noise sd", "patch_size": size,
+            "patch_distance": distance, "method": "skimage denoise_nl_means, fast mode, "
+            "sigma = the noise sd"}
+
+
+def tune_baselines(datasets: list[dict[str, Any]], settings: dict[str, Any],
+                   output: str) -> dict[str, Any]:
+    """Tune each of `settings["baselines"]` (gaussian, tv, nlm) on the model's training data:
+    the candidate with the least MSE from image to target on the same crops for all.
+
+    `datasets` are the model's training datasets ({"name", "image", "target", "channels"});
+    `settings` the evaluate section (baselines, gaussian_sigmas, tv_weights, nlm_strengths,
+    tuning_crops, tuning_crop_size). Only crops are read, so this stays cheap on large
+    datasets. The JSON holds each baseline's choice and the MSE of every candidate, the
+    input's MSE, and the noise sd of each channel (`metrics.noise_sd` on the crops) that
+    TV's weight and NLM's h are multiples of.
+    """
+    pairs, spacing, extents = _tuning_pairs(datasets, settings)
+    wanted = settings["baselines"]
+    if extents and "gaussian" in wanted:  # as planning checks: the largest image bounds sigmas
         name = max(extents, key=lambda n: extents[n][0])
         check_sigma_reach(settings["gaussian_sigmas"], extents[name][0],
                           f"the largest image tuned on (dataset '{name}', {extents[name][1]})")
-    result = tune_gaussian_sigma(pairs, settings["gaussian_sigmas"], spacing)
-    record = {**result, "datasets": [d["name"] for d in datasets], "crops": len(pairs),
-              "sigma_unit": "pixels along x; other axes scaled by their pixel size"}
+    if not pairs:
+        raise ValueError("tuning the baselines needs training crops: no training dataset given")
+    noise = [noise_sd([image[c] for image, _ in pairs]) for c in range(pairs[0][0].shape[0])]
+    input_mse = float(np.mean([np.mean((img.astype(np.float32) - tgt.astype(np.float32)) ** 2,
+                                       dtype=np.float64) for img, tgt in pairs]))
+    record = {"baselines": {name: _tune(name, pairs, settings, spacing, noise)
+                            for name in wanted},
+              "input_mse": input_mse, "noise_sd": noise,
+              "noise_sd_method": "median |finest diagonal Haar coefficient| / 0.6745 on the "
+                                 "tuning crops, per channel",
+              "datasets": [d["name"] for d in datasets], "crops": len(pairs)}
     write_json(record, output)
     return record
 
@@ -274,6 +351,15 @@ def read_metrics(path: str | Path) -> dict[str, Any]:
     return record
 
 
+def method_label(method: str, scores: dict[str, Any]) -> str:
+    """A method as the summary names it: a tuned baseline with its parameter
+    (`gaussian(sigma=1.5)`, `tv(weight=2)`, `nlm(h=1.4)`), the others by name."""
+    parameter = BASELINE_PARAMETER.get(method)
+    if parameter is None or scores.get(parameter) is None:
+        return method
+    return f"{method}({parameter}={float(scores[parameter]):g})"
+
+
 def write_summary(metric_files: list[str], output: str) -> list[dict[str, Any]]:
     """One row per model, dataset and method (the U-Net or a baseline), as TSV (atomically)."""
     fields = ["model", "dataset", "task", "method", *_all_metric_names()]
@@ -283,8 +369,7 @@ def write_summary(metric_files: list[str], output: str) -> list[dict[str, Any]]:
         for method, scores in record["scores"].items():
             row = {f: "" for f in fields}
             row.update(model=record["model"], dataset=record["dataset"], task=record["task"],
-                       method=method if method != "gaussian" else
-                       f"gaussian(sigma={scores['sigma']:g})")
+                       method=method_label(method, scores))
             row.update({m: _cell(scores.get(m)) for m in SUMMARY_METRICS[record["task"]]})
             rows.append(row)
     with atomic_path(output) as tmp, open(tmp, "w", newline="") as fh:
@@ -341,11 +426,21 @@ def _versus(model: dict[str, Any], baseline: dict[str, Any], metrics: list[str]
     return ahead, behind
 
 
+def _behind_text(behind: dict[str, list[str]]) -> str:
+    """`tv, nlm (behind on psnr, ssim)`, or each with its own metrics when they differ."""
+    metric_lists = {tuple(ms) for ms in behind.values()}
+    if len(metric_lists) == 1:
+        return f"{', '.join(behind)} (behind on {', '.join(next(iter(metric_lists)))})"
+    return (f"{', '.join(behind)} (behind "
+            + "; ".join(f"{method} on {', '.join(ms)}" for method, ms in behind.items()) + ")")
+
+
 def _verdict(model: str, dataset: str, unet: dict[str, Any],
              baselines: list[dict[str, Any]]) -> str:
-    """A model is better than the baselines only when it is ahead of each on at least one
-    metric and behind none; a baseline it only ties (every metric equal, e.g. all 0 on an
-    empty image) makes it "no better than" that baseline."""
+    """A model is better than a baseline when it is ahead of it on at least one metric and
+    behind on none; a baseline it only ties (every metric equal, e.g. all 0 on an empty
+    image) it is "no better than". The sentence names both sides, so a model that lands
+    between baselines (ahead of the input and the Gaussian, behind TV) says so."""
     metrics = [m for m in SUMMARY_METRICS.get(unet.get("task", ""), [])
                if _number(unet.get(m)) is not None]
     where = f"{model} on {dataset}"
@@ -353,14 +448,19 @@ def _verdict(model: str, dataset: str, unet: dict[str, Any],
         return f"{where}: cannot be compared with the baselines: no score is defined."
     compared = {r["method"]: _versus(unet, r, metrics) for r in baselines}
     behind = {k: b for k, (_, b) in compared.items() if b}
-    if behind:
-        what = "; ".join(f"{method} on {', '.join(ms)}" for method, ms in behind.items())
-        return f"{where}: NOT better than every baseline - behind {what}."
-    tied = [k for k, (a, _) in compared.items() if not a]
-    if tied:
+    tied = [k for k, (a, b) in compared.items() if not a and not b]
+    better = [k for k, (a, b) in compared.items() if a and not b]
+    if not behind and not tied:
+        return f"{where}: better than every baseline on {', '.join(metrics)}."
+    if not behind and not better:
         return (f"{where}: no better than {', '.join(tied)} - equal on every score "
                 f"({', '.join(metrics)}).")
-    return f"{where}: better than every baseline on {', '.join(metrics)}."
+    parts = [f"better than {', '.join(better)}"] if better else []
+    if behind:
+        parts.append(f"NOT better than {_behind_text(behind)}")
+    if tied:
+        parts.append(f"no better than {', '.join(tied)} (equal on every score)")
+    return f"{where}: {'; '.join(parts)}."
 
 
 def verdicts(rows: list[dict[str, Any]]) -> list[str]:
@@ -444,7 +544,9 @@ def write_summary_html(rows: list[dict[str, Any]], output: str,
     warned = "".join(f"<li>{escape(line)}</li>" for line in warnings or [])
     warned = (f"<p class='warn'><b>Warnings that change what these scores mean:</b></p>"
               f"<ul class='warn'>{warned}</ul>") if warned else ""
-    note = ("<p>unet = the model; otsu, input and gaussian are baselines on the same pixels. "
+    note = ("<p>unet = the model; otsu, input, gaussian, tv (total variation) and nlm "
+            "(non-local means) are baselines on the same pixels, each tuned on the model's "
+            "training data. "
             "Bold: the best value per model and dataset (lowest for mae, highest otherwise). "
             "IoU/Dice: foreground pixels; precision, recall, F1: objects matched at IoU 0.5; "
             "mean_ap: mean over IoU 0.5-0.95 of TP/(TP+FP+FN); PSNR and SSIM with the target's "

@@ -35,7 +35,7 @@ from unetflow.evaluate import (
     DEFINITIONS,
     check_provenance,
     prediction_provenance,
-    read_sigma,
+    read_baselines,
     write_json,
 )
 from unetflow.files import atomic_path, file_sha256
@@ -135,7 +135,7 @@ def evaluate_positions(position_set: PositionSet, keys: list[str] | None, predic
 
     `keys` is the batch (None: every position); each position's prediction is
     `plates.position_output_path(prediction_root, kind, position)`. `settings` is the
-    evaluate section; `baseline` the tuned Gaussian's JSON (regression). Columns: dataset,
+    evaluate section; `baseline` the tuned baselines' JSON (regression). Columns: dataset,
     position, well, row, column, field, the task's info (level, ...), `<method>.<metric>`
     for the model (`unet`) and each baseline, the prediction's path, and notes. Each
     position's provenance is checked against `task` and the `checkpoint` (hashed once).
@@ -144,7 +144,7 @@ def evaluate_positions(position_set: PositionSet, keys: list[str] | None, predic
     checkpoint_sha256 = file_sha256(checkpoint) if checkpoint else None
     if not chosen.positions:
         raise ValueError(f"dataset '{dataset}': no positions to evaluate (--keys is empty)")
-    sigma = read_sigma(baseline)
+    baselines = read_baselines(baseline)
     rows = []
     for position in chosen.positions:
         if position.target is None:
@@ -157,7 +157,7 @@ def evaluate_positions(position_set: PositionSet, keys: list[str] | None, predic
         where = f"model '{model}', dataset '{dataset}', position {position.key}"
         result = score_prediction(
             prediction, position.image, position.target, task, settings, num_classes, channels,
-            where, sigma,
+            where, baselines,
             check_provenance(position_provenance(prediction_root, position_set.kind, position),
                              prediction, task, checkpoint_sha256))
         warnings = [w.removeprefix(f"{where}: ") for w in result["warnings"]]

@@ -4,9 +4,10 @@ The metrics are those of `unetflow.metrics` (the in-memory definitions, and the 
 tests); here each is computed from what the blocks contribute (`unetflow.metric_sums`):
   - regression: one pass for the target's range (PSNR's and SSIM's data range), then one
     pass reading prediction, input and target with the halo that SSIM's window and the tuned
-    Gaussian need; the Gaussian is applied per block to the input grown by its reach (as
-    dask's `map_overlap(depth=reach, boundary='none')` would), so no smoothed image is ever
-    stored.
+    baselines need; each baseline (Gaussian, total variation, non-local means) is applied
+    per block to the input grown by its reach (`baseline_reach`, as dask's
+    `map_overlap(depth=reach, boundary='none')` would), so no denoised image is ever stored,
+    and each equals its whole-image result.
   - segmentation: Otsu's threshold from a histogram of the whole input (two passes), its
     objects by out-of-core connected components into a scratch Zarr array, then one pass
     that counts the confusion matrix of each method and the overlaps of predicted and true
@@ -22,7 +23,8 @@ While a pass runs, the per-crop errors that the montage ranks its crops by are s
 Memory: about 2 x `workers` blocks of `block_pixels` pixels in flight, each holding the
 prediction, input and target over the block and its halo plus the SSIM filter's float64
 temporaries: measured, about 100 bytes per block pixel, channel and worker for regression
-and 50 for segmentation, over about 250 MB (README "Memory"); object tables add about 50
+(about 60 MB more at 1024² blocks with the TV and NLM baselines) and 50 for segmentation,
+over about 250 MB (README "Memory"); object tables add about 50
 bytes per true object and per predicted object that crosses blocks or may match.
 """
 
@@ -50,12 +52,13 @@ from unetflow.metric_sums import (
     confusion,
     ssim_window,
 )
-from unetflow.metrics import gaussian_smooth
+from unetflow.metrics import gaussian_smooth, nlm_denoise, nlm_reach, tv_denoise, tv_reach
 from unetflow.ome import channel_first, open_image
 
 __all__ = [
     "DEFAULT_BLOCK_PIXELS",
     "gaussian_reach",
+    "baseline_reach",
     "score_segmentation",
     "score_regression",
     "score_prediction",
@@ -245,6 +248,38 @@ def gaussian_reach(sigma: float, spacing: tuple[float, ...]) -> tuple[int, ...]:
     return tuple(int(4.0 * (sigma * spacing[-1] / s) + 0.5) for s in spacing)
 
 
+def baseline_reach(baselines: dict[str, dict[str, Any]], spacing: tuple[float, ...]
+                   ) -> tuple[int, ...]:
+    """How far, per spatial axis, the furthest-reaching tuned baseline looks: the halo with
+    which each block is read so that a baseline's values on the block equal the whole
+    image's. Gaussian: 4 sigma (`gaussian_reach`); non-local means: its search window plus
+    half a patch (`metrics.nlm_reach`; equal to float rounding, 2e-7 measured); total
+    variation: one pixel per iteration (`metrics.tv_reach`; it runs a fixed number of
+    iterations, so equal too)."""
+    ndim = len(spacing)
+    reach = [(0,) * ndim]
+    if "gaussian" in baselines:
+        reach.append(gaussian_reach(baselines["gaussian"]["sigma"], spacing))
+    if "tv" in baselines:
+        reach.append((tv_reach(),) * ndim)
+    if "nlm" in baselines:
+        reach.append((nlm_reach(ndim),) * ndim)
+    return tuple(max(r[axis] for r in reach) for axis in range(ndim))
+
+
+def _baseline_values(image: np.ndarray, baselines: dict[str, dict[str, Any]],
+                     spacing: tuple[float, ...]) -> dict[str, np.ndarray]:
+    """Each tuned baseline applied to the input read over a block and its halo."""
+    found = {}
+    if "gaussian" in baselines:
+        found["gaussian"] = gaussian_smooth(image, baselines["gaussian"]["sigma"], spacing)
+    if "tv" in baselines:
+        found["tv"] = tv_denoise(image, baselines["tv"]["weight"], baselines["tv"]["noise_sd"])
+    if "nlm" in baselines:
+        found["nlm"] = nlm_denoise(image, baselines["nlm"]["h"], baselines["nlm"]["noise_sd"])
+    return found
+
+
 def _target_range(target: da.Array, blocks: list[Block], workers: int) -> float:
     """max - min of the target over all channels (0 for a constant target): one pass."""
     low, high = np.inf, -np.inf
@@ -265,15 +300,14 @@ def _ssim_view(block: Block, halo: int, spatial: tuple[int, ...]) -> tuple[Block
 
 
 def _regression_block(block: Block, data: dict[str, np.ndarray], spatial: tuple[int, ...],
-                      data_range: float, win: int, sigma: float | None,
+                      data_range: float, win: int, baselines: dict[str, dict[str, Any]],
                       spacing: tuple[float, ...], crops: bool) -> dict[str, Any]:
     """What one block contributes for each method: its sums and its SSIM sum."""
     target = data["target"]
     methods = {"unet": data["pred"]}
     if "image" in data:
         methods["input"] = data["image"]
-        if sigma is not None:
-            methods["gaussian"] = gaussian_smooth(data["image"], sigma, spacing)
+        methods.update(_baseline_values(data["image"], baselines, spacing))
     ssim_block, view = _ssim_view(block, (win - 1) // 2, spatial)
     ssim = SsimSum.of_each({name: values[view] for name, values in methods.items()},
                            target[view], ssim_block, spatial, data_range, win)
@@ -286,11 +320,14 @@ def _regression_block(block: Block, data: dict[str, np.ndarray], spatial: tuple[
     return part
 
 
-def score_regression(pred: da.Array, image: da.Array, target: da.Array, sigma: float | None,
-                     spacing: tuple[float, ...], block_pixels: int = DEFAULT_BLOCK_PIXELS,
-                     workers: int = 1, crops: CropScores | None = None) -> dict[str, Any]:
-    """Scores of the model, the input and the tuned Gaussian against the target, block by
-    block, all with the target's range; equal to `metrics.regression_scores` on whole arrays."""
+def score_regression(pred: da.Array, image: da.Array, target: da.Array,
+                     baselines: dict[str, dict[str, Any]] | None, spacing: tuple[float, ...],
+                     block_pixels: int = DEFAULT_BLOCK_PIXELS, workers: int = 1,
+                     crops: CropScores | None = None) -> dict[str, Any]:
+    """Scores of the model, the input and the tuned baselines (`evaluate.read_baselines`:
+    gaussian, tv, nlm, those given) against the target, block by block, all with the
+    target's range; equal to `metrics.regression_scores` on whole arrays, each baseline
+    applied to the whole input."""
     spatial = tuple(target.shape[1:])
     data_range = _target_range(target, _plan(target, block_pixels)[0], workers)
     notes, warnings = [], []
@@ -299,19 +336,19 @@ def score_regression(pred: da.Array, image: da.Array, target: da.Array, sigma: f
                         "of 1, and the scores of the model and the baselines say little; "
                         "check the target")
         data_range = 1.0
-    baselines = image.shape == target.shape
-    if not baselines:
+    with_input = image.shape == target.shape
+    if not with_input:
         notes.append(f"baselines skipped: input shape {image.shape} differs from target "
                      f"shape {target.shape}")
-    elif sigma is None:
-        notes.append("Gaussian baseline skipped: no tuned sigma given")
+    elif baselines is None:
+        notes.append("tuned baselines (gaussian, tv, nlm) skipped: none given")
+    baselines = baselines if with_input and baselines else {}
     win = ssim_window(spatial)
-    reach = gaussian_reach(sigma, spacing) if baselines and sigma is not None \
-        else (0,) * len(spatial)
+    reach = baseline_reach(baselines, spacing)
     blocks, _ = _plan(pred, block_pixels, tuple((win - 1) // 2 + r for r in reach))
-    arrays = {"pred": pred, "target": target, **({"image": image} if baselines else {})}
+    arrays = {"pred": pred, "target": target, **({"image": image} if with_input else {})}
     parts = map_blocks_ordered(
-        lambda b, d: _regression_block(b, d, spatial, data_range, win, sigma, spacing,
+        lambda b, d: _regression_block(b, d, spatial, data_range, win, baselines, spacing,
                                        crops is not None), arrays, blocks, workers)
     total: dict[str, tuple[RegressionSums, SsimSum]] = {}
     for block, part in zip(blocks, parts, strict=True):
@@ -320,15 +357,15 @@ def score_regression(pred: da.Array, image: da.Array, target: da.Array, sigma: f
             old = total.get(name)
             total[name] = (sums, ssim) if old is None else (old[0].merge(sums), old[1].merge(ssim))
     scores = {name: sums.scores(data_range, ssim.value()) for name, (sums, ssim) in total.items()}
-    if "gaussian" in scores:
-        scores["gaussian"]["sigma"] = sigma
+    for name, parameters in baselines.items():
+        scores[name].update({k: v for k, v in parameters.items() if k != "noise_sd"})
     return {"scores": scores, "notes": notes, "warnings": warnings, "data_range": data_range}
 
 
 # --- one prediction -----------------------------------------------------------------------
 def score_prediction(prediction: str, image: str, target: str, task: str,
                      settings: dict[str, Any], num_classes: int, channels: list | None,
-                     where: str, sigma: float | None = None,
+                     where: str, baselines: dict[str, dict[str, Any]] | None = None,
                      provenance: dict[str, Any] | None = None, crop_size: int | None = None,
                      scratch_dir: str | Path | None = None) -> dict[str, Any]:
     """Scores of the prediction and the baselines against the target, written nowhere.
@@ -336,8 +373,9 @@ def score_prediction(prediction: str, image: str, target: str, task: str,
     What `evaluate.evaluate_prediction` writes for one image, and what `evaluate_positions`
     records for each position of a plate or collection: {"level", "scores", "notes", ...}.
     `settings`: the evaluate section (ignore_label, iou_threshold; block_pixels and workers,
-    how the passes run). `where` names the image in errors; `sigma` is the tuned Gaussian's
-    (regression); `provenance` replaces the prediction's own (None: read it from the store).
+    how the passes run). `where` names the image in errors; `baselines` are the tuned
+    baselines (regression: `evaluate.read_baselines`); `provenance` replaces the
+    prediction's own (None: read it from the store).
     With `crop_size`, the result's "crop_scores" holds the montage's per-crop errors
     (`figures.CropScores`). Object labels go to a scratch folder in `scratch_dir` (None: the
     system's temporary folder), removed at the end.
@@ -366,7 +404,7 @@ def score_prediction(prediction: str, image: str, target: str, task: str,
                                                           "predicted foreground")
     else:
         spacing = tuple(img.spatial_scale()[a] for a in img.spatial_axes)
-        result = score_regression(pred["image"], image_arr, target_arr, sigma, spacing,
+        result = score_regression(pred["image"], image_arr, target_arr, baselines, spacing,
                                   crops=crops, **run)
     result["warnings"] = _inherited_warnings(provenance) + notices.recorded()[said_before:] + [
         _said(f"{where}: {w}") for w in result["warnings"]]

@@ -414,7 +414,7 @@ def evaluate_settings(*keys):
 
 
 def baseline_path(model):
-    return f"results/{model}/baseline_gaussian.json"
+    return f"results/{model}/baselines.json"
 
 
 def montage_path(model, dataset):
@@ -433,11 +433,11 @@ def baseline_arg(wildcards, input):
     return f"--baseline {single_quoted(input.baseline)}" if "baseline" in input.keys() else ""
 
 
-BASELINE_POSITIONS = 4  # positions of a plate/collection the Gaussian baseline is tuned on
+BASELINE_POSITIONS = 4  # positions of a plate/collection the baselines are tuned on
 
 
 def baseline_images(name):
-    """(name, image, target) the Gaussian baseline is tuned on: the image, or a few
+    """(name, image, target) the baselines are tuned on: the image, or a few
     positions spread over a plate/collection (its crops are what is scored, not all pixels)."""
     if name not in POSITION_SETS:
         return [(name, DATASETS[name]["image"], DATASETS[name]["target"])]

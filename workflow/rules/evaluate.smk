@@ -8,10 +8,17 @@ rule tune_baseline:
     input:
         unpack(tune_baseline_inputs),
     output:
-        "results/{model}/baseline_gaussian.json",
+        "results/{model}/baselines.json",
     params:
         datasets=tune_baseline_datasets,
-        settings=evaluate_settings("gaussian_sigmas", "tuning_crops", "tuning_crop_size"),
+        settings=evaluate_settings(
+            "baselines",
+            "gaussian_sigmas",
+            "tv_weights",
+            "nlm_strengths",
+            "tuning_crops",
+            "tuning_crop_size",
+        ),
     log:
         "logs/tune_baseline/{model}.log",
     threads: 1
