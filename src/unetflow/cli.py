@@ -622,8 +622,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-classes", type=int, default=2)
     p.add_argument("--ignore-label", type=int, default=None)
     p.add_argument("--segmentation-target", type=_json, default=None,
-                   help='segmentation: {"target": "classes" or "boundaries", '
-                        '"boundary_width": N} (the model section\'s keys)')
+                   help='what the model learns from (the model section\'s keys): '
+                        'segmentation {"target": "classes" or "boundaries", '
+                        '"boundary_width": N}; regression {"target": "n2v"} reads no '
+                        'target (the name stays for the rules\' commands)')
     p.add_argument("--store", required=True)
     p.add_argument("--manifest", required=True)
 
