@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -180,6 +181,12 @@ def _cmd_train(args: argparse.Namespace) -> None:
 
     settings = _section(args, "train")
     model_settings = section_settings("model", args.model_settings)
+    if settings["gpus"] > 1 and "WORLD_SIZE" not in os.environ:
+        from unetflow.distributed import launch_command
+
+        command = launch_command(sys.argv[1:], settings["gpus"])
+        sys.stdout.flush()
+        os.execv(command[0], command)  # torchrun takes this process: signals reach it
     try:
         train_model(args.store, args.model_dir, args.task, model_settings, settings,
                     args.best, args.last, args.log, args.curve, threads=args.threads)

@@ -51,7 +51,7 @@ STATS_KEYS = ("level", "percentiles", "histogram_bins", "mask")
 # the params say. predict.positions_per_job groups positions into jobs: the jobs change,
 # but each position's output is kept when its fingerprint (model, settings) still holds.
 EXECUTION_KEYS = {
-    "train": ("device", "amp", "compile", "num_workers", "threads", "deterministic"),
+    "train": ("device", "amp", "compile", "num_workers", "threads", "deterministic", "gpus"),
     "predict": ("device", "threads", "dask_workers", "batch_size", "positions_per_job"),
     # evaluate: blocks are summed in another order, which changes sums by float rounding
     # (about 1e-15 relative) and nothing else.

@@ -29,6 +29,9 @@ import torch
 from unetflow.augment import augment_batch
 from unetflow.config import EXECUTION_KEYS as CONFIG_EXECUTION_KEYS
 from unetflow.config import training_settings
+from unetflow.distributed import Ranks, agree, broadcast_value, ranks_from_env
+from unetflow.distributed import start as start_ranks
+from unetflow.distributed import stop as stop_ranks
 from unetflow.files import atomic_path, write_text_atomic
 from unetflow.losses import build_loss
 from unetflow.model.checkpoint import (
@@ -73,6 +76,10 @@ LOG_FIELDS = ["step", "loss", "val_loss", "val_metric", "learning_rate"]
 # (and reruns no Snakemake job: unetflow.config.EXECUTION_KEYS, the same keys).
 EXECUTION_KEYS = CONFIG_EXECUTION_KEYS["train"]
 FINGERPRINT_SAMPLES = 8
+# How a batch's random draws are keyed: 2 = one generator per sample (seed, step, stream,
+# position), so that ranks share a batch exactly (before: one per batch). In the fingerprint,
+# so that a state saved under another keying starts over instead of resuming differently.
+BATCH_STREAMS = 2
 
 
 class Preempted(RuntimeError):
@@ -107,13 +114,20 @@ class PatchBatches(torch.utils.data.Dataset):
     model) the store holds images only: each batch is masked (`unetflow.n2v.mask_batch`,
     after augmentation) with a generator drawn from (seed, step), and validation patches
     from (seed, first patch), so every validation masks the same pixels.
+
+    Each sample of a batch is augmented and masked with its own generator, drawn from
+    (seed, step, its position in the global batch): rank `rank` of `world` training
+    processes takes positions rank, rank + world, ... of the global batch of `batch_size`
+    and gets exactly the samples one process would give it (unetflow.distributed).
     """
 
     def __init__(self, store: str, split: str, batch_size: int, seed: int,
                  augment: dict[str, Any] | None, task: str,
-                 blind_spot: dict[str, Any] | None = None) -> None:
+                 blind_spot: dict[str, Any] | None = None, rank: int = 0,
+                 world: int = 1) -> None:
         self.store, self.split, self.batch_size, self.seed = store, split, batch_size, seed
         self.augment, self.task, self.blind_spot = augment, task, blind_spot
+        self.rank, self.world = rank, world
         self._arrays: tuple[PatchArray, PatchArray | None] | None = None
 
     def arrays(self) -> tuple[PatchArray, PatchArray | None]:
@@ -139,15 +153,27 @@ class PatchBatches(torch.utils.data.Dataset):
     def __getitem__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         images, targets = self.arrays()
         index = batch_indices(images.shape[0], self.batch_size, self.seed, step)
-        x = images.read(index)
-        y = x if targets is None else targets.read(index)
+        positions = np.arange(self.rank, len(index), self.world)  # this rank's share
+        x = images.read(index[positions])
+        y = x if targets is None else targets.read(index[positions])
+        if self.augment or self.blind_spot:
+            pairs = [self._sample(x[k:k + 1], y[k:k + 1], step, int(p))
+                     for k, p in enumerate(positions)]
+            x, y = np.concatenate([p[0] for p in pairs]), np.concatenate([p[1] for p in pairs])
+        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+
+    def _sample(self, x: np.ndarray, y: np.ndarray, step: int, position: int
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """One sample (a batch of 1) augmented, then masked (n2v), each from its own
+        generator keyed by (seed, step, stream, position in the global batch)."""
+        key = self.seed % 2**63
         if self.augment:
-            rng = np.random.default_rng([self.seed % 2**63, step, 1])
-            x, y = augment_batch(x, y, self.augment, rng, self.task)
+            x, y = augment_batch(x, y, self.augment,
+                                 np.random.default_rng([key, step, 1, position]), self.task)
         if self.blind_spot:
             x, y = mask_batch(x, self.blind_spot,
-                              np.random.default_rng([self.seed % 2**63, step, 2]))
-        return torch.from_numpy(np.ascontiguousarray(x)), torch.from_numpy(np.ascontiguousarray(y))
+                              np.random.default_rng([key, step, 2, position]))
+        return x, y
 
     def patches(self, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Patches [start, stop) as stored, never augmented (validation); n2v: masked."""
@@ -234,6 +260,7 @@ def training_fingerprint(model_settings: dict[str, Any], settings: dict[str, Any
                if k not in EXECUTION_KEYS}
     if settings["init_from"]:  # a retrained starting point is another problem
         problem["init_from_sha256"] = _file_sha256(settings["init_from"])
+    problem["batch_streams"] = BATCH_STREAMS
     text = json.dumps([model_settings, problem, store_identity(store)], sort_keys=True,
                       default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
@@ -389,6 +416,20 @@ class _SigtermFlag:
         signal.signal(signal.SIGTERM, self._previous)
 
 
+def _check_ranks(ranks: Ranks, settings: dict[str, Any]) -> Ranks:
+    """This process's place among train.gpus ranks: the batch must split evenly, and the
+    processes torchrun started must be the ones the settings ask for."""
+    if ranks.world != settings["gpus"]:
+        raise ValueError(f"train.gpus is {settings['gpus']} but this process is one of "
+                         f"{ranks.world} (WORLD_SIZE); run `unetflow train`, which starts "
+                         f"train.gpus processes itself")
+    if settings["batch_size"] % ranks.world:
+        raise ValueError(f"train.batch_size {settings['batch_size']} does not split over "
+                         f"train.gpus {ranks.world} processes; give a multiple of "
+                         f"{ranks.world} (it is the global batch)")
+    return ranks
+
+
 def _configure_torch(settings: dict[str, Any], threads: int | None) -> None:
     if settings["threads"] or threads:
         torch.set_num_threads(int(settings["threads"] or threads))
@@ -411,15 +452,21 @@ class Trainer:
         self.store, self.out_dir, self.task = store, Path(out_dir), task
         self.settings, self.model_settings = settings, model_settings
         self.init_source: dict[str, Any] | None = None  # train.init_from, when given
+        self.ranks = _check_ranks(ranks_from_env(), settings)
         _configure_torch(settings, threads)
         self.device = choose_device(settings["device"], "train.device")
+        if self.ranks.distributed and self.device.type == "cuda":
+            self.device = torch.device("cuda", self.ranks.local_rank)
+            torch.cuda.set_device(self.device)
+        start_ranks(self.ranks, self.device)
         self.meta = _read_store_meta(store)
         _check_store_target(self.meta, task, model_settings, store)
         self.ignore_label = settings["ignore_label"]
         self.n2v = uses_n2v(model_settings)
         blind_spot = settings["blind_spot"] if self.n2v else None
         self.train_data = PatchBatches(store, "train", settings["batch_size"], settings["seed"],
-                                       settings["augment"], task, blind_spot)
+                                       settings["augment"], task, blind_spot,
+                                       self.ranks.rank, self.ranks.world)
         self.val_data = PatchBatches(store, "val", settings["batch_size"], settings["seed"],
                                      None, task, blind_spot)
         self.total_steps = total_steps(settings, len(self.train_data))
@@ -439,7 +486,28 @@ class Trainer:
         self.fingerprint = training_fingerprint(model_settings, settings, store)
         self.state_path = self.out_dir / "train_state" / "last.pt"
         self.best_state_path = self.out_dir / "train_state" / "best.pt"
-        self.compiled = torch.compile(self.model) if settings["compile"] else self.model
+        # the model that trains: wrapped for DDP first, then compiled (as PyTorch advises);
+        # self.model stays the plain network that validation runs and checkpoints hold
+        self.compiled = self._distributed(self.model) if self.ranks.distributed else self.model
+        if settings["compile"]:
+            self.compiled = torch.compile(self.compiled)
+
+    def _distributed(self, model: torch.nn.Module) -> torch.nn.Module:
+        """The model wrapped for DistributedDataParallel: gradients averaged across ranks.
+        Batch norm becomes SyncBatchNorm on GPUs (statistics over the global batch);
+        PyTorch has none for the CPU, where `_check_ranks` refuses batch norm. With
+        freeze_encoder_steps some parameters get no gradient for a while, which DDP must
+        be told."""
+        if self.device.type == "cuda":
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif self.model_settings.get("norm", "batch") == "batch":
+            raise ValueError(f"train.gpus {self.ranks.world} on the CPU with model.norm "
+                             f"batch: PyTorch synchronizes batch statistics only between "
+                             f"GPUs; use model.norm group, instance or none (they normalize "
+                             f"each sample on its own), or one process")
+        return torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=self.settings["freeze_encoder_steps"] > 0)
 
     def _build_model(self) -> UNet:
         images, targets = self.train_data.arrays()
@@ -486,7 +554,13 @@ class Trainer:
             scaler_state=self.scaler.state_dict(), total_steps=self.total_steps,
             best_metric=self.best_metric, rng=_rng_states(), history=self.history,
             train_settings=self.settings, model_settings=self.model_settings,
-            fingerprint=self.fingerprint, initialized_from=self.init_source)
+            fingerprint=self.fingerprint, initialized_from=self.init_source,
+            world_size=self.ranks.world)
+
+    def _save(self, path: Path, payload: dict[str, Any] | None = None) -> None:
+        """Rank 0 alone writes (every rank holds the same weights and states)."""
+        if self.ranks.main:
+            save_checkpoint(path, payload or self.payload())
 
     def _saved_state(self) -> dict[str, Any] | None:
         if not self.state_path.exists():
@@ -500,6 +574,12 @@ class Trainer:
             print(f"train: model, training settings or patches changed since "
                   f"{self.state_path} was saved; starting over", flush=True)
             return None
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.ranks.world:
+            raise ValueError(f"{self.state_path} was saved by a run on {saved_world} "
+                             f"process(es) (train.gpus) and this one has {self.ranks.world}: "
+                             f"set train.gpus: {saved_world} to resume, or delete "
+                             f"{self.state_path.parent} to start over")
         return state
 
     def resume_if_possible(self) -> bool:
@@ -525,7 +605,7 @@ class Trainer:
 
     def _set_train_mode(self, encoder_frozen: bool) -> None:
         """Frozen encoder: no gradients and normalization statistics kept as loaded."""
-        self.model.train()
+        self.compiled.train()
         for part in (getattr(self.model, name) for name in ENCODER_PARTS):
             part.train(not encoder_frozen)
             for p in part.parameters():
@@ -559,12 +639,15 @@ class Trainer:
     def validate(self) -> tuple[float, float]:
         """Mean loss and mean metric over all validation patches, never augmented."""
         self.model.eval()
+        # the plain network: DDP's forward would wait for the other ranks, which do not
+        # validate (rank 0 alone does)
+        net = self.model if self.ranks.distributed else self.compiled
         loss_sum, metric_sum, count = 0.0, 0.0, 0
         size = self.settings["batch_size"]
         for start in range(0, len(self.val_data), size):
             x, y = self._to_device(*self.val_data.patches(start, start + size))
             with self._autocast():
-                out = self.compiled(x).float()
+                out = net(x).float()
             loss_sum += float(self.loss_fn(out, y)) * len(x)
             m, c = masked_psnr(out, y) if self.n2v else \
                 validation_metric(self.task, out, y, self.ignore_label)
@@ -577,7 +660,10 @@ class Trainer:
                            pin_memory=self.device.type == "cuda")
 
     def _announce(self) -> None:
-        print(f"train: {self.task} U-Net, {self.model.parameter_count()} parameters, "
+        if not self.ranks.main:
+            return
+        ranks = f", {self.ranks.world} processes (DDP)" if self.ranks.distributed else ""
+        print(f"train: {self.task} U-Net{ranks}, {self.model.parameter_count()} parameters, "
               f"{len(self.train_data)} training / {len(self.val_data)} validation patches, "
               f"device {self.device}, AMP {self.amp_dtype}, step {self.step} of "
               f"{self.total_steps}", flush=True)
@@ -594,37 +680,46 @@ class Trainer:
                        disable=not (progress and sys.stderr.isatty()))
             try:
                 for x, y in self._loader(until):
-                    self._one_step(x, y)
+                    stop = self._one_step(x, y, sigterm.raised)
                     bar.update(1)
                     bar.set_postfix(loss=f"{self.history[-1]['loss']:.4g}", refresh=False)
-                    if sigterm.raised and self.step < self.total_steps:
-                        save_checkpoint(self.state_path, self.payload())
+                    if stop and self.step < self.total_steps:
+                        self._save(self.state_path)
                         raise Preempted(f"SIGTERM at step {self.step}; state saved to "
                                         f"{self.state_path}, rerun to resume")
             finally:
                 bar.close()
         payload = self.payload()
-        save_checkpoint(self.state_path, payload)
+        self._save(self.state_path, payload)
         return payload
 
-    def _one_step(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def _one_step(self, x: torch.Tensor, y: torch.Tensor, stop_requested: bool = False
+                  ) -> bool:
+        """One training step, logged; True when any rank was asked to stop (SIGTERM): all
+        ranks learn it in the same step, so they stop together."""
         learning_rate = self.optimizer.param_groups[0]["lr"]
-        loss = self.train_step(x, y)
+        loss, stop = agree(self.train_step(x, y), stop_requested, self.ranks, self.device)
         self.step += 1
         self.schedule.after_step(self.step)
         self.history.append({"step": self.step, "loss": loss, "val_loss": "", "val_metric": "",
                              "learning_rate": learning_rate})
         if self.step % self.settings["validate_every"] == 0 or self.step == self.total_steps:
             self._validate_and_save(self.history[-1])
+        return stop
 
     def _validate_and_save(self, row: dict[str, Any]) -> None:
-        val_loss, metric = self.validate()
+        """Rank 0 validates; every rank takes its figures (they drive the schedule)."""
+        val_loss, metric = self.validate() if self.ranks.main else (0.0, 0.0)
+        val_loss = broadcast_value(val_loss, self.ranks, self.device)
+        metric = broadcast_value(metric, self.ranks, self.device)
         row["val_loss"], row["val_metric"] = val_loss, metric
         self.schedule.after_validation(self.step, metric)
         if metric > self.best_metric:
             self.best_metric = metric
-            save_checkpoint(self.best_state_path, self.payload())
-        save_checkpoint(self.state_path, self.payload())
+            self._save(self.best_state_path)
+        self._save(self.state_path)
+        if not self.ranks.main:
+            return
         from tqdm import tqdm
 
         tqdm.write(f"train: step {self.step}/{self.total_steps} loss {row['loss']:.4f} "
@@ -670,7 +765,12 @@ def train_model(store: str, out_dir: str, task: str, model_settings: dict[str, A
                 threads: int | None = None) -> None:
     """Train (or resume) and write the best and last checkpoints, the CSV log and the curve."""
     trainer = Trainer(store, out_dir, task, model_settings, settings, threads)
-    final = trainer.run()
+    try:
+        final = trainer.run()
+    finally:
+        stop_ranks()
+    if not trainer.ranks.main:
+        return
     best_state = trainer.best_state_path
     save_checkpoint(best, load_checkpoint(best_state) if best_state.exists() else final)
     save_checkpoint(last, final)
