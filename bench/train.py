@@ -21,16 +21,40 @@ Ratios:
   patch_read_vs_zarr_ratio          patches/s of reading random batches of 8 (images and
                                     targets, no augmentation) with PatchArray, as the loader
                                     does / the same through zarr's get_orthogonal_selection.
+  trainer_vs_plain_loop_ratio       samples/s of unetflow.train.Trainer.run (augmentations off,
+                                    validation pushed past the run: validate_every > steps)
+                                    / samples/s of a plain PyTorch loop of the same network
+                                    (build_unet, the demo's depth 3, base 16, channels-last),
+                                    loss (build_loss, ce_dice), optimizer (build_optimizer),
+                                    batch (8 of 64x64) and store (320 training / 80
+                                    validation patches, the demo's size), read in the loop with
+                                    PatchArray. Both timed from the end of step 2 to the end of
+                                    step --overhead-steps (construction, warm-up and the final
+                                    save left out); best of --repeats runs each, taking turns.
+                                    Goal >= 0.9.
+  trainer_defaults_vs_plain_loop_ratio
+                                    the same with the trainer's defaults: augmentations on
+                                    (flips, rotate90, intensity) and validate_every 50, so
+                                    the 50 timed steps hold one validation, as the demo's run.
+Then the trainer's overhead is broken down in seconds per demo run (600 steps, 12
+validations): process start, construction, steady steps beyond the plain loop's (gradient
+clipping, train mode, progress bar within them), augmentation, validation (IoU metric),
+checkpoints, log and curve; plus the Dice term of the loss, which both loops pay.
 
 Usage: .venv/bin/python bench/train.py [--device auto|cpu|cuda] [--amp true|false|bf16|fp16]
+       [--overhead-steps 52] [--repeats 3]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import io
+import subprocess
+import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +64,27 @@ import zarr
 from unetflow.augment import RICH_AUGMENT
 from unetflow.config import model_section, validate_config
 from unetflow.demo import synthesize_nuclei
+from unetflow.losses import build_loss
+from unetflow.model.checkpoint import (
+    autocast_dtype,
+    choose_device,
+    load_checkpoint,
+    save_checkpoint,
+)
+from unetflow.model.inference import memory_format_for
+from unetflow.model.unet import build_unet, layer_settings
 from unetflow.patchstore import PatchArray, create_patch_array, patches_per_shard
-from unetflow.train import PatchBatches, Trainer, make_loader
+from unetflow.targets import network_classes
+from unetflow.train import (
+    PatchBatches,
+    Trainer,
+    build_optimizer,
+    default_loss,
+    make_loader,
+    plot_loss_curve,
+    validation_metric,
+    write_log,
+)
 
 
 def write_patch_store(path: Path, n_train: int, n_val: int, patch: int, seed: int = 0) -> str:
@@ -128,6 +171,261 @@ def patch_reads_per_s(store: str, batches: int, through_zarr: bool) -> float:
     return 8 * batches / (time.perf_counter() - start)
 
 
+# --- the trainer's own overhead against a plain PyTorch loop (issue 19, item 7) ----------
+DEMO_STEPS, DEMO_VALIDATE_EVERY, DEMO_PATCH, DEMO_TRAIN, DEMO_VAL = 600, 50, 64, 320, 80
+AUGMENT_OFF = {"flips": False, "rotate90": False, "intensity": 0.0}
+
+
+def overhead_sections(device: str, amp: bool | str, augment: bool, validate: bool
+                      ) -> tuple[dict, dict]:
+    """The demo's nuclei_seg model and training (600 steps, validate_every 50, lr 0.002),
+    with the default augmentations or none, with validation or with it pushed past the run."""
+    config = validate_config({
+        "datasets": {"d": {"image": "i", "target": "t"}},
+        "models": {"m": {"task": "segmentation", "train_on": ["d"]}},
+        "model": {"depth": 3, "base_features": 16},
+        "train": {"batch_size": 8, "steps": DEMO_STEPS, "learning_rate": 0.002,
+                  "validate_every": DEMO_VALIDATE_EVERY if validate else DEMO_STEPS + 1,
+                  "device": device, "amp": amp, **({} if augment else {"augment": AUGMENT_OFF})}})
+    return model_section(config, "m", "model"), model_section(config, "m", "train")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def plain_loop_samples_per_s(store: str, sections: tuple[dict, dict], steps: int) -> float:
+    """The loop a user writes by hand: random batches read with PatchArray, forward, loss,
+    backward, optimizer step; the same network (channels-last, autocast as the trainer's),
+    loss and optimizer; no clipping, schedule, logging or validation. First two untimed."""
+    model_settings, settings = sections
+    device = choose_device(settings["device"], "device")
+    group = zarr.open_group(store, mode="r")
+    images, targets = PatchArray(group["train/images"]), PatchArray(group["train/targets"])
+    fmt = memory_format_for(2)
+    model = build_unet(layer_settings(model_settings), 2, images.shape[1],
+                       network_classes(model_settings)).to(device, memory_format=fmt)
+    loss_fn = build_loss("segmentation", default_loss("segmentation"), None, None)
+    optimizer, amp = build_optimizer(model, settings), autocast_dtype(device, settings["amp"])
+    rng, batch = np.random.default_rng(0), settings["batch_size"]
+    model.train()
+    for step in range(steps):
+        if step == 2:
+            synchronize(device)
+            start = time.perf_counter()
+        index = np.sort(rng.choice(images.shape[0], batch, replace=False))
+        x = torch.from_numpy(images.read(index)).to(device).contiguous(memory_format=fmt)
+        y = torch.from_numpy(targets.read(index)).to(device).long()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            out = model(x)
+        loss_fn(out.float(), y).backward()
+        optimizer.step()
+    synchronize(device)
+    return (steps - 2) * batch / (time.perf_counter() - start)
+
+
+def fastest(repeats: int, run: Callable[[], object]) -> float:
+    """Best-of-`repeats` seconds of one call of `run`."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def timed_trainer_run(store: str, sections: tuple[dict, dict], steps: int) -> dict[str, float]:
+    """Trainer construction, then run(until=steps) in a fresh directory with every step's
+    end stamped: samples/s from the end of step 2 to the end of step `steps`, the seconds
+    of construction, of the first two steps (from the call of run) and of the final save."""
+    with tempfile.TemporaryDirectory() as out:
+        start = time.perf_counter()
+        trainer = Trainer(store, out, "segmentation", *sections)
+        built = time.perf_counter()
+        stamps, one_step = [], trainer._one_step
+
+        def timed_step(x: torch.Tensor, y: torch.Tensor) -> None:
+            one_step(x, y)
+            synchronize(trainer.device)
+            stamps.append(time.perf_counter())
+
+        trainer._one_step = timed_step
+        trainer.run(until=steps)
+        done = time.perf_counter()
+    batch = trainer.settings["batch_size"]
+    return {"samples_per_s": (steps - 2) * batch / (stamps[-1] - stamps[1]),
+            "construction_s": built - start, "first_two_s": stamps[1] - built,
+            "final_save_s": done - stamps[-1]}
+
+
+def best_of(repeats: int, runs: dict[str, Callable[[], dict[str, float]]]
+            ) -> dict[str, dict[str, float]]:
+    """Best of `repeats` rounds for each figure (highest rate, fewest seconds); the runs take
+    turns within a round, so that load from other work falls on all of them alike."""
+    rounds = [{name: run() for name, run in runs.items()} for _ in range(repeats)]
+    return {name: {key: (max if key.endswith("per_s") else min)(r[name][key] for r in rounds)
+                   for key in rounds[0][name]} for name in runs}
+
+
+def per_call_s(repeats: int, calls: int, run: Callable[[], object]) -> float:
+    """Seconds of one call of `run`: best of `repeats` timings of `calls` calls."""
+    return fastest(repeats, lambda: [run() for _ in range(calls)]) / calls
+
+
+def import_s(repeats: int) -> float:
+    """A new process importing torch and unetflow's trainer (the job's start, before Trainer)."""
+    command = [sys.executable, "-c", "import unetflow.train"]
+    return fastest(repeats, lambda: subprocess.run(command, check=True))
+
+
+def loss_backward_s(repeats: int, name: str, classes: int, device: torch.device) -> float:
+    """Seconds of one forward and backward of loss `name` on demo-sized logits and labels."""
+    rng = torch.Generator().manual_seed(0)
+    shape = (8, DEMO_PATCH, DEMO_PATCH)
+    logits = torch.randn((8, classes, *shape[1:]), generator=rng).to(device).requires_grad_()
+    labels = torch.randint(0, classes, shape, generator=rng).to(device)
+    loss_fn = build_loss("segmentation", name, None, None)
+
+    def step() -> None:
+        loss_fn(logits, labels).backward()
+        synchronize(device)
+
+    return per_call_s(repeats, 50, step)
+
+
+def clip_s(repeats: int, trainer: Trainer) -> float:
+    """Seconds of one clip_grad_norm_ over the model's gradients (train.grad_clip)."""
+    x, y = trainer._to_device(*trainer.train_data[0])
+    trainer.loss_fn(trainer.compiled(x).float(), y).backward()
+    return per_call_s(repeats, 50, lambda: torch.nn.utils.clip_grad_norm_(
+        trainer.model.parameters(), trainer.settings["grad_clip"]))
+
+
+def augmentation_s(repeats: int, trainer: Trainer) -> float:
+    """Seconds the default augmentations add to reading one training batch."""
+    plain = copy.copy(trainer.train_data)
+    plain.augment = None
+    steps = range(20)
+    with_augment = fastest(repeats, lambda: [trainer.train_data[s] for s in steps])
+    return (with_augment - fastest(repeats, lambda: [plain[s] for s in steps])) / len(steps)
+
+
+def tqdm_s(repeats: int, enabled: bool) -> float:
+    """Seconds per step of the progress bar's update and postfix, shown or disabled."""
+    from tqdm import tqdm
+
+    def run() -> None:
+        bar = tqdm(total=DEMO_STEPS, file=io.StringIO(), disable=not enabled, mininterval=0.1)
+        for _ in range(DEMO_STEPS):
+            bar.update(1)
+            bar.set_postfix(loss=f"{0.5:.4g}", refresh=False)
+        bar.close()
+
+    return fastest(repeats, run) / DEMO_STEPS
+
+
+def log_files_s(repeats: int, trainer: Trainer, out: Path) -> float:
+    """Seconds of the CSV log and the loss curve of a 600-step history (train_model's end)."""
+    history = [{"step": s, "loss": 1 / s, "learning_rate": 0.002,
+                "val_loss": 1 / s if s % DEMO_VALIDATE_EVERY == 0 else "",
+                "val_metric": 0.5 if s % DEMO_VALIDATE_EVERY == 0 else ""}
+               for s in range(1, DEMO_STEPS + 1)]
+    return fastest(repeats, lambda: (write_log(history, out / "log.csv"),
+                                     plot_loss_curve(history, out / "curve.png", "segmentation")))
+
+
+def checkpoint_s(repeats: int, trainer: Trainer, out: Path) -> tuple[float, float]:
+    """Seconds of one save_checkpoint(payload()) and of one load_checkpoint."""
+    path = out / "state.pt"
+    save = fastest(repeats, lambda: save_checkpoint(path, trainer.payload()))
+    return save, fastest(repeats, lambda: load_checkpoint(path))
+
+
+def validation_s(repeats: int, trainer: Trainer) -> tuple[float, float]:
+    """Seconds of one validation (all validation patches) and of its IoU metric alone."""
+    whole = fastest(repeats, trainer.validate)
+    outputs = []
+    with torch.no_grad():
+        for start in range(0, len(trainer.val_data), trainer.settings["batch_size"]):
+            x, y = trainer._to_device(*trainer.val_data.patches(start, start + 8))
+            outputs.append((trainer.compiled(x).float(), y))
+    metric = fastest(repeats, lambda: [validation_metric("segmentation", out, y, None)
+                                       for out, y in outputs])
+    return whole, metric
+
+
+def overhead_breakdown(store: str, sections: tuple[dict, dict], runs: dict[str, dict],
+                       repeats: int) -> dict[str, float]:
+    """Seconds per demo run (600 steps of 8, 12 validations) of each part of the trainer
+    that a plain loop does not have; rows starting with '  ' are part of the row above."""
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(store, tmp, "segmentation", *sections)
+        save, load = checkpoint_s(repeats, trainer, Path(tmp))
+        validation, metric = validation_s(repeats, trainer)
+        samples = DEMO_STEPS * trainer.settings["batch_size"]
+        validations = DEMO_STEPS // DEMO_VALIDATE_EVERY
+        step_s = trainer.settings["batch_size"] / runs["trainer"]["samples_per_s"]
+        dice = (loss_backward_s(repeats, "ce_dice", 2, trainer.device)
+                - loss_backward_s(repeats, "ce", 2, trainer.device))
+        return {
+            "process start (import torch, unetflow)": import_s(repeats),
+            "Trainer construction (store checks, fingerprint, model)":
+                runs["trainer"]["construction_s"],
+            "first two steps beyond two steady ones": runs["trainer"]["first_two_s"] - 2 * step_s,
+            "steady steps beyond the plain loop's": samples * (
+                1 / runs["trainer"]["samples_per_s"] - 1 / runs["plain"]["samples_per_s"]),
+            "  gradient clipping (train.grad_clip 1.0)": DEMO_STEPS * clip_s(repeats, trainer),
+            "  train mode and encoder freeze check": DEMO_STEPS * per_call_s(
+                repeats, 50, lambda: trainer._set_train_mode(False)),
+            "  progress bar (disabled: stderr is a log file)": DEMO_STEPS * tqdm_s(repeats, False),
+            "default augmentations (flips, rotate90, intensity)":
+                DEMO_STEPS * augmentation_s(repeats, trainer),
+            f"validation ({validations} x {len(trainer.val_data)} patches)":
+                validations * validation,
+            "  IoU metric": validations * metric,
+            f"checkpoints at validations ({validations} last + {validations} best at most)":
+                2 * validations * save,
+            "end: final state, best and last checkpoints": runs["trainer"]["final_save_s"]
+                + 2 * save + load,
+            "end: CSV log and loss curve": log_files_s(repeats, trainer, Path(tmp)),
+            "(not in the trainer's count) Dice term of ce_dice, in both loops": DEMO_STEPS * dice,
+            "(not in a job) progress bar shown on a terminal": DEMO_STEPS * tqdm_s(repeats, True),
+        }
+
+
+def report_overhead(device: str, amp: bool | str, steps: int, repeats: int) -> None:
+    """Trainer against the plain loop on a store of the demo's size, then the breakdown."""
+    with tempfile.TemporaryDirectory() as tmp:
+        store = write_patch_store(Path(tmp) / "demo.zarr", DEMO_TRAIN, DEMO_VAL, DEMO_PATCH)
+        bare = overhead_sections(device, amp, augment=False, validate=False)
+        defaults = overhead_sections(device, amp, augment=True, validate=True)
+        plain_loop_samples_per_s(store, bare, 4)  # warm-up: the first run in a process lags
+        runs = best_of(repeats, {
+            "plain": lambda: {"samples_per_s": plain_loop_samples_per_s(store, bare, steps)},
+            "trainer": lambda: timed_trainer_run(store, bare, steps),
+            "defaults": lambda: timed_trainer_run(store, defaults, steps)})
+        rows = overhead_breakdown(store, bare, runs, repeats)
+    rates = {name: run["samples_per_s"] for name, run in runs.items()}
+    print(f"overhead_setup: demo model and store (batch 8 of {DEMO_PATCH}x{DEMO_PATCH}, "
+          f"{DEMO_TRAIN} training / {DEMO_VAL} validation patches), steps 3..{steps} timed, "
+          f"best of {repeats}")
+    print(f"plain_loop_samples_per_s: {rates['plain']:.1f}")
+    print(f"trainer_samples_per_s: {rates['trainer']:.1f}")
+    print(f"trainer_defaults_samples_per_s: {rates['defaults']:.1f}")
+    print(f"trainer_vs_plain_loop_ratio: {rates['trainer'] / rates['plain']:.2f}")
+    print(f"trainer_defaults_vs_plain_loop_ratio: {rates['defaults'] / rates['plain']:.2f}")
+    samples = DEMO_STEPS * 8
+    print(f"overhead per demo run ({DEMO_STEPS} steps), seconds; plain loop's steps "
+          f"{samples / rates['plain']:.1f}:")
+    for name, seconds in rows.items():
+        print(f"  {name:<72} {seconds:7.2f}")
+    counted = sum(s for name, s in rows.items() if not name.startswith(("  ", "(")))
+    print(f"overhead_total_s_per_demo_run: {counted:.1f}")
+    print(f"estimated_job_samples_per_s: {samples / (samples / rates['plain'] + counted):.1f}")
+
+
 def parse_amp(text: str) -> bool | str:
     return {"true": True, "false": False}.get(text, text)
 
@@ -142,6 +440,11 @@ def main() -> None:
     parser.add_argument("--loader-steps", type=int, default=100)
     parser.add_argument("--training-steps", type=int, default=None,
                         help="default: 10 on CPU, 100 on CUDA")
+    parser.add_argument("--overhead-steps", type=int, default=52,
+                        help="steps of each trainer/plain-loop run (3.. timed; the default "
+                             "times 50, one validation as in the demo's run)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of each overhead measurement; the best is reported")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         store = write_patch_store(Path(tmp) / "patches.zarr", args.train_patches, 32, args.patch)
@@ -173,6 +476,7 @@ def main() -> None:
     print(f"loader_rich_augment_to_training_ratio: {loader_rich / training:.1f}")
     if trainer.device.type == "cuda":
         print(f"gpu_peak_memory_mib: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
+    report_overhead(args.device, parse_amp(args.amp), args.overhead_steps, args.repeats)
 
 
 if __name__ == "__main__":
