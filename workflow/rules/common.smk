@@ -317,6 +317,12 @@ def train_settings_json(wildcards):
     return as_json(result_settings("train", training_settings(settings, arch)))
 
 
+def train_gpus(wildcards):
+    """train.gpus: the GPUs (ranks) a train job asks for; on SLURM one task that sees them
+    all (the plugin passes no --ntasks-per-gpu unless `tasks` is set, which it is not)."""
+    return model_section(config, wildcards.model, "train")["gpus"]
+
+
 def model_task(wildcards):
     return MODELS[wildcards.model]["task"]
 

@@ -24,6 +24,7 @@ rule train:
     resources:
         mem_mb=8000,
         runtime=240,
+        gpu=train_gpus,
         execution=execution_json("train"),
     conda:
         ENV
