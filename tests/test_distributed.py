@@ -3,30 +3,17 @@ half the batch each take the steps one process takes with the whole batch."""
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from test_train import outputs, sections, train_in_process, write_store
+from test_train import cli_args, sections, train_in_process, write_store
 from unetflow.model.checkpoint import load_checkpoint
 
-UNETFLOW = Path(sys.executable).with_name("unetflow")
 # group norm normalizes each sample on its own (batch norm would see half the batch per rank)
 NETWORK = {"norm": "group", "depth": 2, "base_features": 4}
-
-
-def cli_args(store: str, out_dir: Path, model: dict, train: dict) -> list[str]:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    args = [str(UNETFLOW), "train", "--store", store, "--model-dir", str(out_dir),
-            "--task", "segmentation", "--model-settings", json.dumps(model),
-            "--settings", json.dumps(train), "--threads", "1"]
-    for name, path in outputs(out_dir).items():
-        args += [f"--{name}", path]
-    return args
 
 
 def run_cli(store: str, out_dir: Path, model: dict, train: dict) -> subprocess.CompletedProcess:

@@ -161,13 +161,16 @@ def test_a_store_of_images_alone_and_a_supervised_model_refuse_each_other(tmp_pa
 
 
 def test_n2v_resume_after_sigterm_gives_the_uninterrupted_weights(tmp_path):
-    import json
     import signal
     import subprocess
-    import sys
-    from pathlib import Path
 
-    from test_train import STEPS, assert_same_training, outputs, wait_for_saved_state
+    from test_train import (
+        STEPS,
+        assert_same_training,
+        cli_args,
+        outputs,
+        wait_for_saved_state,
+    )
     from unetflow.train import train_model
 
     store, _, _ = write_noisy_store(tmp_path / "p.zarr")
@@ -178,13 +181,7 @@ def test_n2v_resume_after_sigterm_gives_the_uninterrupted_weights(tmp_path):
     train_model(store, str(reference), "regression", model, train, threads=1,
                 **outputs(reference))
     run = tmp_path / "run"
-    run.mkdir()
-    args = [str(Path(sys.executable).with_name("unetflow")), "train", "--store", store,
-            "--model-dir", str(run), "--task", "regression",
-            "--model-settings", json.dumps(model), "--settings", json.dumps(train),
-            "--threads", "1"]
-    for name, path in outputs(run).items():
-        args += [f"--{name}", path]
+    args = cli_args(store, run, model, train, task="regression")
     proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_for_saved_state(proc, run)
     proc.send_signal(signal.SIGTERM)

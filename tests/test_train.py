@@ -83,15 +83,22 @@ def train_in_process(store: str, out_dir: Path, task: str, model: dict, train: d
     train_model(store, str(out_dir), task, model, train, threads=1, **outputs(out_dir))
 
 
-def start_cli(store: str, out_dir: Path, model: dict, train: dict,
-              new_session: bool = False) -> subprocess.Popen:
-    """`unetflow train` as the Snakemake rule runs it, output to files in out_dir."""
+def cli_args(store: str, out_dir: Path, model: dict, train: dict,
+             task: str = "segmentation") -> list[str]:
+    """The `unetflow train` command as the Snakemake rule runs it (out_dir made)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     args = [str(UNETFLOW), "train", "--store", store, "--model-dir", str(out_dir),
-            "--task", "segmentation", "--model-settings", json.dumps(model),
+            "--task", task, "--model-settings", json.dumps(model),
             "--settings", json.dumps(train), "--threads", "1"]
     for name, path in outputs(out_dir).items():
         args += [f"--{name}", path]
+    return args
+
+
+def start_cli(store: str, out_dir: Path, model: dict, train: dict,
+              new_session: bool = False) -> subprocess.Popen:
+    """`unetflow train` as the Snakemake rule runs it, output to files in out_dir."""
+    args = cli_args(store, out_dir, model, train)
     runs = len(list(out_dir.glob("stdout*")))
     return subprocess.Popen(args, stdout=open(out_dir / f"stdout{runs}", "w"),
                             stderr=open(out_dir / f"stderr{runs}", "w"),
