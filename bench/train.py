@@ -41,8 +41,17 @@ validations): process start, construction, steady steps beyond the plain loop's 
 clipping, train mode, progress bar within them), augmentation, validation (IoU metric),
 checkpoints, log and curve; plus the Dice term of the loss, which both loops pay.
 
+Last, training on several processes (train.gpus, DistributedDataParallel):
+  ranks2_vs_1_samples_ratio         samples/s of `unetflow train` with train.gpus 2 (two
+                                    ranks: Gloo on the CPU, NCCL on 2 GPUs) / the same with
+                                    one process; demo model with group norm, batch 8 (4 per
+                                    rank), each rate from the difference of a short and a
+                                    long run. On the CPU both share the same cores: no
+                                    speed-up is expected, the ratio shows what the
+                                    all-reduce and the split cost. On one GPU: n/a.
+
 Usage: .venv/bin/python bench/train.py [--device auto|cpu|cuda] [--amp true|false|bf16|fp16]
-       [--overhead-steps 52] [--repeats 3]
+       [--overhead-steps 52] [--repeats 3] [--ranks-steps 10 110]
 """
 
 from __future__ import annotations
@@ -50,6 +59,7 @@ from __future__ import annotations
 import argparse
 import copy
 import io
+import os
 import subprocess
 import sys
 import tempfile
@@ -426,6 +436,70 @@ def report_overhead(device: str, amp: bool | str, steps: int, repeats: int) -> N
     print(f"estimated_job_samples_per_s: {samples / (samples / rates['plain'] + counted):.1f}")
 
 
+def rank_sections(device: str, amp: bool | str, gpus: int, steps: int) -> tuple[dict, dict]:
+    """The demo's model with group norm (PyTorch has no SyncBatchNorm on the CPU), defaults
+    otherwise (augmentation on), batch 8 over `gpus` ranks; validation only at the end."""
+    config = validate_config({
+        "datasets": {"d": {"image": "i", "target": "t"}},
+        "models": {"m": {"task": "segmentation", "train_on": ["d"]}},
+        "model": {"depth": 3, "base_features": 16, "norm": "group"},
+        "train": {"batch_size": 8, "steps": steps, "learning_rate": 0.002, "gpus": gpus,
+                  "validate_every": steps, "device": device, "amp": amp}})
+    return model_section(config, "m", "model"), model_section(config, "m", "train")
+
+
+def cli_train_s(store: str, sections: tuple[dict, dict], threads: int) -> float:
+    """Wall seconds of `unetflow train` as the rule runs it, in a fresh folder."""
+    import json
+
+    model, train = sections
+    with tempfile.TemporaryDirectory() as out:
+        outputs = [arg for name in ("best", "last", "log", "curve")
+                   for arg in (f"--{name}", str(Path(out) / name))]
+        command = [str(Path(sys.executable).with_name("unetflow")), "train", "--store", store,
+                   "--model-dir", out, "--task", "segmentation", "--model-settings",
+                   json.dumps(model), "--settings", json.dumps(train), "--threads",
+                   str(threads), *outputs]
+        start = time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        return time.perf_counter() - start
+
+
+def ranks_samples_per_s(store: str, device: str, amp: bool | str, gpus: int,
+                        steps: tuple[int, int], repeats: int) -> float:
+    """Samples/s of `unetflow train` with train.gpus ranks: (long - short steps) x batch over
+    the difference of the two runs' wall times, so that process start, the rendezvous,
+    construction, the one validation and the final writes cancel. The job's threads (this
+    machine's cores) are shared by its ranks. Best of `repeats`."""
+    threads = len(os.sched_getaffinity(0))
+    short, long = steps
+    seconds = [cli_train_s(store, rank_sections(device, amp, gpus, n), threads)
+               for _ in range(repeats) for n in (short, long)]
+    best = min(seconds[1::2]) - min(seconds[0::2])
+    return (long - short) * 8 / best
+
+
+def report_ranks(device: str, amp: bool | str, steps: tuple[int, int], repeats: int) -> None:
+    """2 ranks against 1 process, the whole job's samples/s. On the CPU (Gloo) the two ranks
+    share the cores one process has: expect no speed-up, only the cost of the all-reduce."""
+    gpus_here = torch.cuda.device_count() if device != "cpu" else 0
+    if device == "cuda" and gpus_here < 2:
+        print(f"ranks2_vs_1_samples_ratio: n/a (2 ranks need 2 GPUs; this node has "
+              f"{gpus_here})")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        store = write_patch_store(Path(tmp) / "demo.zarr", DEMO_TRAIN, DEMO_VAL, DEMO_PATCH)
+        rates = {gpus: ranks_samples_per_s(store, device, amp, gpus, steps, repeats)
+                 for gpus in (1, 2)}
+    where = "GPUs (NCCL)" if device == "cuda" else "CPU ranks (Gloo)"
+    print(f"ranks_setup: `unetflow train`, demo model with group norm, batch 8 of "
+          f"{DEMO_PATCH}x{DEMO_PATCH}, steps {steps[0]}..{steps[1]} timed by difference, "
+          f"best of {repeats}, {len(os.sched_getaffinity(0))} cores")
+    print(f"ranks1_samples_per_s: {rates[1]:.1f}")
+    print(f"ranks2_samples_per_s: {rates[2]:.1f}  ({where})")
+    print(f"ranks2_vs_1_samples_ratio: {rates[2] / rates[1]:.2f}")
+
+
 def parse_amp(text: str) -> bool | str:
     return {"true": True, "false": False}.get(text, text)
 
@@ -445,6 +519,10 @@ def main() -> None:
                              "times 50, one validation as in the demo's run)")
     parser.add_argument("--repeats", type=int, default=3,
                         help="runs of each overhead measurement; the best is reported")
+    parser.add_argument("--ranks-steps", type=int, nargs=2, default=[10, 110],
+                        metavar=("SHORT", "LONG"),
+                        help="steps of the two `unetflow train` runs whose difference times "
+                             "1 process and 2 ranks")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         store = write_patch_store(Path(tmp) / "patches.zarr", args.train_patches, 32, args.patch)
@@ -477,6 +555,7 @@ def main() -> None:
     if trainer.device.type == "cuda":
         print(f"gpu_peak_memory_mib: {torch.cuda.max_memory_allocated() / 2**20:.0f}")
     report_overhead(args.device, parse_amp(args.amp), args.overhead_steps, args.repeats)
+    report_ranks(args.device, parse_amp(args.amp), tuple(args.ranks_steps), args.repeats)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Ranks", "agree", "broadcast_value", "launch_command", "ranks_from_env", "start",
-           "stop"]
+__all__ = ["Ranks", "agree", "broadcast_value", "launch_command", "mean_over_ranks",
+           "ranks_from_env", "start", "stop"]
 
 
 @dataclass(frozen=True)
@@ -69,16 +69,25 @@ def stop() -> None:
         torch.distributed.destroy_process_group()
 
 
-def agree(loss: float, stop_requested: bool, ranks: Ranks,
-          device: torch.device) -> tuple[float, bool]:
+def agree(loss: torch.Tensor, stop_requested: bool, ranks: Ranks) -> tuple[float, bool]:
     """(mean loss over the ranks, whether any rank asked to stop), in one all-reduce: every
     rank leaves each step with the same answer, so none waits in a collective for a rank
-    that has stopped."""
+    that has stopped. `loss` stays on its device until here: reading it is the step's one
+    wait for the GPU."""
     if not ranks.distributed:
-        return loss, stop_requested
-    values = torch.tensor([loss, float(stop_requested)], dtype=torch.float64, device=device)
+        return float(loss), stop_requested
+    flag = torch.tensor(float(stop_requested), dtype=torch.float64, device=loss.device)
+    values = torch.stack([loss.detach().to(torch.float64), flag])
     torch.distributed.all_reduce(values)  # NCCL reduces tensors on the GPU
-    return float(values[0]) / ranks.world, bool(values[1] > 0)
+    mean, stops = values.tolist()
+    return mean / ranks.world, stops > 0
+
+
+def mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    """The mean of `value` over all ranks (a new tensor; no gradient flows through it)."""
+    total = value.detach().clone()
+    torch.distributed.all_reduce(total)
+    return total / torch.distributed.get_world_size()
 
 
 def broadcast_value(value: float, ranks: Ranks, device: torch.device) -> float:

@@ -32,6 +32,7 @@ def build_loss(
     name: str,
     ignore_label: int | None = None,
     class_weights: Sequence[float] | None = None,
+    mean_over_ranks: Callable[[Tensor], Tensor] | None = None,
 ) -> LossFunction:
     """The loss ``name`` for ``task``, as a function of (prediction, target).
 
@@ -40,6 +41,13 @@ def build_loss(
         name: one of ``LOSSES[task]``.
         ignore_label: segmentation only; target pixels with this value do not count.
         class_weights: segmentation only; per-class weights of the cross-entropy term.
+        mean_over_ranks: training on several processes (DDP), each with a share of the
+            batch: the mean of a value over the processes (an all-reduce). The
+            cross-entropy then divides by the mean over ranks of the counted weight, so that
+            the average DDP takes of the ranks' losses is the cross-entropy of the whole
+            batch even when the ranks count different numbers of pixels (ignore_label,
+            class_weights). The other terms are means of per-sample or per-pixel terms over
+            equal shares and need nothing.
     """
     if task not in LOSSES:
         raise ValueError(f"task={task!r} is not one of {list(LOSSES)}")
@@ -50,7 +58,8 @@ def build_loss(
         return functools.partial(_regression_loss, name=name)
     weights = None if class_weights is None else tuple(float(w) for w in class_weights)
     return functools.partial(
-        _segmentation_loss, name=name, ignore_label=ignore_label, class_weights=weights
+        _segmentation_loss, name=name, ignore_label=ignore_label, class_weights=weights,
+        mean_over_ranks=mean_over_ranks,
     )
 
 
@@ -142,16 +151,14 @@ def _segmentation_loss(
     name: str,
     ignore_label: int | None,
     class_weights: tuple[float, ...] | None,
+    mean_over_ranks: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Cross-entropy, soft Dice, or their sum, over the pixels that are not ignored."""
     target = _label_image(logits, target, ignore_label)
-    if name == "ce":
-        return cross_entropy_loss(logits, target, ignore_label, class_weights)
     if name == "dice":
         return dice_loss(logits, target, ignore_label)
-    return cross_entropy_loss(logits, target, ignore_label, class_weights) + dice_loss(
-        logits, target, ignore_label
-    )
+    ce = cross_entropy_loss(logits, target, ignore_label, class_weights, mean_over_ranks)
+    return ce if name == "ce" else ce + dice_loss(logits, target, ignore_label)
 
 
 def _label_image(logits: Tensor, target: Tensor, ignore_label: int | None) -> Tensor:
@@ -189,11 +196,13 @@ def cross_entropy_loss(
     target: Tensor,
     ignore_label: int | None = None,
     class_weights: Sequence[float] | None = None,
+    mean_over_ranks: Callable[[Tensor], Tensor] | None = None,
 ) -> Tensor:
     """Weighted mean cross-entropy over non-ignored pixels; 0 (zero gradient) if there are none.
 
     PyTorch's own mean divides by the summed weight of the counted pixels and so returns NaN
     for an all-ignored batch; dividing by a denominator that is never zero avoids that.
+    With `mean_over_ranks` (see `build_loss`) the denominator is its mean over the ranks.
     """
     num_classes = logits.shape[1]
     weight = None
@@ -208,6 +217,8 @@ def cross_entropy_loss(
                             reduction="sum")
     valid = target != ignore_index
     denominator = _counted_weight(target, valid, weight, logits.dtype)
+    if mean_over_ranks is not None:
+        denominator = mean_over_ranks(denominator)
     return total / torch.where(denominator > 0, denominator, torch.ones_like(denominator))
 
 

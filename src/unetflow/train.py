@@ -19,6 +19,7 @@ import os
 import random
 import signal
 import sys
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import torch
 from unetflow.augment import augment_batch
 from unetflow.config import EXECUTION_KEYS as CONFIG_EXECUTION_KEYS
 from unetflow.config import training_settings
-from unetflow.distributed import Ranks, agree, broadcast_value, ranks_from_env
+from unetflow.distributed import Ranks, agree, broadcast_value, mean_over_ranks, ranks_from_env
 from unetflow.distributed import start as start_ranks
 from unetflow.distributed import stop as stop_ranks
 from unetflow.files import atomic_path, write_text_atomic
@@ -430,9 +431,11 @@ def _check_ranks(ranks: Ranks, settings: dict[str, Any]) -> Ranks:
     return ranks
 
 
-def _configure_torch(settings: dict[str, Any], threads: int | None) -> None:
+def _configure_torch(settings: dict[str, Any], threads: int | None, ranks: Ranks) -> None:
+    """Threads, determinism and seeds. The job's threads are shared by its ranks (torchrun
+    would give each one thread), so that N ranks on the CPU do not oversubscribe it."""
     if settings["threads"] or threads:
-        torch.set_num_threads(int(settings["threads"] or threads))
+        torch.set_num_threads(max(1, int(settings["threads"] or threads) // ranks.world))
     if settings["deterministic"]:  # cuBLAS needs this before CUDA starts to be reproducible
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     if settings["deterministic"] != torch.are_deterministic_algorithms_enabled():
@@ -453,7 +456,7 @@ class Trainer:
         self.settings, self.model_settings = settings, model_settings
         self.init_source: dict[str, Any] | None = None  # train.init_from, when given
         self.ranks = _check_ranks(ranks_from_env(), settings)
-        _configure_torch(settings, threads)
+        _configure_torch(settings, threads, self.ranks)
         self.device = choose_device(settings["device"], "train.device")
         if self.ranks.distributed and self.device.type == "cuda":
             self.device = torch.device("cuda", self.ranks.local_rank)
@@ -475,9 +478,11 @@ class Trainer:
         # faster (28.2 against 19.6 samples/s, bench/train.py), as on GPUs
         self.memory_format = memory_format_for(self.model.spatial_dims)
         self.model = self.model.to(memory_format=self.memory_format)
-        self.loss_fn = masked_loss(settings["loss"] or "mse") if self.n2v else build_loss(
-            task, settings["loss"] or default_loss(task), self.ignore_label,
-            settings["class_weights"])
+        # validation (rank 0 alone) takes the loss without collectives: it would wait for
+        # ranks that do not validate
+        self.val_loss_fn = self._loss()
+        self.loss_fn = self._loss(mean_over_ranks if self.ranks.distributed else None)
+        self._train_mode: bool | None = None  # the encoder_frozen state the model is in
         self.optimizer = build_optimizer(self.model, settings)
         self.schedule = LearningRateSchedule(self.optimizer, settings, self.total_steps)
         self.amp_dtype = autocast_dtype(self.device, settings["amp"])
@@ -491,6 +496,13 @@ class Trainer:
         self.compiled = self._distributed(self.model) if self.ranks.distributed else self.model
         if settings["compile"]:
             self.compiled = torch.compile(self.compiled)
+
+    def _loss(self, across_ranks: Callable[[torch.Tensor], torch.Tensor] | None = None
+              ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+        if self.n2v:  # the same number of masked pixels in every patch: equal shares
+            return masked_loss(self.settings["loss"] or "mse")
+        return build_loss(self.task, self.settings["loss"] or default_loss(self.task),
+                          self.ignore_label, self.settings["class_weights"], across_ranks)
 
     def _distributed(self, model: torch.nn.Module) -> torch.nn.Module:
         """The model wrapped for DistributedDataParallel: gradients averaged across ranks.
@@ -604,31 +616,41 @@ class Trainer:
         return x, (y.long() if self.task == "segmentation" else y)
 
     def _set_train_mode(self, encoder_frozen: bool) -> None:
-        """Frozen encoder: no gradients and normalization statistics kept as loaded."""
+        """Frozen encoder: no gradients and normalization statistics kept as loaded. Walks
+        the modules only when the state changes (after validation, at the step the encoder
+        thaws), not every step."""
+        if encoder_frozen is self._train_mode:
+            return
         self.compiled.train()
         for part in (getattr(self.model, name) for name in ENCODER_PARTS):
             part.train(not encoder_frozen)
             for p in part.parameters():
                 p.requires_grad_(not encoder_frozen)
+        self._train_mode = encoder_frozen
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        """One optimizer step on one batch; returns the loss."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """One optimizer step on one batch; returns the loss, still on the device (reading
+        it waits for the GPU: `_one_step` does it once per step)."""
         self._set_train_mode(self.step < self.settings["freeze_encoder_steps"])
         x, y = self._to_device(x, y)
         self.optimizer.zero_grad(set_to_none=True)
         with self._autocast():
             out = self.compiled(x)
         loss = self.loss_fn(out.float(), y)
-        if not self.scaler.is_enabled() and not torch.isfinite(loss):
-            raise FloatingPointError(f"train: loss is {float(loss)} at step {self.step}; lower "
-                                     f"train.learning_rate or set train.grad_clip")
         self.scaler.scale(loss).backward()
         if self.settings["grad_clip"]:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.settings["grad_clip"])
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        return float(loss.detach())
+        return loss.detach()
+
+    def _check_finite(self, loss: float) -> None:
+        """A loss that is not finite ends the run (the weights of this step are not saved;
+        the state of the last validation stays). With fp16 the GradScaler skips such steps."""
+        if not self.scaler.is_enabled() and not math.isfinite(loss):
+            raise FloatingPointError(f"train: loss is {loss} at step {self.step + 1}; lower "
+                                     f"train.learning_rate or set train.grad_clip")
 
     def _autocast(self):
         if self.amp_dtype is None:
@@ -639,6 +661,7 @@ class Trainer:
     def validate(self) -> tuple[float, float]:
         """Mean loss and mean metric over all validation patches, never augmented."""
         self.model.eval()
+        self._train_mode = None  # the next step sets the training mode again
         # the plain network: DDP's forward would wait for the other ranks, which do not
         # validate (rank 0 alone does)
         net = self.model if self.ranks.distributed else self.compiled
@@ -648,7 +671,7 @@ class Trainer:
             x, y = self._to_device(*self.val_data.patches(start, start + size))
             with self._autocast():
                 out = net(x).float()
-            loss_sum += float(self.loss_fn(out, y)) * len(x)
+            loss_sum += float(self.val_loss_fn(out, y)) * len(x)
             m, c = masked_psnr(out, y) if self.n2v else \
                 validation_metric(self.task, out, y, self.ignore_label)
             metric_sum, count = metric_sum + m, count + c
@@ -698,7 +721,8 @@ class Trainer:
         """One training step, logged; True when any rank was asked to stop (SIGTERM): all
         ranks learn it in the same step, so they stop together."""
         learning_rate = self.optimizer.param_groups[0]["lr"]
-        loss, stop = agree(self.train_step(x, y), stop_requested, self.ranks, self.device)
+        loss, stop = agree(self.train_step(x, y), stop_requested, self.ranks)
+        self._check_finite(loss)
         self.step += 1
         self.schedule.after_step(self.step)
         self.history.append({"step": self.step, "loss": loss, "val_loss": "", "val_metric": "",
