@@ -454,3 +454,14 @@ def test_encoder_transfer_refuses_another_encoder_naming_both(reference, tmp_pat
         Trainer(store, str(tmp_path), "segmentation", model, train)
     assert "'depth': 2" in str(err.value) and "'depth': 3" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_naming_the_step_and_writes_nothing(tmp_path):
+    """The loss is read once per step, after the optimizer step: a diverged run still stops
+    at the first step whose loss is not finite, and leaves no state or checkpoint."""
+    store = write_store(tmp_path / "p.zarr", task="regression")
+    model, train = sections("regression", learning_rate=1e30, steps=20, validate_every=10)
+    with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step 2; lower "
+                                                 r"train.learning_rate"):
+        train_in_process(store, tmp_path / "out", "regression", model, train)
+    assert not list((tmp_path / "out").iterdir())

@@ -8,7 +8,7 @@
 #   tests/slurm/cluster.sh stop      stop, by PID, every daemon that `start` started
 #   tests/slurm/cluster.sh env       print `export SLURM_CONF=...` for your shell
 #
-# The cluster: one node `localhost` with one (fake) GPU, two partitions on it,
+# The cluster: one node `localhost` with two (fake) GPUs, two partitions on it,
 # `cpu` (default) and `gpu`, accounting through slurmdbd + MariaDB so that
 # `sacct` works. Everything (configs, state, logs, database, PID files) lives in
 # $UNETFLOW_SLURM_DIR (default /tmp/unetflow-slurm); nothing is written to
@@ -143,13 +143,15 @@ JobCompType=jobcomp/none
 InactiveLimit=0
 KillWait=10
 MinJobAge=300
-NodeName=localhost NodeAddr=127.0.0.1 CPUs=$NODE_CPUS RealMemory=$NODE_MEM_MB Gres=gpu:1 State=UNKNOWN
+NodeName=localhost NodeAddr=127.0.0.1 CPUs=$NODE_CPUS RealMemory=$NODE_MEM_MB Gres=gpu:2 State=UNKNOWN
 PartitionName=cpu Nodes=localhost Default=YES MaxTime=INFINITE State=UP
 PartitionName=gpu Nodes=localhost MaxTime=INFINITE State=UP
 EOF
-    # The GPU is /dev/null: jobs that ask for it get CUDA_VISIBLE_DEVICES=0 and no device.
+    # The GPUs are /dev/null and /dev/zero: jobs that ask for them get CUDA_VISIBLE_DEVICES
+    # (0 or 0,1) and no device. Two, so that a train job with train.gpus: 2 can run.
     cat >"$ETC/gres.conf" <<EOF
 NodeName=localhost Name=gpu File=/dev/null
+NodeName=localhost Name=gpu File=/dev/zero
 EOF
     cat >"$ETC/cgroup.conf" <<EOF
 # Not used: ProctrackType=proctrack/linuxproc and TaskPlugin=task/none need no cgroups.

@@ -31,8 +31,10 @@ from unetflow.plates import write_demo_plate
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "tests" / "slurm" / "cluster.sh"
 SLURM_PACKAGES = ("slurmctld", "slurmd", "slurm-client", "munge", "slurmdbd", "mariadb-server")
-# Rules that run the network: the profile gives them a GPU partition and `gpu: 1`.
+# Rules that run the network: the profile gives them a GPU partition and `gpu: 1`; train
+# asks for the model's train.gpus, here 2 (two ranks in one task, DDP).
 GPU_RULES = {"train", "predict_shard", "predict_positions"}
+TRAIN_GPUS = 2
 # A small plate predicted too: 2 wells x 2 fields in batches of 2 positions -> 2 jobs.
 PLATE = "data/plate.ome.zarr"
 PLATE_BATCHES = 2
@@ -44,10 +46,13 @@ def seg_config() -> tuple[dict, list[str]]:
 
     One model keeps the chain of SLURM jobs (demo_data to evaluate, 8 deep) within budget;
     the rules after evaluate (montage, summarize, compare) add depth and nothing new. The
-    model also predicts a small plate (copy_workflow writes it), in PLATE_BATCHES jobs.
+    model also predicts a small plate (copy_workflow writes it), in PLATE_BATCHES jobs. It
+    trains on TRAIN_GPUS ranks (group norm: the CPU has no SyncBatchNorm).
     """
     config = copy.deepcopy(TINY_CONFIG)
     model = config["models"]["seg"]
+    model["train"] = {"gpus": TRAIN_GPUS}
+    model["model"] = {"norm": "group"}
     config["models"] = {"seg": model}
     used = set(model["train_on"]) | set(model["predict_on"])
     config["datasets"] = {k: v for k, v in config["datasets"].items() if k in used}
@@ -235,11 +240,16 @@ def test_workflow_on_slurm_equals_local_run(slurm_cluster, tmp_path):
     assert planned["predict_positions"] == PLATE_BATCHES, table
     for job in jobs:
         assert job["State"] == "COMPLETED", table
-        gpu = "gres/gpu" in job["AllocTRES"] and "gres/gpu" in job["ReqTRES"]
+        gpus = re.findall(r"gres/gpu=(\d+)", job["AllocTRES"])
         if rule_of(job["Comment"]) in GPU_RULES:
-            assert gpu and job["Partition"] == "gpu", table
+            want = TRAIN_GPUS if rule_of(job["Comment"]) == "train" else 1
+            assert gpus == [str(want)] and "gres/gpu" in job["ReqTRES"], table
+            assert job["Partition"] == "gpu", table
         else:
-            assert "gres/gpu" not in job["AllocTRES"] and job["Partition"] == "cpu", table
+            assert not gpus and job["Partition"] == "cpu", table
+    # the train job ran its command once (one task), which started both ranks
+    train_log = (slurm_dir / "logs/train/seg.log").read_text()
+    assert train_log.count(f"{TRAIN_GPUS} processes (DDP)") == 1, train_log[-3000:]
 
     assert_same_results(slurm_dir, local_dir)
 
@@ -259,8 +269,13 @@ def test_profile_slurm_dry_run_from_repo_root(tmp_path):
     assert result.returncode == 0, log[-4000:]
     resources = dict(re.findall(r"\nrule (\w+):\n(?:    .*\n)*?    resources: (.*)", log))
     for rule in GPU_RULES:
-        assert "gpu=1" in resources[rule], resources[rule]
+        gpus = TRAIN_GPUS if rule == "train" else 1
+        assert re.search(rf"\bgpu={gpus}\b", resources[rule]), resources[rule]
+        assert "cpus_per_gpu=8" in resources[rule], resources[rule]
         assert "slurm_partition=a100" in resources[rule], resources[rule]
+        # no tasks or tasks_per_gpu: the plugin would add --ntasks-per-gpu and start the
+        # command once per GPU (each a torchrun of its own)
+        assert "tasks" not in resources[rule], resources[rule]
     for rule in resources.keys() - GPU_RULES:
         assert "gpu=" not in resources[rule] and "slurm_partition=cpu" in resources[rule]
     assert all("slurm_account=my_lab" in r for r in resources.values()), resources
