@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # The training stage's GPU check, in one run: the CUDA-marked tests of tests/test_train.py
 # (AMP bf16 / fp16 + GradScaler / off, channels_last in 2D and 3D, torch.compile, exact
-# deterministic resume on CUDA), then bench/train.py on the GPU with AMP off, on (bf16 where
-# supported) and fp16, printing samples/s of loader and training steps and peak GPU memory.
+# deterministic resume on CUDA) and tests/test_distributed.py (2 GPUs x 4 with NCCL and
+# SyncBatchNorm equal 1 GPU x 8; skipped on a node with one GPU), then bench/train.py on the
+# GPU with AMP off, on (bf16 where supported) and fp16, printing samples/s of loader and
+# training steps, peak GPU memory, the trainer against a plain loop, and 2 GPUs against 1
+# (ranks2_vs_1_samples_ratio; "n/a" with one GPU). The lent device machine has one GPU: the
+# 2-rank lines need a node with two.
 #
 # Run from the repository root on a CUDA machine:  bash bench/gpu_check.sh
 # Results also go to $OUT (default /tmp/gpu_check). About 3-5 minutes on one H100.
@@ -23,7 +27,7 @@ NEEDS="zarr, jsonschema"
 . "$(dirname "$0")/gpu_setup.sh"
 
 status=0
-"$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_train.py 2>&1 \
+"$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_train.py tests/test_distributed.py 2>&1 \
     | tee "$OUT/cuda_tests.txt" || status=1
 
 for amp in false true fp16; do

@@ -256,3 +256,25 @@ def test_the_train_rule_runs_two_ranks_through_snakemake(tmp_path, tiny_config):
     log = (tmp_path / "logs/train/seg.log").read_text()
     assert "2 processes (DDP)" in log
     assert load_checkpoint(tmp_path / "results/seg/checkpoint_last.pt")["world_size"] == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_two_gpus_with_sync_batch_norm_take_the_steps_of_one_gpu(tmp_path):
+    """NCCL, batch norm as SyncBatchNorm (statistics over the global batch of 8): 2 GPUs x 4
+    equal 1 GPU x 8 up to the order of float32 reductions (bench/gpu_check.sh runs it)."""
+    store = write_store(tmp_path / "p.zarr", n_train=16, n_val=4)
+    common = {"steps": 12, "validate_every": 6, "batch_size": 8, "loss": "ce_dice",
+              "device": "cuda", "amp": False}
+    batch_norm = {**NETWORK, "norm": "batch"}
+    model, one = sections(model=batch_norm, **common)
+    train_in_process(store, tmp_path / "one", "segmentation", model, one)
+    _, two = sections(model=batch_norm, gpus=2, **common)
+    result = run_cli(store, tmp_path / "two", model, two)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes (DDP)" in result.stdout and "device cuda:0" in result.stdout
+    single = load_checkpoint(tmp_path / "one" / "checkpoint_last.pt")["model_state"]
+    ranks = load_checkpoint(tmp_path / "two" / "checkpoint_last.pt")["model_state"]
+    assert ranks.keys() == single.keys()  # SyncBatchNorm saves the BatchNorm's names
+    for key, value in single.items():
+        torch.testing.assert_close(ranks[key], value, rtol=1e-3, atol=1e-4, msg=key)
