@@ -25,6 +25,7 @@ __all__ = [
     "normalization_stats_settings",
     "config_warnings",
     "check_config_size",
+    "trained_elsewhere",
     "EXECUTION_KEYS",
     "PREDICT_OUTPUT_KEYS",
     "section_settings",
@@ -249,6 +250,30 @@ def _check_validation_groups(config: dict) -> None:
                                   f"(no {mode}s); use validation: block or image")
 
 
+MODEL_SOURCES = ("train_on", "package", "checkpoint")
+
+
+def trained_elsewhere(spec: dict[str, Any]) -> str | None:
+    """'package' or 'checkpoint' for a model that the config does not train (a bioimage.io
+    package, a unetflow checkpoint), None for one it trains (train_on)."""
+    return next((k for k in ("package", "checkpoint") if spec.get(k)), None)
+
+
+def _check_model_sources(config: dict) -> None:
+    """Each model is trained here (train_on) or comes from a package or a checkpoint."""
+    for model, spec in config["models"].items():
+        given = [k for k in MODEL_SOURCES if spec.get(k)]
+        if len(given) != 1:
+            what = "none" if not given else " and ".join(given)
+            raise ConfigError(f"config key 'models.{model}': give exactly one of train_on "
+                              f"(train it here), package (a bioimage.io model package) or "
+                              f"checkpoint (a unetflow checkpoint) (got {what})")
+        if given[0] != "train_on" and not spec.get("predict_on"):
+            raise ConfigError(f"config key 'models.{model}.predict_on': model '{model}' comes "
+                              f"from its {given[0]} and is not trained here; give the "
+                              f"datasets it predicts on")
+
+
 def _check_references(config: dict) -> None:
     datasets = config["datasets"]
     for model, spec in config["models"].items():
@@ -348,7 +373,12 @@ def _check_train_augment(config: dict) -> None:
 
 
 def _check_shapes(config: dict) -> None:
-    for model in config["models"]:
+    """patches.shape, predict.tile_shape and predict.halo on the 2**depth grid of a model
+    trained here (a package's or checkpoint's grid is checked against the file, at
+    planning: unetflow.checks)."""
+    for model, spec in config["models"].items():
+        if trained_elsewhere(spec):
+            continue
         arch = model_section(config, model, "model")
         dims, multiple = arch["spatial_dims"], 2 ** arch["depth"]
         for section, key in (("patches", "shape"), ("predict", "tile_shape")):
@@ -389,9 +419,10 @@ def config_warnings(config: dict[str, Any]) -> list[str]:
     borders: prediction still runs, so this warns rather than fails.
     """
     found = []
-    for model in config["models"]:
+    for model, spec in config["models"].items():
         settings = model_section(config, model, "predict")
-        if settings["halo"] is None or settings["blending"] != "crop":
+        if trained_elsewhere(spec) or settings["halo"] is None \
+                or settings["blending"] != "crop":
             continue
         exact, where = _model_exact_halo(config, model), _where(config, model, "predict", "halo")
         if settings["halo"] < exact:
@@ -482,8 +513,10 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
     _fill_defaults(schema, config, schema)
     for ds in config["datasets"].values():
         _fill_defaults(schema["properties"]["datasets"]["additionalProperties"], ds, schema)
+    _check_model_sources(config)
     for spec in config["models"].values():
         spec.setdefault("predict_on", [])
+        spec.setdefault("train_on", [])
     _check_dataset_kinds(config)
     _check_references(config)
     _check_validation_groups(config)

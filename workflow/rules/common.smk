@@ -17,6 +17,7 @@ from unetflow.config import (
     execution_settings,
     has_target,
     model_section,
+    trained_elsewhere,
     normalization_stats_settings,
     result_settings,
     training_settings,
@@ -175,7 +176,7 @@ def prediction_output(model, dataset):
 
 def all_outputs(wildcards):
     outputs = [prediction_output(m, d) for m, spec in MODELS.items() for d in spec["predict_on"]]
-    outputs += [checkpoint_path(m, "best") for m in MODELS]
+    outputs += [checkpoint_path(m, "best") for m in MODELS if not trained_elsewhere(MODELS[m])]
     if evaluated_pairs():
         outputs.append("results/summary.tsv")
         outputs += report_figures()  # montages and the comparison chart (below)
@@ -359,7 +360,11 @@ def train_inputs(wildcards):
 
 # --- predict / evaluate ------------------------------------------------------------------
 def predict_checkpoint(wildcards):
-    """The checkpoint a model predicts with (predict.checkpoint: best or last)."""
+    """The checkpoint a model predicts with (predict.checkpoint: best or last), or the
+    package or checkpoint it comes from (no train rule: the file is the input)."""
+    source = trained_elsewhere(MODELS[wildcards.model])
+    if source:
+        return MODELS[wildcards.model][source]
     which = model_section(config, wildcards.model, "predict")["checkpoint"]
     return checkpoint_path(wildcards.model, which)
 
