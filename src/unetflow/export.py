@@ -260,14 +260,15 @@ def package_readme(name: str, info: dict[str, Any], summary: str, curve: str | N
              "## How it was trained", "",
              f"- task: {info['task']}; network: unetflow U-Net "
              f"`{json.dumps(info['model_config'], sort_keys=True)}`",
-             f"- trained on: {', '.join(f'`{d}`' for d in info['train_on'])}, "
-             f"{info['step']} steps, loss `{train.get('loss') or 'default for the task'}`, "
-             f"optimizer `{train.get('optimizer')}`, learning rate {train.get('learning_rate')}",
+             f"- trained on: {', '.join(f'`{d}`' for d in info['train_on'])}; the "
+             f"checkpoint of step {info['step']} of {info['total_steps']}, loss "
+             f"`{train.get('loss') or 'default for the task'}`, optimizer "
+             f"`{train.get('optimizer')}`, learning rate {train.get('learning_rate')}",
              f"- final validation: {info['final_validation']}"]
     if curve:
         lines += ["", f"![training and validation loss]({curve})"]
     lines += ["", "## Preprocessing", "", *info["normalization_lines"], "",
-              "## Output", "", info["output_text"],
+              "## Output", "", info["output_text"], "",
               f"Inputs along each space axis are {info['size'][0]} + n x {info['size'][1]} px; "
               f"the outermost {info['halo']} px of the output on each side depend on the "
               f"window's edge (tile with that overlap: inside it a tiled output equals one "
@@ -288,10 +289,10 @@ def package_readme(name: str, info: dict[str, Any], summary: str, curve: str | N
 def _output_text(task: str, class_names: list[str], to_input_units: bool) -> str:
     if task == "segmentation":
         return (f"Class probabilities (softmax over the channel axis, added as "
-                f"postprocessing): {', '.join(class_names)}. ")
+                f"postprocessing): {', '.join(class_names)}.")
     if to_input_units:
-        return "The restored image in the input's intensity units (a fixed linear scaling). "
-    return "The restored image, normalized as the input (`predict.output_units: normalized`). "
+        return "The restored image in the input's intensity units (a fixed linear scaling)."
+    return "The restored image, normalized as the input (`predict.output_units: normalized`)."
 
 
 def summary_text(metric_files: list[str]) -> str:
@@ -435,7 +436,7 @@ def model_description(name: str, files: dict[str, Path], tensors: dict[str, Any]
         data=IntervalOrRatioDataDescr(type=tensors["input_dtype"]),
         preprocessing=tensors["preprocessing"])
     outputs = OutputTensorDescr(
-        id=TensorId(OUTPUT_ID), description=info["output_text"].strip(),
+        id=TensorId(OUTPUT_ID), description=info["output_text"],
         axes=_axes(info["class_names"], info["space"], None, info["halo"]),
         test_tensor=FileDescr(source=files["test_output"]),
         postprocessing=tensors["postprocessing"])
@@ -477,6 +478,7 @@ def _package_info(checkpoint: dict[str, Any], model: UNet, stats: dict[str, Any]
             "halo": halo, "size": input_size(model, halo), "to_input_units": to_units,
             "space": ["z", "y", "x"][-dims:], "channel_names": names, "class_names": classes,
             "description": description, "train_on": train_on, "step": checkpoint.get("step"),
+            "total_steps": checkpoint.get("total_steps"),
             "train_settings": checkpoint.get("train_settings") or {},
             "final_validation": _last_validation(checkpoint.get("history") or []),
             "normalization_lines": _normalization_lines(stats, normalization, stats_dataset),
