@@ -36,7 +36,8 @@ __all__ = [
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 # the sections a stage of the CLI takes (config.section_settings)
-STAGE_SECTIONS = ("demo", "normalize", "patches", "model", "train", "predict", "evaluate")
+STAGE_SECTIONS = ("demo", "normalize", "patches", "model", "train", "predict", "evaluate",
+                  "export")
 STATS_KEYS = ("level", "percentiles", "histogram_bins", "mask")
 # Settings of how a stage runs, not of what it computes: editing them reruns nothing
 # (rules pass them as resources, which Snakemake does not compare; README "Reruns").
@@ -401,6 +402,40 @@ def _check_shapes(config: dict) -> None:
                               f"{fixed}, or null for the model's exact halo")
 
 
+def _export_problem(settings: dict[str, Any]) -> str | None:
+    """Why bioimage.io packages cannot be written as `export` says, in one line, or None:
+    the extra (bioimageio.core) is missing, or the license is no SPDX identifier that
+    bioimage.io knows. Imports bioimageio.spec (about 1.5 s), so only with export.enabled."""
+    try:
+        from bioimageio.spec.model.v0_5 import LicenseId
+    except ImportError:
+        return ("config key 'export.enabled': true, but bioimageio.core is not installed; "
+                "install the extra: pip install -e '.[bioimageio]' (make install does)")
+    try:
+        LicenseId(settings["license"])
+    except ValueError:
+        return (f"config key 'export.license': {settings['license']!r} is not an SPDX license "
+                f"identifier that bioimage.io accepts (e.g. CC-BY-4.0, MIT, BSD-3-Clause)")
+    return None
+
+
+def _check_export(config: dict) -> None:
+    """export.enabled: the packages can be written (`_export_problem`), and each model's
+    first train_on dataset has one set of statistics to bake into its package."""
+    if not config["export"]["enabled"]:
+        return
+    problem = _export_problem(config["export"])
+    if problem:
+        raise ConfigError(problem)
+    for model, spec in config["models"].items():
+        first = spec["train_on"][0]
+        if config["datasets"][first].get("normalize") == "position":
+            raise ConfigError(f"config key 'datasets.{first}.normalize': 'position' gives each "
+                              f"position its own statistics, but the bioimage.io package of "
+                              f"model '{model}' (export.enabled) bakes in those of its first "
+                              f"train_on dataset '{first}'; use normalize: dataset")
+
+
 def _model_exact_halo(config: dict[str, Any], model: str) -> int:
     """`unetflow.model.exact_halo` of the U-Net that `config` describes for `model`.
 
@@ -523,6 +558,7 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
     _check_shapes(config)
     _check_segmentation_targets(config)
     _check_train_augment(config)
+    _check_export(config)
     return config
 
 
