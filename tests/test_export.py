@@ -195,6 +195,18 @@ def test_export_config_is_checked_when_enabled(tiny_config):
     validate_config(config)
 
 
+def test_models_from_a_package_or_checkpoint_need_no_train_on_to_export(tiny_config):
+    """export.enabled packages the models trained here; one from a package or a checkpoint
+    has no first train_on dataset and is left out (it stopped the config check before)."""
+    config = copy.deepcopy(tiny_config)
+    config["export"] = {"enabled": True}
+    config["models"]["pkg"] = {"task": "segmentation", "package": "seg.bioimageio.zip",
+                               "predict_on": ["te_seg"]}
+    config["models"]["ckpt"] = {"task": "segmentation", "checkpoint": "seg.pt",
+                                "predict_on": ["te_seg"]}
+    assert validate_config(config)["models"]["pkg"]["train_on"] == []
+
+
 def test_per_position_statistics_cannot_be_baked_in(tiny_config):
     config = copy.deepcopy(tiny_config)
     config["datasets"]["plate"] = {"plate": "plate.ome.zarr", "labels": "nuclei",

@@ -420,14 +420,18 @@ def _export_problem(settings: dict[str, Any]) -> str | None:
 
 
 def _check_export(config: dict) -> None:
-    """export.enabled: the packages can be written (`_export_problem`), and each model's
-    first train_on dataset has one set of statistics to bake into its package."""
+    """export.enabled: the packages can be written (`_export_problem`), and each trained
+    model's first train_on dataset has one set of statistics to bake into its package.
+    Models from a package or a checkpoint are not exported: they have no train_on whose
+    statistics a package could hold (a package model is one already)."""
     if not config["export"]["enabled"]:
         return
     problem = _export_problem(config["export"])
     if problem:
         raise ConfigError(problem)
     for model, spec in config["models"].items():
+        if trained_elsewhere(spec):
+            continue
         first = spec["train_on"][0]
         if config["datasets"][first].get("normalize") == "position":
             raise ConfigError(f"config key 'datasets.{first}.normalize': 'position' gives each "

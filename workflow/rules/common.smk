@@ -129,6 +129,9 @@ POSITIONS_DATASET = name_pattern(POSITION_SETS)
 PLATE_DATASET = name_pattern(d for d, s in POSITION_SETS.items() if s.kind == "plate")
 COLLECTION_DATASET = name_pattern(d for d, s in POSITION_SETS.items() if s.kind != "plate")
 TIFF_COLLECTION_DATASET = name_pattern(TIFF_COLLECTIONS)
+# models trained here (train_on): only they have a train rule and are exported
+TRAINED_MODELS = [m for m, spec in MODELS.items() if not trained_elsewhere(spec)]
+TRAINED_MODEL = name_pattern(TRAINED_MODELS)
 
 
 wildcard_constraints:
@@ -176,12 +179,12 @@ def prediction_output(model, dataset):
 
 def all_outputs(wildcards):
     outputs = [prediction_output(m, d) for m, spec in MODELS.items() for d in spec["predict_on"]]
-    outputs += [checkpoint_path(m, "best") for m in MODELS if not trained_elsewhere(MODELS[m])]
+    outputs += [checkpoint_path(m, "best") for m in TRAINED_MODELS]
     if evaluated_pairs():
         outputs.append("results/summary.tsv")
         outputs += report_figures()  # montages and the comparison chart (below)
     if config["export"]["enabled"]:
-        outputs += [package_path(m) for m in MODELS]
+        outputs += [package_path(m) for m in TRAINED_MODELS]
     return outputs
 
 

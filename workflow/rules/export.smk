@@ -1,6 +1,7 @@
-# A bioimage.io package (model spec 0.5) of each model, after its evaluation: rule all asks
-# for them only with export.enabled. See src/unetflow/export.py and README "Sharing a model
-# (bioimage.io)".
+# A bioimage.io package (model spec 0.5) of each model trained here, after its evaluation:
+# rule all asks for them only with export.enabled. Models from a package or a checkpoint
+# (no train_on) have no statistics of their own to bake in and are not exported. See
+# src/unetflow/export.py and README "Sharing and reusing models (bioimage.io)".
 
 
 rule export:
@@ -11,6 +12,8 @@ rule export:
     params:
         settings=export_settings,
         args=export_args,
+    wildcard_constraints:
+        model=TRAINED_MODEL,
     log:
         "logs/export/{model}.log",
     threads: 1
