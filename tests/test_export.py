@@ -1,7 +1,9 @@
 """bioimage.io export (issue 20, items 1 and 2): rule export packages the tiny run's models;
 bioimageio.core's model test passes on each package with both weight formats, without a
 network; the package says what unetflow does around the network; its test output is
-unetflow's prediction of the crop, whose core equals unetflow's whole-image prediction."""
+unetflow's prediction of the crop, whose core equals unetflow's whole-image prediction; and the
+round trip (issue 20, item 3): the package, configured as models.<name>.package, predicts
+through the workflow as unetflow predicts with the model it was exported from."""
 
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from unetflow.model.checkpoint import build_model, load_checkpoint
 from unetflow.model.unet import exact_halo
 from unetflow.normalize import channel_scaling, denormalize_array, normalize_array
 from unetflow.ome import channel_first_axes, open_image
-from unetflow.predict import predict_array
+from unetflow.predict import predict_array, predict_to_ome_zarr
 
 MODELS = {"seg": ("tr_seg", "te_seg"), "dn": ("tr_dn", "te_dn")}  # model: (train_on, predict_on)
 BIN = Path(sys.executable).parent
@@ -223,3 +225,81 @@ def test_test_crop_lies_on_the_grid_and_fits_the_input_sizes():
     assert crop_slices((70, 300), (52, 4), "img") == (slice(0, 68), slice(84, 212))
     with pytest.raises(ValueError, match=r"^img: axis -2 has 40 px, but the package's smallest"):
         crop_slices((40, 300), (52, 4), "img")
+
+
+# --- the round trip: the exported package predicts in the workflow as the original -------------
+def _probabilities_and_labels(store: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities (K, Y, X), labels (Y, X)) of a segmentation store written with
+    predict.probabilities: true."""
+    image = open_image(store)
+    labels = open_image(store / "labels" / "prediction")
+    return np.asarray(image.data.compute()), np.asarray(labels.data.compute())
+
+
+def _original(workdir: Path, dataset: str, stats_dataset: str, into: Path
+              ) -> tuple[np.ndarray, np.ndarray]:
+    """unetflow's prediction of `dataset` with the exported checkpoint itself, normalized with
+    the statistics of `stats_dataset`, with the workflow's predict settings (in-process: the
+    same tiled path the predict rules run, test_predict's oracle)."""
+    from test_predict import predict_defaults
+
+    out = into / f"seg_{dataset}_{stats_dataset}.ome.zarr"
+    settings = predict_defaults(tile_shape=[64, 64], pyramid_levels=2, probabilities=True)
+    predict_to_ome_zarr(str(workdir / "results/seg/checkpoint_best.pt"),
+                        str(workdir / TINY_CONFIG["datasets"][dataset]["image"]),
+                        str(workdir / f"results/normalization/{stats_dataset}.json"), None,
+                        settings, str(out), "seg", dataset, threads=1, task="segmentation")
+    return _probabilities_and_labels(out)
+
+
+@pytest.mark.slow
+def test_exported_package_predicts_in_the_workflow_as_the_original(exported, tmp_path):
+    """The seg package, shared into another folder and configured as models.pkg.package (no
+    train_on; export.enabled stays on: rule all plans no train and no export for it),
+    predicts the train and test images through the sharded rules (2 shards, run side by
+    side as a cluster would).
+
+    The package bakes in the statistics of seg's first train_on dataset (tr_seg); unetflow
+    normalizes each dataset with its own. So:
+    - on tr_seg both normalize alike: the probabilities agree to float32 rounding (measured
+      6e-8: scale_linear x * gain + offset against (x - offset) / scale; asserted < 1e-6);
+    - on te_seg, unetflow's prediction with tr_seg's statistics is that tight too, which shows
+      the statistics are all that differs;
+    - against unetflow's own prediction of te_seg (te_seg's statistics: percentiles 1 / 99.8
+      of -1.96 / 34.65 against tr_seg's -2.27 / 34.23) the package differs by the
+      normalization: measured max 6.9e-5 in probability (2.5% of the range of the tiny
+      4-step model's P(foreground), 0.4724 to 0.4751), asserted between 1e-5 and 1e-4.
+      The labels agree everywhere (the tiny model predicts background everywhere, so this
+      says little; the probabilities carry the test).
+    """
+    workdir = tmp_path / "run"
+    shutil.copytree(exported[0], workdir, symlinks=True)
+    shared = tmp_path / "shared" / "seg.bioimageio.zip"
+    shared.parent.mkdir()
+    shutil.copyfile(package(workdir, "seg"), shared)
+    config = copy.deepcopy(TINY_CONFIG)
+    config["export"] = {"enabled": True}
+    config["models"]["pkg"] = {"task": "segmentation", "package": str(shared),
+                               "predict_on": ["tr_seg", "te_seg"],
+                               "predict": {"shards": 2, "probabilities": True}}
+    write_config(workdir, config)
+    dry = snakemake(workdir, "-n", "--configfile", "config.yaml")
+    assert {rule for rule, _ in planned_jobs(dry.stdout)} == {
+        "predict_create", "predict_shard", "predict", "evaluate", "montage", "summarize",
+        "compare", "all"}
+    predictions = workdir / "results/pkg/predictions"
+    targets = [f"results/pkg/predictions/{d}.ome.zarr" for d in ("tr_seg", "te_seg")]
+    snakemake(workdir, *targets, "--cores", "2", "--set-threads", "predict_shard=1",
+              "predict=1", "--configfile", "config.yaml")
+    for dataset in ("tr_seg", "te_seg"):  # the package's statistics: tr_seg's
+        got, got_labels = _probabilities_and_labels(predictions / f"{dataset}.ome.zarr")
+        want, want_labels = _original(workdir, dataset, "tr_seg", tmp_path)
+        assert got.shape == want.shape == (2, 192, 192)
+        assert np.abs(got - want).max() < 1e-6, dataset
+        assert np.array_equal(got_labels, want_labels)
+    got, got_labels = _probabilities_and_labels(predictions / "te_seg.ome.zarr")
+    own, _ = _original(workdir, "te_seg", "te_seg", tmp_path)  # as rule predict of seg does
+    assert 1e-5 < np.abs(got - own).max() < 1e-4
+    stored = np.asarray(open_image(workdir / "results/seg/predictions/te_seg.ome.zarr")
+                        .data.compute())[0]  # seg's own prediction: its labels
+    assert (got_labels == stored).mean() >= 0.99
