@@ -106,33 +106,21 @@ def build_package(folder: Path, network: torch.nn.Module, *, channels: list[str]
         folder.name + "_package"))
 
 
-class AlignedUNet(torch.nn.Module):
-    """The U-Net on sizes that are multiples of 2**depth (all the package accepts): no size
-    arithmetic in Python, so a trace holds for every valid size (UNet.forward pads and
-    crops with sizes a trace would freeze)."""
-
-    def __init__(self, unet: UNet) -> None:
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.unet._forward_aligned(x)
-        return y + x if self.unet.config()["residual"] else y
-
-
 def unet_package(folder: Path, unet: UNet, *, formats=("pytorch_state_dict", "torchscript"),
                  softmax: bool = True, **kwargs: Any) -> Path:
-    """A unetflow U-Net packaged as the exporter does: architecture import_from
-    unetflow.model.unet with the network's kwargs, torchscript, softmax postprocessing, the
-    output halo the exact halo, sizes of min 2 halo + 2**depth (the spec wants more than
-    the halos) and step 2**depth."""
+    """A unetflow U-Net packaged with the exporter's pieces: architecture import_from
+    unetflow.model.unet with the network's kwargs, torchscript traced from
+    `export.TracedUNet`, the sizes of `export.input_size` (min above twice the halo, step
+    2**depth), the exact halo on the output, softmax postprocessing."""
+    from unetflow.export import ARCHITECTURE, TracedUNet, input_size
+
     v = _spec()
-    m = unet.size_multiple
     post = [v.SoftmaxDescr(kwargs=v.SoftmaxKwargs(axis=v.AxisId("channel")))] if softmax else []
-    config = unet.config()
+    config, halo = unet.config(), exact_halo(unet)
+    size_min, step = input_size(unet, halo)
     return build_package(
         folder, unet.eval(), channels=[f"c{i}" for i in range(config["in_channels"])],
-        classes=[f"k{i}" for i in range(config["out_channels"])], halo=exact_halo(unet),
-        size_min=2 * exact_halo(unet) + m, step=m, postprocessing=post, formats=formats,
-        architecture={"callable": "UNet", "import_from": "unetflow.model.unet",
-                      "kwargs": config}, traced=AlignedUNet(unet.eval()), **kwargs)
+        classes=[f"k{i}" for i in range(config["out_channels"])], halo=halo,
+        size_min=size_min, step=step, postprocessing=post, formats=formats,
+        architecture={**ARCHITECTURE, "kwargs": config}, traced=TracedUNet(unet.eval()),
+        **kwargs)

@@ -27,6 +27,7 @@ from test_predict import (
 from unetflow import notices
 from unetflow.checks import dataset_problems
 from unetflow.config import ConfigError, validate_config
+from unetflow.normalize import read_stats
 from unetflow.ome import open_image
 from unetflow.packaged import PackageError, describe_package
 from unetflow.predict import (
@@ -102,17 +103,16 @@ def test_plain_cnn_package_predicts_in_shards_what_bioimageio_core_predicts(cnn_
 def test_packaged_unet_predicts_as_unetflow_predicts_its_network(weights, tmp_path):
     """A unetflow U-Net packaged as the exporter does (architecture import_from
     unetflow.model.unet with its kwargs, or torchscript; the dataset's percentile
-    normalization baked in as scale_linear; softmax): its prediction equals unetflow's
-    prediction of the same network from a checkpoint (atol 1e-5 on probabilities)."""
+    normalization baked in by the exporter's `preprocessing`; softmax): its prediction
+    equals unetflow's prediction of the same network from a checkpoint (atol 1e-5 on
+    probabilities)."""
+    from unetflow.export import preprocessing
+
     model = tiny_model(channels_out=2, seed=3)
     image, stats_path = write_dataset(tmp_path, smooth_image((1, 75, 101)), ["c", "y", "x"])
-    channel = json.loads(Path(stats_path).read_text())["channels"][0]
-    low, high = (channel["percentiles"][k] for k in ("1.0", "99.8"))
-    v = _spec()
-    scale = v.ScaleLinearDescr(kwargs=v.ScaleLinearKwargs(gain=1 / (high - low),
-                                                          offset=-low / (high - low)))
+    baked = preprocessing(read_stats(stats_path), {"method": "percentile", "clip": False})
     package = unet_package(tmp_path / "unet", model, formats=(weights,), zip_it=False,
-                           preprocessing=[scale])
+                           preprocessing=baked)
     assert describe_package(package)["weights"] == weights
     settings = predict_defaults(tile_shape=[32, 32], probabilities=True)
     ckpt = write_checkpoint(tmp_path / "m.pt", model, "segmentation")

@@ -49,17 +49,18 @@ from unetflow.ome import channel_first_axes, open_image
 
 __all__ = [
     "ARCHITECTURE",
-    "PACKAGE_FORMAT",
+    "CONFIG_FORMAT",
     "TracedUNet",
     "baked_statistics",
     "crop_slices",
     "export_package",
     "input_size",
+    "preprocessing",
     "unetflow_prediction",
 ]
 
 ARCHITECTURE = {"import_from": "unetflow.model.unet", "callable": "UNet"}
-PACKAGE_FORMAT = "unetflow-bioimageio-1"  # what config.unetflow of a package holds
+CONFIG_FORMAT = "unetflow-bioimageio-1"  # what config.unetflow of a package holds
 CROP_TARGET = 128  # px per axis of the test crop, when the image and the input sizes allow
 INPUT_ID, OUTPUT_ID = "input", "output"
 # the dtypes a bioimage.io tensor may declare; other images are given as float32
@@ -490,7 +491,7 @@ def _package_config(info: dict[str, Any], checkpoint: dict[str, Any], stats: dic
                     ) -> dict[str, Any]:
     """config.unetflow of the package: what unetflow needs to predict with it as it predicts
     with a checkpoint (task, network, normalization, halo), and where it came from."""
-    return {"format": PACKAGE_FORMAT, "task": info["task"], "model_config": info["model_config"],
+    return {"format": CONFIG_FORMAT, "task": info["task"], "model_config": info["model_config"],
             "model_settings": checkpoint.get("model_settings") or {},
             "normalization": {**info["normalization"], "dataset": stats_dataset,
                               "statistics": stats},
