@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from unetflow.config import dataset_kind, has_target, model_section
+from unetflow.config import dataset_kind, has_target, model_section, trained_elsewhere
 from unetflow.ome import OmeImage, OmeZarrError, PlannedImage, open_image, resolve_channels
 from unetflow.patches import PatchError, split_regions
 from unetflow.plates import PositionError, PositionSet, dataset_positions
@@ -325,12 +325,7 @@ def _check_init_from(model: str, config: dict, in_channels: int | None,
         _check_encoder_source(model, config, path, key)
     if not Path(path).is_file() or _made_checkpoint(config, path):
         return
-    from unetflow.model.checkpoint import read_description
-
-    try:
-        description = read_description(path)
-    except (ValueError, OSError) as err:
-        raise DataError(f"config key {key}: {err}") from None
+    description = _checkpoint_description(path, key)
     held = description.get("model_config") or {}
     wanted = _expected_network(config, model, in_channels, out_channels)
     if encoder_only:
@@ -355,6 +350,18 @@ def _check_init_from(model: str, config: dict, in_channels: int | None,
                         f"or start from another checkpoint")
 
 
+def _checkpoint_description(path: str, key: str) -> dict[str, Any]:
+    """A checkpoint's plain entries (task, network), read without its weights, for the checks
+    of train.init_from and models.<name>.checkpoint; a file that is no checkpoint is one line
+    naming `key` (quoted, as _where gives it)."""
+    from unetflow.model.checkpoint import read_description
+
+    try:
+        return read_description(path)
+    except (ValueError, OSError) as err:
+        raise DataError(f"config key {key}: {err}") from None
+
+
 def _elsewhere_network(model: str, config: dict, path: str, key: str) -> dict[str, Any]:
     """What a package or checkpoint says of its network: dims, grid, channels, task."""
     if config["models"][model].get("package"):
@@ -366,12 +373,7 @@ def _elsewhere_network(model: str, config: dict, path: str, key: str) -> dict[st
             raise DataError(f"config key '{key}': {err}") from None
         return {"dims": len(package["space_axes"]), "in_channels": package["in_channels"],
                 "multiple": math.lcm(*package["size_step"]), "grid": "the package's size step"}
-    from unetflow.model.checkpoint import read_description
-
-    try:
-        description = read_description(path)
-    except (ValueError, OSError) as err:
-        raise DataError(f"config key '{key}': {err}") from None
+    description = _checkpoint_description(path, f"'{key}'")
     task = config["models"][model]["task"]
     if description["task"] != task:
         raise DataError(f"config key '{key}': {path} holds a {description['task']} model but "
@@ -386,7 +388,7 @@ def _check_trained_elsewhere(model: str, config: dict, in_channels: int | None,
     """A model from a package or checkpoint (no train_on): the file is readable, takes the
     datasets' channels and dimensions, and predict.tile_shape / halo lie on its grid."""
     spec = config["models"][model]
-    kind = next((k for k in ("package", "checkpoint") if spec.get(k)), None)
+    kind = trained_elsewhere(spec)
     if kind is None:
         return
     path, key = spec[kind], f"models.{model}.{kind}"

@@ -208,15 +208,21 @@ def dataset_settings(name: str, spec: dict[str, Any],
     return spec
 
 
+def _exactly_one(spec: dict, keys: tuple[str, ...], key: str, choices: str) -> str:
+    """The one of `keys` that `spec` gives (a dataset's or a model's source: the rules read
+    it by that key alone), or a ConfigError naming `key` and what was given."""
+    given = [k for k in keys if spec.get(k)]
+    if len(given) != 1:
+        what = "none" if not given else " and ".join(given)
+        raise ConfigError(f"config key '{key}': give exactly one of {choices} (got {what})")
+    return given[0]
+
+
 def _check_dataset_kinds(config: dict) -> None:
     """Exactly one source per dataset, and the keys that only one kind of source takes."""
     for name, spec in config["datasets"].items():
-        given = [k for k in SOURCE_KEYS if spec.get(k)]
-        if len(given) != 1:
-            what = "none" if not given else " and ".join(given)
-            raise ConfigError(f"config key 'datasets.{name}': give exactly one of image, plate "
-                              f"or collection (got {what})")
-        kind = given[0]
+        kind = _exactly_one(spec, SOURCE_KEYS, f"datasets.{name}",
+                            "image, plate or collection")
         for key in PLATE_ONLY_KEYS:
             if spec.get(key) is not None and kind != "plate":
                 raise ConfigError(f"config key 'datasets.{name}.{key}': selects the wells or "
@@ -263,15 +269,12 @@ def trained_elsewhere(spec: dict[str, Any]) -> str | None:
 def _check_model_sources(config: dict) -> None:
     """Each model is trained here (train_on) or comes from a package or a checkpoint."""
     for model, spec in config["models"].items():
-        given = [k for k in MODEL_SOURCES if spec.get(k)]
-        if len(given) != 1:
-            what = "none" if not given else " and ".join(given)
-            raise ConfigError(f"config key 'models.{model}': give exactly one of train_on "
-                              f"(train it here), package (a bioimage.io model package) or "
-                              f"checkpoint (a unetflow checkpoint) (got {what})")
-        if given[0] != "train_on" and not spec.get("predict_on"):
+        source = _exactly_one(spec, MODEL_SOURCES, f"models.{model}",
+                              "train_on (train it here), package (a bioimage.io model "
+                              "package) or checkpoint (a unetflow checkpoint)")
+        if source != "train_on" and not spec.get("predict_on"):
             raise ConfigError(f"config key 'models.{model}.predict_on': model '{model}' comes "
-                              f"from its {given[0]} and is not trained here; give the "
+                              f"from its {source} and is not trained here; give the "
                               f"datasets it predicts on")
 
 
