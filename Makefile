@@ -21,12 +21,12 @@ $(VENV)/.installed: pyproject.toml $(LOCK)
 	else \
 		$(BIN)/python -m pip install -q -c $(LOCK) "$(TORCH_SPEC)"; \
 	fi
-	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[test]'
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[test,bioimageio]'
 	touch $@
 
 # What the benchmarks compare against (MONAI, for bench/predict.py), at the lock's versions.
 install-bench: install
-	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[test,bench]'
+	$(BIN)/python -m pip install -q -c $(LOCK) -e '.[test,bioimageio,bench]'
 
 demo: install
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/snakemake --cores $(CORES) --configfile config/config.yaml
@@ -69,7 +69,7 @@ lock:
 	set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	$(PYTHON) -m venv "$$tmp/venv"; \
 	"$$tmp/venv/bin/python" -m pip install -q "$(TORCH_SPEC)"; \
-	"$$tmp/venv/bin/python" -m pip install -q -e '.[test,bench]'; \
+	"$$tmp/venv/bin/python" -m pip install -q -e '.[test,bench,bioimageio]'; \
 	grep '^#' $(LOCK) | grep -v '^# Made on Python' > "$$tmp/lock"; \
 	"$$tmp/venv/bin/python" -c 'import sys; print("# Made on Python", sys.version.split()[0])' \
 		>> "$$tmp/lock"; \

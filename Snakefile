@@ -20,6 +20,7 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/predict.smk"
 include: "workflow/rules/evaluate.smk"
 include: "workflow/rules/positions.smk"
+include: "workflow/rules/export.smk"
 
 
 rule all:

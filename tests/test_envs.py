@@ -17,6 +17,8 @@ LOCK = REPO / "envs" / "constraints.txt"
 CONDA_NAMES = {"pytorch": "torch"}
 # Installed with torch, at the version of the user's choice: never in the lock.
 UNLOCKED = re.compile(r"^(torch|triton|nvidia-.*)$")
+# Extras that rules run (rule export: bioimageio): the rules' environment has them too.
+RULE_EXTRAS = ("bioimageio",)
 
 
 def _name(requirement: str) -> str:
@@ -31,11 +33,13 @@ def _pyproject() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
 
 
-def _pyproject_requirements(extras: bool = True) -> list[Requirement]:
+def _pyproject_requirements(extras: bool | tuple[str, ...] = True) -> list[Requirement]:
+    """The dependencies, with every extra (True) or with those named."""
     project = _pyproject()
     lines = list(project["dependencies"])
-    if extras:
-        lines += [r for group in project["optional-dependencies"].values() for r in group]
+    groups = project["optional-dependencies"]
+    for name in (groups if extras is True else extras or ()):
+        lines += groups[name]
     return [Requirement(line) for line in lines]
 
 
@@ -79,7 +83,7 @@ def _conda_names(path: Path) -> set[str]:
 def test_every_env_file_matches_pyproject():
     env_files = sorted((REPO / "envs").glob("*.yaml"))
     assert env_files, "envs/ holds no environment file"
-    pyproject = {canonicalize_name(r.name) for r in _pyproject_requirements(extras=False)}
+    pyproject = {canonicalize_name(r.name) for r in _pyproject_requirements(RULE_EXTRAS)}
     for path in env_files:
         assert _conda_names(path) == pyproject, path.name
 

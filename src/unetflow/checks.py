@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from unetflow.config import dataset_kind, has_target, model_section
+from unetflow.config import dataset_kind, has_target, model_section, trained_elsewhere
 from unetflow.ome import OmeImage, OmeZarrError, PlannedImage, open_image, resolve_channels
 from unetflow.patches import PatchError, split_regions
 from unetflow.plates import PositionError, PositionSet, dataset_positions
@@ -325,12 +325,7 @@ def _check_init_from(model: str, config: dict, in_channels: int | None,
         _check_encoder_source(model, config, path, key)
     if not Path(path).is_file() or _made_checkpoint(config, path):
         return
-    from unetflow.model.checkpoint import read_description
-
-    try:
-        description = read_description(path)
-    except (ValueError, OSError) as err:
-        raise DataError(f"config key {key}: {err}") from None
+    description = _checkpoint_description(path, key)
     held = description.get("model_config") or {}
     wanted = _expected_network(config, model, in_channels, out_channels)
     if encoder_only:
@@ -353,6 +348,86 @@ def _check_init_from(model: str, config: dict, in_channels: int | None,
                         f"in {', '.join(differ)}; fine-tuning needs the same architecture "
                         f"and channels: set the model's settings as the checkpoint has them, "
                         f"or start from another checkpoint")
+
+
+def _checkpoint_description(path: str, key: str) -> dict[str, Any]:
+    """A checkpoint's plain entries (task, network), read without its weights, for the checks
+    of train.init_from and models.<name>.checkpoint; a file that is no checkpoint is one line
+    naming `key` (quoted, as _where gives it)."""
+    from unetflow.model.checkpoint import read_description
+
+    try:
+        return read_description(path)
+    except (ValueError, OSError) as err:
+        raise DataError(f"config key {key}: {err}") from None
+
+
+def _elsewhere_network(model: str, config: dict, path: str, key: str) -> dict[str, Any]:
+    """What a package or checkpoint says of its network: dims, grid, channels, task."""
+    if config["models"][model].get("package"):
+        from unetflow.packaged import PackageError, describe_package
+
+        try:
+            package = describe_package(path)
+        except PackageError as err:
+            raise DataError(f"config key '{key}': {err}") from None
+        return {"dims": len(package["space_axes"]), "in_channels": package["in_channels"],
+                "multiple": math.lcm(*package["size_step"]), "grid": "the package's size step"}
+    description = _checkpoint_description(path, f"'{key}'")
+    task = config["models"][model]["task"]
+    if description["task"] != task:
+        raise DataError(f"config key '{key}': {path} holds a {description['task']} model but "
+                        f"model '{model}' is configured as task: {task}; fix the task")
+    arch = description["model_config"]
+    return {"dims": arch["spatial_dims"], "in_channels": arch["in_channels"],
+            "multiple": 2 ** arch["depth"], "grid": "2**depth of the checkpoint's U-Net"}
+
+
+def _check_trained_elsewhere(model: str, config: dict, in_channels: int | None,
+                             opened: dict) -> None:
+    """A model from a package or checkpoint (no train_on): the file is readable, takes the
+    datasets' channels and dimensions, and predict.tile_shape / halo lie on its grid."""
+    spec = config["models"][model]
+    kind = trained_elsewhere(spec)
+    if kind is None:
+        return
+    path, key = spec[kind], f"models.{model}.{kind}"
+    if kind == "checkpoint" and _made_checkpoint(config, path):
+        return  # a model of this config trains it first
+    if not Path(path).exists():
+        raise DataError(f"config key '{key}': {path}: no such file or folder")
+    positions = [n for n in spec["predict_on"] if dataset_kind(config["datasets"][n]) != "image"]
+    if kind == "package" and positions:
+        raise DataError(f"config key '{key}': model '{model}' predicts on '{positions[0]}', a "
+                        f"plate or collection; packaged models predict on images (datasets "
+                        f"with image:) for now")
+    network = _elsewhere_network(model, config, path, key)
+    if in_channels is not None and in_channels != network["in_channels"]:
+        raise DataError(f"config key '{key}': {path} takes {network['in_channels']} input "
+                        f"channel(s) but model '{model}' reads {in_channels} from its datasets; "
+                        f"select the channels with datasets.<name>.channels")
+    for name in spec["predict_on"]:
+        image = opened.get(name, (None, None))[0]
+        if image is not None and len(image.spatial_axes) < network["dims"]:
+            raise DataError(f"config key '{key}': {path} is a {network['dims']}D model but "
+                            f"dataset '{name}' ({image.path}) has the spatial axes "
+                            f"{image.spatial_axes}; predict it on {network['dims']}D images")
+    _check_elsewhere_tiles(model, config, network, key, path)
+
+
+def _check_elsewhere_tiles(model: str, config: dict, network: dict[str, Any], key: str,
+                           path: str) -> None:
+    settings = model_section(config, model, "predict")
+    tiles, multiple = settings["tile_shape"], network["multiple"]
+    where = _where(config, model, "predict", "tile_shape")
+    if len(tiles) != network["dims"]:
+        raise DataError(f"config key {where}: {tiles} has {len(tiles)} dimensions but "
+                        f"{path} ({key}) is {network['dims']}D; give {network['dims']} sizes")
+    if any(t % multiple for t in tiles) or (settings["halo"] or 0) % multiple:
+        fixed = [max(multiple, round(t / multiple) * multiple) for t in tiles]
+        raise DataError(f"config key {where} / predict.halo: {tiles} / {settings['halo']} "
+                        f"are not multiples of {multiple}, {network['grid']} ({key}); use "
+                        f"e.g. tile_shape {fixed}")
 
 
 def _where(config: dict, model: str, section: str, key: str) -> str:
@@ -621,15 +696,18 @@ def _model_problems(model: str, config: dict, opened: dict,
     try:
         channels = _check_channels(model, config, opened)
         _check_init_from(model, config, *channels)
+        _check_trained_elsewhere(model, config, channels[0], opened)
     except DataError as err:
         problems.append(str(err))
     try:
         predicted = _predicted_images(model, config, opened, first_images, planned)
     except DataError as err:
         return [*problems, str(err)]
-    for check, images in ((_check_shards, predicted), (_check_pyramid, predicted),
-                          (_check_halo, predicted), (_check_predict_batch, predicted),
-                          (_check_sigmas, used)):
+    checks = [(_check_pyramid, predicted), (_check_sigmas, used)]
+    if not (spec.get("package") or spec.get("checkpoint")):  # these size tiles by model:
+        checks += [(_check_shards, predicted), (_check_halo, predicted),  # from the file
+                   (_check_predict_batch, predicted)]  # for the others (prediction refuses)
+    for check, images in checks:
         try:
             check(model, config, images)
         except DataError as err:

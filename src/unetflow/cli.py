@@ -440,6 +440,19 @@ def _cmd_summarize(args: argparse.Namespace) -> None:
         print(f"warning: {line}")
 
 
+def _cmd_export(args: argparse.Namespace) -> None:
+    from unetflow.export import export_package
+
+    done = export_package(args.checkpoint, args.image, args.channels, args.stats_dataset,
+                          args.train_on, _section(args, "export"),
+                          section_settings("predict", args.predict), args.metrics or [],
+                          args.curve, args.model, args.output)
+    crop = done["test_crop"]
+    print(f"export: {args.model} -> {args.output} ({done['task']}, halo {done['halo']}, input "
+          f"sizes {done['input_size'][0]} + n x {done['input_size'][1]}, test crop "
+          f"{crop['shape']} at {crop['origin']} of {crop['image']})")
+
+
 def _cmd_show(args: argparse.Namespace) -> None:
     import csv
 
@@ -710,6 +723,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True)
     p.add_argument("--html", default=None, help="also write the table as an HTML page")
     _input(p, "metrics", nargs="+")
+
+    p = _add(sub, "export", _cmd_export,
+             "write a model's bioimage.io package (model spec 0.5; needs unetflow[bioimageio])")
+    _input(p, "--checkpoint", required=True)
+    _input(p, "--image", required=True, help="the image the test crop is taken from")
+    p.add_argument("--channels", type=_json, default=None)
+    p.add_argument("--stats-dataset", required=True,
+                   help="the dataset whose statistics (in the checkpoint) the package bakes in")
+    p.add_argument("--train-on", type=_json, required=True, help="the model's train_on (JSON)")
+    _settings(p, "export")
+    p.add_argument("--predict", type=_json, default={},
+                   help="the model's predict section (JSON): halo, output_units")
+    _input(p, "--curve", default=None, help="the loss curve to attach")
+    _input(p, "--metrics", nargs="*", default=None, help="the model's metrics JSON files")
+    p.add_argument("--model", required=True)
+    p.add_argument("--output", required=True)
 
     p = _add(sub, "show", _cmd_show, "print a summary TSV (or any TSV table) aligned")
     _input(p, "summary")

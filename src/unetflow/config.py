@@ -25,6 +25,7 @@ __all__ = [
     "normalization_stats_settings",
     "config_warnings",
     "check_config_size",
+    "trained_elsewhere",
     "EXECUTION_KEYS",
     "PREDICT_OUTPUT_KEYS",
     "section_settings",
@@ -35,7 +36,8 @@ __all__ = [
 
 SCHEMA_PATH = Path(__file__).resolve().parents[2] / "workflow" / "schemas" / "config.schema.yaml"
 # the sections a stage of the CLI takes (config.section_settings)
-STAGE_SECTIONS = ("demo", "normalize", "patches", "model", "train", "predict", "evaluate")
+STAGE_SECTIONS = ("demo", "normalize", "patches", "model", "train", "predict", "evaluate",
+                  "export")
 STATS_KEYS = ("level", "percentiles", "histogram_bins", "mask")
 # Settings of how a stage runs, not of what it computes: editing them reruns nothing
 # (rules pass them as resources, which Snakemake does not compare; README "Reruns").
@@ -206,15 +208,21 @@ def dataset_settings(name: str, spec: dict[str, Any],
     return spec
 
 
+def _exactly_one(spec: dict, keys: tuple[str, ...], key: str, choices: str) -> str:
+    """The one of `keys` that `spec` gives (a dataset's or a model's source: the rules read
+    it by that key alone), or a ConfigError naming `key` and what was given."""
+    given = [k for k in keys if spec.get(k)]
+    if len(given) != 1:
+        what = "none" if not given else " and ".join(given)
+        raise ConfigError(f"config key '{key}': give exactly one of {choices} (got {what})")
+    return given[0]
+
+
 def _check_dataset_kinds(config: dict) -> None:
     """Exactly one source per dataset, and the keys that only one kind of source takes."""
     for name, spec in config["datasets"].items():
-        given = [k for k in SOURCE_KEYS if spec.get(k)]
-        if len(given) != 1:
-            what = "none" if not given else " and ".join(given)
-            raise ConfigError(f"config key 'datasets.{name}': give exactly one of image, plate "
-                              f"or collection (got {what})")
-        kind = given[0]
+        kind = _exactly_one(spec, SOURCE_KEYS, f"datasets.{name}",
+                            "image, plate or collection")
         for key in PLATE_ONLY_KEYS:
             if spec.get(key) is not None and kind != "plate":
                 raise ConfigError(f"config key 'datasets.{name}.{key}': selects the wells or "
@@ -247,6 +255,27 @@ def _check_validation_groups(config: dict) -> None:
                                   f": '{mode}' holds out whole {mode}s, but dataset '{name}' "
                                   f"is {'an image' if kind == 'image' else 'a collection'} "
                                   f"(no {mode}s); use validation: block or image")
+
+
+MODEL_SOURCES = ("train_on", "package", "checkpoint")
+
+
+def trained_elsewhere(spec: dict[str, Any]) -> str | None:
+    """'package' or 'checkpoint' for a model that the config does not train (a bioimage.io
+    package, a unetflow checkpoint), None for one it trains (train_on)."""
+    return next((k for k in ("package", "checkpoint") if spec.get(k)), None)
+
+
+def _check_model_sources(config: dict) -> None:
+    """Each model is trained here (train_on) or comes from a package or a checkpoint."""
+    for model, spec in config["models"].items():
+        source = _exactly_one(spec, MODEL_SOURCES, f"models.{model}",
+                              "train_on (train it here), package (a bioimage.io model "
+                              "package) or checkpoint (a unetflow checkpoint)")
+        if source != "train_on" and not spec.get("predict_on"):
+            raise ConfigError(f"config key 'models.{model}.predict_on': model '{model}' comes "
+                              f"from its {source} and is not trained here; give the "
+                              f"datasets it predicts on")
 
 
 def _check_references(config: dict) -> None:
@@ -348,7 +377,12 @@ def _check_train_augment(config: dict) -> None:
 
 
 def _check_shapes(config: dict) -> None:
-    for model in config["models"]:
+    """patches.shape, predict.tile_shape and predict.halo on the 2**depth grid of a model
+    trained here (a package's or checkpoint's grid is checked against the file, at
+    planning: unetflow.checks)."""
+    for model, spec in config["models"].items():
+        if trained_elsewhere(spec):
+            continue
         arch = model_section(config, model, "model")
         dims, multiple = arch["spatial_dims"], 2 ** arch["depth"]
         for section, key in (("patches", "shape"), ("predict", "tile_shape")):
@@ -371,6 +405,44 @@ def _check_shapes(config: dict) -> None:
                               f"{fixed}, or null for the model's exact halo")
 
 
+def _export_problem(settings: dict[str, Any]) -> str | None:
+    """Why bioimage.io packages cannot be written as `export` says, in one line, or None:
+    the extra (bioimageio.core) is missing, or the license is no SPDX identifier that
+    bioimage.io knows. Imports bioimageio.spec (about 1.5 s), so only with export.enabled."""
+    try:
+        from bioimageio.spec.model.v0_5 import LicenseId
+    except ImportError:
+        return ("config key 'export.enabled': true, but bioimageio.core is not installed; "
+                "install the extra: pip install -e '.[bioimageio]' (make install does)")
+    try:
+        LicenseId(settings["license"])
+    except ValueError:
+        return (f"config key 'export.license': {settings['license']!r} is not an SPDX license "
+                f"identifier that bioimage.io accepts (e.g. CC-BY-4.0, MIT, BSD-3-Clause)")
+    return None
+
+
+def _check_export(config: dict) -> None:
+    """export.enabled: the packages can be written (`_export_problem`), and each trained
+    model's first train_on dataset has one set of statistics to bake into its package.
+    Models from a package or a checkpoint are not exported: they have no train_on whose
+    statistics a package could hold (a package model is one already)."""
+    if not config["export"]["enabled"]:
+        return
+    problem = _export_problem(config["export"])
+    if problem:
+        raise ConfigError(problem)
+    for model, spec in config["models"].items():
+        if trained_elsewhere(spec):
+            continue
+        first = spec["train_on"][0]
+        if config["datasets"][first].get("normalize") == "position":
+            raise ConfigError(f"config key 'datasets.{first}.normalize': 'position' gives each "
+                              f"position its own statistics, but the bioimage.io package of "
+                              f"model '{model}' (export.enabled) bakes in those of its first "
+                              f"train_on dataset '{first}'; use normalize: dataset")
+
+
 def _model_exact_halo(config: dict[str, Any], model: str) -> int:
     """`unetflow.model.exact_halo` of the U-Net that `config` describes for `model`.
 
@@ -389,9 +461,10 @@ def config_warnings(config: dict[str, Any]) -> list[str]:
     borders: prediction still runs, so this warns rather than fails.
     """
     found = []
-    for model in config["models"]:
+    for model, spec in config["models"].items():
         settings = model_section(config, model, "predict")
-        if settings["halo"] is None or settings["blending"] != "crop":
+        if trained_elsewhere(spec) or settings["halo"] is None \
+                or settings["blending"] != "crop":
             continue
         exact, where = _model_exact_halo(config, model), _where(config, model, "predict", "halo")
         if settings["halo"] < exact:
@@ -482,14 +555,17 @@ def validate_config(config: dict[str, Any], schema: dict[str, Any] | None = None
     _fill_defaults(schema, config, schema)
     for ds in config["datasets"].values():
         _fill_defaults(schema["properties"]["datasets"]["additionalProperties"], ds, schema)
+    _check_model_sources(config)
     for spec in config["models"].values():
         spec.setdefault("predict_on", [])
+        spec.setdefault("train_on", [])
     _check_dataset_kinds(config)
     _check_references(config)
     _check_validation_groups(config)
     _check_shapes(config)
     _check_segmentation_targets(config)
     _check_train_augment(config)
+    _check_export(config)
     return config
 
 

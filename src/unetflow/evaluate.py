@@ -52,6 +52,7 @@ __all__ = [
     "tune_baselines",
     "write_json",
     "method_label",
+    "summary_rows",
     "write_summary",
     "write_summary_html",
     "metric_warnings",
@@ -360,8 +361,9 @@ def method_label(method: str, scores: dict[str, Any]) -> str:
     return f"{method}({parameter}={float(scores[parameter]):g})"
 
 
-def write_summary(metric_files: list[str], output: str) -> list[dict[str, Any]]:
-    """One row per model, dataset and method (the U-Net or a baseline), as TSV (atomically)."""
+def summary_rows(metric_files: list[str]) -> list[dict[str, Any]]:
+    """One row per model, dataset and method (the U-Net or a baseline) of these metrics
+    files: the summary's lines (a bioimage.io export repeats its model's in its README)."""
     fields = ["model", "dataset", "task", "method", *_all_metric_names()]
     rows = []
     for path in metric_files:
@@ -372,6 +374,13 @@ def write_summary(metric_files: list[str], output: str) -> list[dict[str, Any]]:
                        method=method_label(method, scores))
             row.update({m: _cell(scores.get(m)) for m in SUMMARY_METRICS[record["task"]]})
             rows.append(row)
+    return rows
+
+
+def write_summary(metric_files: list[str], output: str) -> list[dict[str, Any]]:
+    """The summary rows (`summary_rows`) as TSV, atomically."""
+    fields = ["model", "dataset", "task", "method", *_all_metric_names()]
+    rows = summary_rows(metric_files)
     with atomic_path(output) as tmp, open(tmp, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=fields, delimiter="\t")
         writer.writeheader()

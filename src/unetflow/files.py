@@ -226,7 +226,14 @@ def write_json_atomic(data: Any, path: str | Path) -> None:
 
 def file_sha256(path: str | Path) -> str:
     """SHA-256 of a file, read in 1 MiB blocks (checkpoints can be large); here, without
-    torch, so that stages that only check a checkpoint's identity start fast."""
+    torch, so that stages that only check a checkpoint's identity start fast. A folder (a
+    bioimage.io package unzipped) hashes its files' relative paths and digests, in order."""
+    if Path(path).is_dir():
+        digest = hashlib.sha256()
+        for item in sorted(p for p in Path(path).rglob("*") if p.is_file()):
+            digest.update(f"{item.relative_to(path).as_posix()}\0{file_sha256(item)}\n"
+                          .encode())
+        return digest.hexdigest()
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):

@@ -72,6 +72,8 @@ __all__ = [
     "ChannelSummary",
     "NormalizationError",
     "PooledImage",
+    "channel_scaling",
+    "clip_range",
     "compute_channel_stats",
     "compute_dataset_stats",
     "compute_positions_stats",
@@ -757,6 +759,19 @@ def _per_channel(stats: dict[str, Any], method: str, ndim: int) -> tuple[np.ndar
     return offset, scale
 
 
+def channel_scaling(stats: dict[str, Any], method: str) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel (offset, scale) of `normalize_array`: (x - offset) / scale, float32, the
+    scale EPS-guarded. A bioimage.io export bakes them in as a fixed linear scaling."""
+    offset, scale = _per_channel(stats, method, 1)
+    return offset, scale
+
+
+def clip_range(method: str) -> tuple[float, float]:
+    """Where `normalize_array(..., clip=True)` clips: [0, 1] for the methods that map the
+    range to it, else [-5, 5] (z-scores; no method)."""
+    return (0.0, 1.0) if method in ("percentile", "minmax") else (-5.0, 5.0)
+
+
 def normalize_array(x, stats: dict[str, Any], method: str = "percentile", clip: bool = False):
     """Normalize `x` (C, *spatial), numpy or dask, with dataset statistics.
 
@@ -770,8 +785,7 @@ def normalize_array(x, stats: dict[str, Any], method: str = "percentile", clip: 
                          f"{offset.shape[0]}")
     out = (x.astype(np.float32) - offset) / scale
     if clip:
-        low, high = (0.0, 1.0) if method in ("percentile", "minmax") else (-5.0, 5.0)
-        out = out.clip(low, high)
+        out = out.clip(*clip_range(method))
     return out
 
 

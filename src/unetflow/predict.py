@@ -65,9 +65,19 @@ from unetflow.ome import (
     write_label_image,
     write_label_image_direct,
 )
+from unetflow.packaged import (
+    PACKAGE_FORMAT,
+    is_package,
+    job_description,
+    load_network,
+    package_geometry,
+    package_settings,
+    preprocess,
+)
 from unetflow.targets import segmentation_target, uses_boundaries
 from unetflow.tiling import (
     Box,
+    NetworkGeometry,
     TilePlan,
     plan_tiles,
     read_box,
@@ -84,6 +94,8 @@ __all__ = [
     "fold_windows",
     "predict_array",
     "prepare_job",
+    "model_description",
+    "network_skeleton",
     "job_runner",
     "prediction_provenance",
     "instance_labels",
@@ -112,11 +124,15 @@ class TileRunner:
     it while the other waits for its results, so the GPU does not idle between batches.
     """
 
-    def __init__(self, model: UNet, device: torch.device, softmax: bool, amp: bool | str,
-                 batch_size: int, max_wait_s: float = 0.05) -> None:
-        self.model = prepare_for_inference(model, device)  # same function, about 1.4x faster
+    def __init__(self, model: torch.nn.Module, device: torch.device, softmax: bool,
+                 amp: bool | str, batch_size: int, max_wait_s: float = 0.05) -> None:
+        if isinstance(model, UNet):
+            self.model = prepare_for_inference(model, device)  # same function, 1.4x faster
+            self.memory_format = memory_format_for(model.spatial_dims)
+        else:  # a packaged network (unetflow.packaged): as its package gives it
+            self.model = model.to(device).eval()
+            self.memory_format = torch.contiguous_format
         self.device, self.softmax = device, softmax
-        self.memory_format = memory_format_for(model.spatial_dims)
         self.dtype = autocast_dtype(device, amp)
         self.batch_size, self.max_wait_s = batch_size, max_wait_s
         self._pending: list[tuple[np.ndarray, Future]] = []
@@ -423,25 +439,36 @@ class PredictionJob:
 
     @cached_property
     def checkpoint_sha256(self) -> str:
-        """The checkpoint file's SHA-256, which every store made from it records."""
+        """The checkpoint's (or package's) SHA-256, which every store made from it records."""
         return file_sha256(self.checkpoint_path)
 
     @property
+    def packaged(self) -> bool:
+        """A bioimage.io package (unetflow.packaged), not a unetflow checkpoint."""
+        return self.description.get("format") == PACKAGE_FORMAT
+
+    @property
     def normalization(self) -> dict[str, Any]:
-        """How the model's inputs were normalized in training (method, clip)."""
+        """How the model's inputs were normalized in training (method, clip); method
+        "package" for a package, which normalizes with its own preprocessing."""
         norm = self.description["normalization"]
         return {"method": norm["method"], "clip": norm["clip"]}
 
     def normalized_source(self) -> da.Array:
-        """The input as the network sees it: normalized with the dataset's statistics."""
+        """The input as the network sees it: normalized with the dataset's statistics, or
+        by the package's preprocessing (with them where it depends on the data)."""
         if self.stats is None:
             raise ValueError("this prediction step needs the dataset's statistics (--stats)")
+        if self.packaged:
+            return preprocess(self.data, self.description["package"], self.stats)
         norm = self.normalization
         return normalize_array(self.data, self.stats, norm["method"], norm["clip"])
 
-    def load_network(self) -> tuple[UNet, torch.device]:
-        """The checkpoint's network on predict.device (the shard step only)."""
+    def load_network(self) -> tuple[torch.nn.Module, torch.device]:
+        """The checkpoint's (or package's) network on predict.device (the shard step only)."""
         device = choose_device(self.settings["device"], "predict.device")
+        if self.packaged:
+            return load_network(self.description, device), device
         return build_model(load_checkpoint(self.checkpoint_path), device), device
 
 
@@ -460,9 +487,11 @@ def prepare_job(checkpoint_path: str, image_path: str, channels: list | None,
     positions) passes the `description`, its skeleton `network` and the `stats` it has
     already read, so that each image costs only its own metadata.
     """
-    description = description or read_description(checkpoint_path)
+    description = description or model_description(checkpoint_path, task)
     check_checkpoint_task(checkpoint_path, description, task)
-    network = network or skeleton_model(description)
+    network = network or network_skeleton(description)
+    if description.get("format") == PACKAGE_FORMAT:
+        settings = package_settings(description, settings, f"--checkpoint {checkpoint_path}")
     image = open_image(image_path, level=settings["level"])
     data, axes = channel_first_axes(image, channels)
     in_channels = description["model_config"]["in_channels"]
@@ -475,6 +504,27 @@ def prepare_job(checkpoint_path: str, image_path: str, channels: list | None,
                       settings["halo"], settings["blending"])
     return PredictionJob(checkpoint_path, description, image, axes, data, stats, settings,
                          plan)
+
+
+def model_description(path: str, task: str | None) -> dict[str, Any]:
+    """What a unetflow checkpoint says of its network (no weights), or a bioimage.io
+    package's description (unetflow.packaged), whose task only the config says."""
+    if not is_package(path):
+        return read_description(path)
+    from unetflow.packaged import describe_package
+
+    if task is None:
+        raise ValueError(f"--checkpoint {path} is a bioimage.io package: give the model's "
+                         f"--task (segmentation or regression)")
+    return job_description(describe_package(path), task)
+
+
+def network_skeleton(description: dict[str, Any]) -> UNet | NetworkGeometry:
+    """What tiling needs of the network: the U-Net without weights, or a package's
+    declared geometry."""
+    if description.get("format") == PACKAGE_FORMAT:
+        return package_geometry(description)
+    return skeleton_model(description)
 
 
 def check_checkpoint_task(checkpoint_path: str, description: dict[str, Any],
@@ -604,7 +654,8 @@ def _store_boxes(lazy_boxes: Iterator[tuple[da.Array, tuple[slice, ...]]],
 def job_runner(job: PredictionJob) -> TileRunner:
     """The job's network loaded on predict.device, as a TileRunner (loads the weights)."""
     model, device = job.load_network()
-    return TileRunner(model, device, softmax=job.segmentation, amp=job.settings["amp"],
+    softmax = job.segmentation and not job.packaged  # a package postprocesses its output
+    return TileRunner(model, device, softmax=softmax, amp=job.settings["amp"],
                       batch_size=job.settings["batch_size"])
 
 
@@ -769,7 +820,7 @@ def write_regression(job: PredictionJob, values: da.Array | np.ndarray, output: 
     """The regression output (in the input's units with output_units: input) as an NGFF
     image with its pyramid, atomically; dask arrays are computed with dask's current
     scheduler, numpy arrays (a small position, one block) written directly."""
-    if job.settings["output_units"] == "input":
+    if job.settings["output_units"] == "input" and not job.packaged:  # a package's own units
         if values.shape[0] != len(job.stats["channels"]):
             raise ValueError(f"predict.output_units is 'input' but the model has "
                              f"{values.shape[0]} output channels and the statistics "

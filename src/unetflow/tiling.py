@@ -37,11 +37,13 @@ __all__ = [
     "BLENDINGS",
     "UNIT_MEGAPIXELS",
     "Box",
+    "NetworkGeometry",
     "TilePlan",
     "check_halo",
     "clamp_tiles",
     "enlarged_tiles",
     "halo_limit",
+    "network_geometry",
     "plan_tiles",
     "read_box",
     "reflect_indices",
@@ -132,22 +134,58 @@ def _check_tile_shape(tile_shape: tuple[int, ...], dims: int, multiple: int) -> 
                          f"2**depth = {multiple}: tile origins must lie on the pooling grid")
 
 
-def _resolve_halo(model: UNet, halo: int | None, blending: str) -> int:
-    """The configured halo, checked against the pooling grid; warns when crop is not exact."""
+@dataclass(frozen=True)
+class NetworkGeometry:
+    """What tiling needs of a network: unetflow's U-Net (`network_geometry`) or a packaged
+    model (unetflow.packaged.package_geometry).
+
+    Attributes:
+        spatial_dims: 2 or 3: the network sees the last `spatial_dims` axes.
+        size_multiple: tile origins and the halo lie on this grid (2**depth, a package's
+            size step).
+        exact_halo: the smallest halo with which `crop` equals one whole-image pass; None
+            when unknown (a package that declares no halo: Gaussian blending).
+        out_channels: the network's output channels.
+        per_tile_statistics: the network normalizes with each input's own statistics
+            (group and instance norms), so tiles cannot equal a whole-image pass.
+    """
+
+    spatial_dims: int
+    size_multiple: int
+    exact_halo: int | None
+    out_channels: int
+    per_tile_statistics: str | None = None
+
+
+def network_geometry(model: UNet | NetworkGeometry) -> NetworkGeometry:
+    """The tiling geometry of a U-Net (its exact halo from the receptive field)."""
+    if isinstance(model, NetworkGeometry):
+        return model
     from unetflow.model.unet import exact_halo
 
-    exact, multiple = exact_halo(model), model.size_multiple
+    norm = model.config()["norm"]
+    return NetworkGeometry(model.spatial_dims, model.size_multiple, exact_halo(model),
+                           model.config()["out_channels"],
+                           norm if norm in ("group", "instance") else None)
+
+
+def _resolve_halo(geometry: NetworkGeometry, halo: int | None, blending: str) -> int:
+    """The configured halo, checked against the pooling grid; warns when crop is not exact."""
+    exact, multiple = geometry.exact_halo, geometry.size_multiple
+    if halo is None and exact is None:
+        raise ValueError("predict.halo is needed: the model declares no halo")
     halo = exact if halo is None else int(halo)
     if halo < 0 or halo % multiple:
         raise ValueError(f"predict.halo {halo} must be a non-negative multiple of 2**depth = "
                          f"{multiple} (the exact halo of this model is {exact})")
-    if blending == "crop" and halo < exact:
+    if blending == "crop" and exact is not None and halo < exact:
         warnings.warn(f"predict.halo {halo} is smaller than this model's exact halo {exact}: "
                       f"crop blending will differ from a whole-image pass near tile borders "
                       f"(seams); leave predict.halo unset for {exact}", stacklevel=3)
-    if model.config()["norm"] in ("group", "instance"):
-        warnings.warn(f"model.norm is {model.config()['norm']!r}: its statistics are taken per "
-                      f"tile, so tiled output is not equal to a whole-image pass", stacklevel=3)
+    if geometry.per_tile_statistics:
+        warnings.warn(f"model.norm is {geometry.per_tile_statistics!r}: its statistics are "
+                      f"taken per tile, so tiled output is not equal to a whole-image pass",
+                      stacklevel=3)
     return halo
 
 
@@ -202,14 +240,16 @@ def check_halo(halo: int, shape: tuple[int, ...], multiple: int) -> None:
                          f"predict.halo unset for the model's exact halo")
 
 
-def plan_tiles(axes: list[str], shape: tuple[int, ...], model: UNet,
+def plan_tiles(axes: list[str], shape: tuple[int, ...], model: UNet | NetworkGeometry,
                tile_shape: tuple[int, ...], halo: int | None = None,
                blending: str = "crop") -> TilePlan:
     """The tile plan for an image with non-channel `axes` of `shape` and this model.
 
-    Raises ValueError naming predict.tile_shape, predict.halo or predict.blending when the
-    tiles or the halo are off the 2**depth grid, or the image lacks the model's axes.
+    `model` is a U-Net or the geometry of another network (a packaged model). Raises
+    ValueError naming predict.tile_shape, predict.halo or predict.blending when the tiles or
+    the halo are off the 2**depth grid, or the image lacks the model's axes.
     """
+    model = network_geometry(model)
     dims = model.spatial_dims
     if blending not in BLENDINGS:
         raise ValueError(f"predict.blending {blending!r} is not one of {list(BLENDINGS)}")
@@ -225,7 +265,7 @@ def plan_tiles(axes: list[str], shape: tuple[int, ...], model: UNet,
     tiles = _enlarge_small_tiles(tile_shape, halo)
     return TilePlan(axes=tuple(axes), shape=tuple(int(s) for s in shape),
                     tile=(1,) * extra + tiles, halo=halo, model_dims=dims, blending=blending,
-                    channels_out=model.config()["out_channels"])
+                    channels_out=model.out_channels)
 
 
 # --- work units and shards ----------------------------------------------------------------

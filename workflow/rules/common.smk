@@ -17,6 +17,7 @@ from unetflow.config import (
     execution_settings,
     has_target,
     model_section,
+    trained_elsewhere,
     normalization_stats_settings,
     result_settings,
     training_settings,
@@ -128,6 +129,9 @@ POSITIONS_DATASET = name_pattern(POSITION_SETS)
 PLATE_DATASET = name_pattern(d for d, s in POSITION_SETS.items() if s.kind == "plate")
 COLLECTION_DATASET = name_pattern(d for d, s in POSITION_SETS.items() if s.kind != "plate")
 TIFF_COLLECTION_DATASET = name_pattern(TIFF_COLLECTIONS)
+# models trained here (train_on): only they have a train rule and are exported
+TRAINED_MODELS = [m for m, spec in MODELS.items() if not trained_elsewhere(spec)]
+TRAINED_MODEL = name_pattern(TRAINED_MODELS)
 
 
 wildcard_constraints:
@@ -175,10 +179,12 @@ def prediction_output(model, dataset):
 
 def all_outputs(wildcards):
     outputs = [prediction_output(m, d) for m, spec in MODELS.items() for d in spec["predict_on"]]
-    outputs += [checkpoint_path(m, "best") for m in MODELS]
+    outputs += [checkpoint_path(m, "best") for m in TRAINED_MODELS]
     if evaluated_pairs():
         outputs.append("results/summary.tsv")
         outputs += report_figures()  # montages and the comparison chart (below)
+    if config["export"]["enabled"]:
+        outputs += [package_path(m) for m in TRAINED_MODELS]
     return outputs
 
 
@@ -359,7 +365,11 @@ def train_inputs(wildcards):
 
 # --- predict / evaluate ------------------------------------------------------------------
 def predict_checkpoint(wildcards):
-    """The checkpoint a model predicts with (predict.checkpoint: best or last)."""
+    """The checkpoint a model predicts with (predict.checkpoint: best or last), or the
+    package or checkpoint it comes from (no train rule: the file is the input)."""
+    source = trained_elsewhere(MODELS[wildcards.model])
+    if source:
+        return MODELS[wildcards.model][source]
     which = model_section(config, wildcards.model, "predict")["checkpoint"]
     return checkpoint_path(wildcards.model, which)
 
@@ -663,3 +673,57 @@ def montage_position_args(wildcards):
 def montage_position_title(wildcards):
     position = montage_position(wildcards).key
     return f"model {wildcards.model} on dataset {wildcards.dataset}, position {position}"
+
+
+# --- export: bioimage.io packages (export.smk) --------------------------------------------
+def package_path(model):
+    return f"results/{model}/{model}.bioimageio.zip"
+
+
+def crop_dataset(model):
+    """The dataset the package's test crop comes from: the first held-out one (predict_on),
+    else the first it trained on."""
+    spec = MODELS[model]
+    return (spec["predict_on"] or spec["train_on"])[0]
+
+
+def crop_image(dataset):
+    """The image of a dataset, or the first position's of a plate or collection."""
+    if dataset in POSITION_SETS:
+        return POSITION_SETS[dataset].positions[0].image
+    return DATASETS[dataset]["image"]
+
+
+def export_inputs(wildcards):
+    """The checkpoint prediction uses, the crop's image, the loss curve, and the model's
+    metrics (so the package is made after evaluate, and its README has the scores)."""
+    dataset = crop_dataset(wildcards.model)
+    inputs = {
+        "checkpoint": predict_checkpoint(wildcards),
+        "image": crop_image(dataset),
+        "curve": f"results/{wildcards.model}/loss_curve.png",
+        "metrics": [metrics_path(m, d) for m, d in evaluated_pairs() if m == wildcards.model],
+    }
+    if dataset in TIFF_COLLECTIONS:  # the positions' conversions are made as one folder
+        inputs["converted"] = f"{CONVERTED_COLLECTIONS}/{dataset}"
+    return inputs
+
+
+def export_args(wildcards):
+    """--stats-dataset, --train-on, --channels and --predict (halo, output_units) as
+    quoted command-line arguments."""
+    model = wildcards.model
+    predict = model_section(config, model, "predict")
+    spec = MODELS[model]
+    values = {
+        "--stats-dataset": spec["train_on"][0],
+        "--train-on": as_json(spec["train_on"]),
+        "--channels": as_json(DATASETS[crop_dataset(model)]["channels"]),
+        "--predict": as_json({k: predict[k] for k in ("halo", "output_units")}),
+    }
+    return " ".join(f"{flag} {single_quoted(value)}" for flag, value in values.items())
+
+
+def export_settings(wildcards):
+    """The export section less `enabled` (which only says whether rule all asks)."""
+    return as_json({k: v for k, v in config["export"].items() if k != "enabled"})
