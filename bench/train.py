@@ -256,10 +256,11 @@ def timed_trainer_run(store: str, sections: tuple[dict, dict], steps: int) -> di
         built = time.perf_counter()
         stamps, one_step = [], trainer._one_step
 
-        def timed_step(x: torch.Tensor, y: torch.Tensor) -> None:
-            one_step(x, y)
+        def timed_step(x: torch.Tensor, y: torch.Tensor, stop_requested: bool = False) -> bool:
+            stop = one_step(x, y, stop_requested)
             synchronize(trainer.device)
             stamps.append(time.perf_counter())
+            return stop
 
         trainer._one_step = timed_step
         trainer.run(until=steps)

@@ -185,6 +185,28 @@ def test_only_rank_zero_writes_and_each_file_once(uninterrupted):
     assert all(path.name.startswith(".") and path.name.endswith(".tmp") for path in opened)
 
 
+def processes_writing_to(out: Path) -> list[int]:
+    """Pids of the processes whose command line names `out` (torchrun, ranks, their
+    supervisors)."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(out).encode() in cmdline.read_bytes():
+                pids.append(int(cmdline.parent.name))
+        except OSError:  # the process ended meanwhile
+            pass
+    return pids
+
+
+def assert_no_rank_left(out: Path, within_s: float = 60) -> None:
+    """Every process of the job ends: none waits in a collective or a teardown for a rank
+    that is gone (torchrun may return before its ranks have exited)."""
+    deadline = time.monotonic() + within_s
+    while processes_writing_to(out):
+        assert time.monotonic() < deadline, f"left running: {processes_writing_to(out)}"
+        time.sleep(0.1)
+
+
 def wait_for_state(proc: subprocess.Popen, state: Path) -> None:
     deadline = time.monotonic() + 300
     while not state.exists():
@@ -205,6 +227,7 @@ def test_sigterm_to_two_ranks_saves_once_and_a_rerun_equals_the_uninterrupted_ru
     os.killpg(proc.pid, signal.SIGTERM)  # as SLURM: every process of the job
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0
+    assert_no_rank_left(run.out)
     saved = load_checkpoint(state)
     assert saved["step"] < STEPS and saved["world_size"] == 2
     assert "SIGTERM at step" in stderr
@@ -233,6 +256,7 @@ def test_sigkill_of_one_rank_ends_the_job_and_a_rerun_resumes(uninterrupted, tmp
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0, stderr[-3000:]
     assert time.monotonic() - started < 120, "the job outlived its killed rank"
+    assert_no_rank_left(run.out)
     saved = load_checkpoint(state)
     assert saved["step"] % VALIDATE_EVERY == 0 and saved["world_size"] == 2
     assert saved["step"] < STEPS, "the rank was killed after the run ended"

@@ -731,6 +731,13 @@ class Trainer:
             self._validate_and_save(self.history[-1])
         return stop
 
+    def leave_ranks(self) -> None:
+        """Leave the process group, the DistributedDataParallel wrapper first: freed after
+        its group was destroyed, DDP joins the group's threads in its destructor, and a
+        rank was once left hanging there after SIGTERM (on a heavily loaded machine)."""
+        self.compiled = self.model
+        stop_ranks()
+
     def _validate_and_save(self, row: dict[str, Any]) -> None:
         """Rank 0 validates; every rank takes its figures (they drive the schedule)."""
         val_loss, metric = self.validate() if self.ranks.main else (0.0, 0.0)
@@ -792,7 +799,7 @@ def train_model(store: str, out_dir: str, task: str, model_settings: dict[str, A
     try:
         final = trainer.run()
     finally:
-        stop_ranks()
+        trainer.leave_ranks()
     if not trainer.ranks.main:
         return
     best_state = trainer.best_state_path
