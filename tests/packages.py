@@ -124,3 +124,14 @@ def unet_package(folder: Path, unet: UNet, *, formats=("pytorch_state_dict", "to
         size_min=size_min, step=step, postprocessing=post, formats=formats,
         architecture={**ARCHITECTURE, "kwargs": config}, traced=TracedUNet(unet.eval()),
         **kwargs)
+
+
+def cnn_package(folder: Path) -> Path:
+    """A plain CNN (reach 3 px, halo 4, sizes 16 + 8n), scale_linear in, softmax out: a
+    package of an architecture that is not unetflow's."""
+    v = _spec()
+    return build_package(
+        folder, plain_cnn(), channels=["dna"], classes=["background", "nucleus"], halo=4,
+        size_min=16, step=8,
+        preprocessing=[v.ScaleLinearDescr(kwargs=v.ScaleLinearKwargs(gain=0.5, offset=-1.0))],
+        postprocessing=[v.SoftmaxDescr(kwargs=v.SoftmaxKwargs(axis=v.AxisId("channel")))])

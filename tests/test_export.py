@@ -21,6 +21,8 @@ import pytest
 import torch
 
 from conftest import TINY_CONFIG, planned_jobs, snakemake, write_config
+from packages import cnn_package
+from test_predict import predict_defaults, tiny_model, write_checkpoint
 from unetflow.config import ConfigError, validate_config
 from unetflow.export import crop_slices, input_size
 from unetflow.model.checkpoint import build_model, load_checkpoint
@@ -241,8 +243,6 @@ def _original(workdir: Path, dataset: str, stats_dataset: str, into: Path
     """unetflow's prediction of `dataset` with the exported checkpoint itself, normalized with
     the statistics of `stats_dataset`, with the workflow's predict settings (in-process: the
     same tiled path the predict rules run, test_predict's oracle)."""
-    from test_predict import predict_defaults
-
     out = into / f"seg_{dataset}_{stats_dataset}.ome.zarr"
     settings = predict_defaults(tile_shape=[64, 64], pyramid_levels=2, probabilities=True)
     predict_to_ome_zarr(str(workdir / "results/seg/checkpoint_best.pt"),
@@ -271,6 +271,10 @@ def test_exported_package_predicts_in_the_workflow_as_the_original(exported, tmp
       4-step model's P(foreground), 0.4724 to 0.4751), asserted between 1e-5 and 1e-4.
       The labels agree everywhere (the tiny model predicts background everywhere, so this
       says little; the probabilities carry the test).
+
+    The same run predicts and evaluates two more models without train_on: `cnn`, a package
+    of another architecture (a plain CNN), and `ckpt`, a unetflow checkpoint. No train rule
+    runs, and the cnn's stored prediction equals its in-process prediction.
     """
     workdir = tmp_path / "run"
     shutil.copytree(exported[0], workdir, symlinks=True)
@@ -282,6 +286,13 @@ def test_exported_package_predicts_in_the_workflow_as_the_original(exported, tmp
     config["models"]["pkg"] = {"task": "segmentation", "package": str(shared),
                                "predict_on": ["tr_seg", "te_seg"],
                                "predict": {"shards": 2, "probabilities": True}}
+    cnn = cnn_package(tmp_path / "cnn")
+    ckpt = write_checkpoint(tmp_path / "m.pt", tiny_model(channels_out=2, seed=5),
+                            "segmentation")
+    config["models"]["cnn"] = {"task": "segmentation", "package": str(cnn),
+                               "predict_on": ["te_seg"]}
+    config["models"]["ckpt"] = {"task": "segmentation", "checkpoint": ckpt,
+                                "predict_on": ["te_seg"]}
     write_config(workdir, config)
     dry = snakemake(workdir, "-n", "--configfile", "config.yaml")
     assert {rule for rule, _ in planned_jobs(dry.stdout)} == {
@@ -289,8 +300,20 @@ def test_exported_package_predicts_in_the_workflow_as_the_original(exported, tmp
         "compare", "all"}
     predictions = workdir / "results/pkg/predictions"
     targets = [f"results/pkg/predictions/{d}.ome.zarr" for d in ("tr_seg", "te_seg")]
-    snakemake(workdir, *targets, "--cores", "2", "--set-threads", "predict_shard=1",
-              "predict=1", "--configfile", "config.yaml")
+    targets += [f"results/{m}/metrics/te_seg.json" for m in ("cnn", "ckpt")]
+    run = snakemake(workdir, *targets, "--cores", "2", "--set-threads", "predict_shard=1",
+                    "predict=1", "--configfile", "config.yaml")
+    assert "rule train" not in run.stdout + run.stderr
+    for model in ("pkg", "cnn", "ckpt"):
+        assert not (workdir / f"results/{model}/checkpoint_best.pt").exists()
+    stored = np.asarray(open_image(workdir / "results/cnn/predictions/te_seg.ome.zarr")
+                        .data.compute())
+    direct = tmp_path / "cnn_direct.ome.zarr"
+    predict_to_ome_zarr(str(cnn), str(workdir / "data/demo/test_2d/image.ome.zarr"),
+                        str(workdir / "results/normalization/te_seg.json"), None,
+                        predict_defaults(tile_shape=[64, 64], pyramid_levels=2),
+                        str(direct), "cnn", "te_seg", threads=1, task="segmentation")
+    assert np.array_equal(stored, np.asarray(open_image(direct).data.compute()))
     for dataset in ("tr_seg", "te_seg"):  # the package's statistics: tr_seg's
         got, got_labels = _probabilities_and_labels(predictions / f"{dataset}.ome.zarr")
         want, want_labels = _original(workdir, dataset, "tr_seg", tmp_path)

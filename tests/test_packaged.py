@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import snakemake, write_config
-from packages import build_package, plain_cnn, unet_package
+from packages import build_package, cnn_package, plain_cnn, unet_package
 from test_predict import (
     predict_defaults,
     relative_error,
@@ -49,13 +49,7 @@ def _spec():
 
 @pytest.fixture(scope="module")
 def cnn_zip(tmp_path_factory) -> Path:
-    """A plain CNN (reach 3 px, halo 4, sizes 16 + 8n), scale_linear in, softmax out."""
-    v = _spec()
-    return build_package(
-        tmp_path_factory.mktemp("cnn") / "cnn", plain_cnn(), channels=["dna"],
-        classes=["background", "nucleus"], halo=4, size_min=16, step=8,
-        preprocessing=[v.ScaleLinearDescr(kwargs=v.ScaleLinearKwargs(gain=0.5, offset=-1.0))],
-        postprocessing=[v.SoftmaxDescr(kwargs=v.SoftmaxKwargs(axis=v.AxisId("channel")))])
+    return cnn_package(tmp_path_factory.mktemp("cnn") / "cnn")
 
 
 def bioimageio_core_pass(package: Path, x: np.ndarray, halo: int, step: int) -> np.ndarray:
@@ -302,39 +296,8 @@ def test_checkpoint_of_another_task_or_grid_is_refused_at_planning(tmp_path):
     assert "not multiples of 4, 2**depth of the checkpoint's U-Net" in problems_of(config)[0]
 
 
-# --- the workflow: no train rule, nothing written for a bad package ---------------------------
-@pytest.mark.slow
-def test_snakemake_predicts_and_evaluates_packaged_and_checkpoint_models(cnn_zip, tmp_path,
-                                                                       tiny_config):
-    """A real run: a package and a unetflow checkpoint, no train_on, predict the demo's test
-    image through the sharded rules (2 shards) and are evaluated; no train rule runs. The
-    package's store equals its in-process prediction."""
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    ckpt = write_checkpoint(tmp_path / "m.pt", tiny_model(channels_out=2, seed=5),
-                            "segmentation")
-    config = {**tiny_config, "datasets": {"te_seg": tiny_config["datasets"]["te_seg"]},
-              "models": {"pkg": {"task": "segmentation", "package": str(cnn_zip),
-                                 "predict_on": ["te_seg"], "predict": {"shards": 2}},
-                         "ckpt": {"task": "segmentation", "checkpoint": ckpt,
-                                  "predict_on": ["te_seg"]}}}
-    write_config(workdir, config)
-    result = snakemake(workdir, "--cores", "2", "--configfile", "config.yaml")
-    assert "rule train" not in result.stdout + result.stderr
-    assert "predict_shard" in result.stdout + result.stderr
-    for model in ("pkg", "ckpt"):
-        assert (workdir / f"results/{model}/metrics/te_seg.json").is_file()
-        assert not (workdir / f"results/{model}/checkpoint_best.pt").exists()
-    stored = np.asarray(open_image(workdir / "results/pkg/predictions/te_seg.ome.zarr")
-                        .data.compute())
-    direct = tmp_path / "direct.ome.zarr"
-    predict_to_ome_zarr(str(cnn_zip), str(workdir / "data/demo/test_2d/image.ome.zarr"),
-                        str(workdir / "results/normalization/te_seg.json"), None,
-                        predict_defaults(tile_shape=[64, 64], pyramid_levels=2),
-                        str(direct), "pkg", "te_seg", threads=1, task="segmentation")
-    assert np.array_equal(stored, np.asarray(open_image(direct).data.compute()))
-
-
+# --- the workflow: nothing written for a bad package (a real run with a package and a
+# checkpoint: tests/test_export.py, the round trip) -------------------------------------------
 def test_snakemake_refuses_a_bad_package_before_any_job(cnn_zip, tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
