@@ -207,6 +207,18 @@ def assert_no_rank_left(out: Path, within_s: float = 60) -> None:
         time.sleep(0.1)
 
 
+def resume_to_the_uninterrupted_weights(uninterrupted: AuditedRun, run: AuditedRun,
+                                        step: int, model: dict, train: dict) -> None:
+    """Rerun the stopped job: it resumes at `step` and ends with the weights of the
+    uninterrupted run, exactly."""
+    resumed = run_cli(uninterrupted.store, run.out, model, train)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    state = run.out / "train_state" / "last.pt"
+    assert f"resumed from {state} at step {step}" in resumed.stdout
+    want, got = final_weights(uninterrupted.out), final_weights(run.out)
+    assert all(torch.equal(got[k], v) for k, v in want.items())
+
+
 def wait_for_state(proc: subprocess.Popen, state: Path) -> None:
     deadline = time.monotonic() + 300
     while not state.exists():
@@ -235,11 +247,7 @@ def test_sigterm_to_two_ranks_saves_once_and_a_rerun_equals_the_uninterrupted_ru
     _, one = sections(model=NETWORK, gpus=1, **RUN)
     refused = run_cli(uninterrupted.store, run.out, model, one)
     assert refused.returncode != 0 and "set train.gpus: 2 to resume" in refused.stderr
-    resumed = run_cli(uninterrupted.store, run.out, model, train)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {state} at step {saved['step']}" in resumed.stdout
-    want, got = final_weights(uninterrupted.out), final_weights(run.out)
-    assert all(torch.equal(got[k], v) for k, v in want.items())
+    resume_to_the_uninterrupted_weights(uninterrupted, run, saved["step"], model, train)
 
 
 @pytest.mark.slow
@@ -260,11 +268,7 @@ def test_sigkill_of_one_rank_ends_the_job_and_a_rerun_resumes(uninterrupted, tmp
     saved = load_checkpoint(state)
     assert saved["step"] % VALIDATE_EVERY == 0 and saved["world_size"] == 2
     assert saved["step"] < STEPS, "the rank was killed after the run ended"
-    resumed = run_cli(uninterrupted.store, run.out, model, train)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from {state} at step {saved['step']}" in resumed.stdout
-    want, got = final_weights(uninterrupted.out), final_weights(run.out)
-    assert all(torch.equal(got[k], v) for k, v in want.items())
+    resume_to_the_uninterrupted_weights(uninterrupted, run, saved["step"], model, train)
 
 
 @pytest.mark.slow
