@@ -548,6 +548,7 @@ SAFE_UNQUOTED = {
     "params.target", "params.baseline",  # '--x <path>' quoted by common.smk's single_quoted
     "params.options",  # convert: --axes (pattern ^[tczyx]{2,5}$), --pixel-size numbers
     "params.plate_map", "params.paths",  # '--x <path>' quoted by common.smk's single_quoted
+    "params.args",  # export: '--x <json or dataset name>' each quoted by single_quoted
 }
 
 
